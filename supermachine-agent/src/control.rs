@@ -1,0 +1,147 @@
+//! CONTROL actions (SEMANTICS.md "Control actions"): one request, one ack, then close.
+
+use std::io::{self, Read};
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use supermachine_codec::{ControlAck, ControlAction, ControlMessage, DEFAULT_MAX_FRAME_LENGTH};
+
+use crate::staging;
+use crate::state::{Agent, Mode};
+use crate::sys;
+
+/// The largest file `read_file` returns: one frame, less room for the JSON ack and separator.
+pub const MAX_READ: usize = DEFAULT_MAX_FRAME_LENGTH - 1024;
+/// The most seed material `reseed_rng` accepts (far more than any pool needs).
+const MAX_SEED: usize = 64 * 1024;
+
+/// Answers one control message; returns the ack and its attachment.
+pub async fn respond(agent: &Agent, message: ControlMessage, data: Bytes) -> (ControlAck, Bytes) {
+    let action = match message {
+        ControlMessage::Action(action) => action,
+        ControlMessage::UnknownAction(name) => {
+            return (
+                ControlAck::error(format!("unknown action {name}")),
+                Bytes::new(),
+            )
+        }
+        ControlMessage::Ack(_) => {
+            return (
+                ControlAck::error("expected a control action, got an ack"),
+                Bytes::new(),
+            )
+        }
+    };
+    let result = match action {
+        ControlAction::Ping => Ok((ping(), Bytes::new())),
+        ControlAction::ReadFile { path } => {
+            read_file(path).await.map(|data| (ControlAck::ok(), data))
+        }
+        ControlAction::WriteFile { path, mode } => write_file(path, mode, data).await,
+        ControlAction::SignalWorkload { signal } => signal_workload(agent, signal),
+        ControlAction::SetClock { unix_nanos } => set_clock(agent.mode, unix_nanos),
+        ControlAction::ReseedRng => reseed_rng(agent.mode, &data),
+    };
+    match result {
+        Ok(reply) => reply,
+        Err(message) => {
+            tracing::info!("control action failed: {message}");
+            (ControlAck::error(message), Bytes::new())
+        }
+    }
+}
+
+type Reply = Result<(ControlAck, Bytes), String>;
+
+fn ok() -> Reply {
+    Ok((ControlAck::ok(), Bytes::new()))
+}
+
+fn ping() -> ControlAck {
+    let boot_id = match std::fs::read_to_string("/proc/sys/kernel/random/boot_id") {
+        Ok(id) => Some(id.trim().to_owned()),
+        Err(e) => {
+            tracing::warn!("cannot read the boot id: {e}");
+            None
+        }
+    };
+    ControlAck {
+        version: Some(env!("CARGO_PKG_VERSION").to_owned()),
+        boot_id,
+        ..ControlAck::ok()
+    }
+}
+
+async fn read_file(path: String) -> Result<Bytes, String> {
+    let context = |e: io::Error| format!("read_file {path}: {e}");
+    let file = PathBuf::from(&path);
+    let read = tokio::task::spawn_blocking(move || -> io::Result<Vec<u8>> {
+        let mut contents = Vec::new();
+        // One byte over the limit tells "too large" apart from "exactly at the limit", also
+        // for files whose size stat does not know (/proc).
+        std::fs::File::open(file)?
+            .take(MAX_READ as u64 + 1)
+            .read_to_end(&mut contents)?;
+        Ok(contents)
+    })
+    .await
+    .map_err(|e| format!("read_file {path}: reader task failed: {e}"))?
+    .map_err(context)?;
+    if read.len() > MAX_READ {
+        return Err(format!(
+            "read_file {path}: file too large (more than {MAX_READ} bytes fit in one frame)"
+        ));
+    }
+    Ok(Bytes::from(read))
+}
+
+async fn write_file(path: String, mode: Option<u32>, data: Bytes) -> Reply {
+    let target = staging::file_path(&path).map_err(|why| format!("write_file {path}: {why}"))?;
+    staging::write_atomic_async(target, data, mode.unwrap_or(staging::DEFAULT_MODE), None)
+        .await
+        .map_err(|e| format!("write_file {path}: {e}"))?;
+    ok()
+}
+
+fn signal_workload(agent: &Agent, signal: i32) -> Reply {
+    let signalled = agent
+        .workload
+        .signal_all(signal)
+        .map_err(|e| format!("signal_workload {signal}: {e}"))?;
+    tracing::debug!(signal, signalled, "signalled the workload");
+    ok()
+}
+
+fn unsupported_in_host_mode(mode: Mode, action: &str) -> Result<(), String> {
+    match mode {
+        Mode::Host => Err(format!("unsupported in host mode: {action}")),
+        Mode::Guest => Ok(()),
+    }
+}
+
+fn set_clock(mode: Mode, unix_nanos: u64) -> Reply {
+    unsupported_in_host_mode(mode, "set_clock")?;
+    let time = nix::sys::time::TimeSpec::from_duration(std::time::Duration::from_nanos(unix_nanos));
+    nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, time)
+        .map_err(|e| format!("set_clock: {e}"))?;
+    ok()
+}
+
+fn reseed_rng(mode: Mode, seed: &[u8]) -> Reply {
+    unsupported_in_host_mode(mode, "reseed_rng")?;
+    if seed.is_empty() {
+        return Err("reseed_rng: no seed bytes attached".into());
+    }
+    if seed.len() > MAX_SEED {
+        return Err(format!(
+            "reseed_rng: seed of {} bytes is larger than {MAX_SEED}",
+            seed.len()
+        ));
+    }
+    let random = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")
+        .map_err(|e| format!("reseed_rng: opening /dev/urandom: {e}"))?;
+    sys::add_entropy(&random, seed).map_err(|e| format!("reseed_rng: {e}"))?;
+    ok()
+}

@@ -1,0 +1,184 @@
+//! Thin, safe wrappers over the few raw syscalls the agent needs and `nix` does not cover the way
+//! we need them (arbitrary signal numbers, `wait4` with rusage, `WNOWAIT`, `RNDADDENTROPY`).
+//!
+//! Every `unsafe` block of the agent outside `pre_exec` lives here.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
+
+use nix::errno::Errno;
+
+/// Sends signal `signal` to process group `pgid`.
+///
+/// Takes a raw number rather than `nix::sys::signal::Signal` because the host may send any
+/// signal the guest kernel knows, real-time ones included.
+pub fn killpg(pgid: i32, signal: i32) -> io::Result<()> {
+    if pgid <= 1 {
+        // killpg(0) / killpg(1) would hit our own group or (as PID 1) everything.
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: killpg takes two integers and touches no memory of ours.
+    let rc = unsafe { libc::killpg(pgid, signal) };
+    Errno::result(rc).map(drop).map_err(io::Error::from)
+}
+
+/// How a reaped child ended, with its resource usage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reaped {
+    /// The raw `wait` status.
+    pub status: i32,
+    /// Peak resident set size in KiB (`ru_maxrss`, which Linux reports in KiB).
+    pub max_rss_kib: u64,
+}
+
+impl Reaped {
+    /// The exit code as the protocol reports it: the exit status, or `128 + N` when killed by
+    /// signal `N`.
+    pub fn code(&self) -> u32 {
+        if libc::WIFEXITED(self.status) {
+            libc::WEXITSTATUS(self.status) as u32
+        } else if libc::WIFSIGNALED(self.status) {
+            128 + libc::WTERMSIG(self.status) as u32
+        } else {
+            // wait4 without WUNTRACED/WCONTINUED only reports terminations; keep a sane value
+            // should that ever change.
+            128
+        }
+    }
+}
+
+/// The pid of some child that has exited and is still a zombie, without reaping it
+/// (`waitid(P_ALL, WEXITED | WNOHANG | WNOWAIT)`). `Ok(None)` when no child has exited yet,
+/// `Err(ECHILD)` when there are no children at all.
+///
+/// Peeking first lets the reaper act on a leader's process group while the zombie leader still
+/// pins the group id, so the id cannot have been reused by the time we signal it.
+pub fn peek_exited_child() -> io::Result<Option<i32>> {
+    // SAFETY: siginfo_t is a plain C struct for which all-zero is a valid value.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `info` is a valid, writable siginfo_t that outlives the call.
+    let rc = unsafe {
+        libc::waitid(
+            libc::P_ALL,
+            0,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
+    };
+    Errno::result(rc).map_err(io::Error::from)?;
+    // SAFETY: waitid filled `info` for a child event (or left it zeroed, in which case si_pid
+    // reads as 0, meaning "nothing to report"); si_pid is valid for SIGCHLD-style infos.
+    let pid = unsafe { info.si_pid() };
+    Ok((pid > 0).then_some(pid))
+}
+
+/// Reaps `pid` (which must be a zombie child, see [`peek_exited_child`]) and returns its status
+/// and rusage.
+pub fn reap(pid: i32) -> io::Result<Option<Reaped>> {
+    let mut status: libc::c_int = 0;
+    // SAFETY: rusage is a plain C struct for which all-zero is a valid value.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `status` and `usage` are valid, writable and outlive the call.
+    let rc = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+    let reaped = Errno::result(rc).map_err(io::Error::from)?;
+    if reaped == 0 {
+        return Ok(None);
+    }
+    Ok(Some(Reaped {
+        status,
+        max_rss_kib: u64::try_from(usage.ru_maxrss).unwrap_or(0),
+    }))
+}
+
+/// Sets a pipe's capacity (`F_SETPIPE_SZ`); returns the capacity the kernel granted.
+pub fn set_pipe_size(fd: impl AsFd, bytes: i32) -> io::Result<usize> {
+    let granted = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETPIPE_SZ(bytes))?;
+    Ok(usize::try_from(granted).unwrap_or(0))
+}
+
+/// Sets a terminal's window size (`TIOCSWINSZ`).
+pub fn set_window_size(fd: impl AsFd, cols: u16, rows: u16) -> io::Result<()> {
+    let size = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one `struct winsize`, which `size` is and which outlives the call.
+    let rc = unsafe { libc::ioctl(fd.as_fd().as_raw_fd(), libc::TIOCSWINSZ, &size) };
+    Errno::result(rc).map(drop).map_err(io::Error::from)
+}
+
+/// Makes the calling process a child subreaper, so orphaned descendants are re-parented to it
+/// (and reaped by our reaper) instead of to the host's init.
+pub fn set_child_subreaper() -> io::Result<()> {
+    // SAFETY: PR_SET_CHILD_SUBREAPER takes an integer flag and touches no memory of ours.
+    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong, 0, 0, 0) };
+    Errno::result(rc).map(drop).map_err(io::Error::from)
+}
+
+/// `RNDADDENTROPY`: `_IOW('R', 0x03, int[2])`, not exported by the libc crate.
+const RNDADDENTROPY: u64 =
+    nix::request_code_write!(b'R', 0x03, 2 * std::mem::size_of::<libc::c_int>()) as u64;
+
+/// Mixes `seed` into the kernel entropy pool through `random` (an open `/dev/urandom` or
+/// `/dev/random`) and credits it as `8 * seed.len()` bits of entropy (`RNDADDENTROPY`, needs
+/// CAP_SYS_ADMIN).
+pub fn add_entropy(random: impl AsFd, seed: &[u8]) -> io::Result<()> {
+    let too_large = || io::Error::new(io::ErrorKind::InvalidInput, "seed too large");
+    let buf_size = libc::c_int::try_from(seed.len()).map_err(|_| too_large())?;
+    let entropy_bits = buf_size.checked_mul(8).ok_or_else(too_large)?;
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }, built in a u32
+    // vector so the header and the flexible array are suitably aligned.
+    let words = 2 + seed.len().div_ceil(4);
+    let mut info = vec![0u32; words];
+    info[0] = entropy_bits as u32;
+    info[1] = buf_size as u32;
+    for (i, chunk) in seed.chunks(4).enumerate() {
+        let mut word = [0u8; 4];
+        word[..chunk.len()].copy_from_slice(chunk);
+        info[2 + i] = u32::from_ne_bytes(word);
+    }
+    // SAFETY: `info` is a properly aligned rand_pool_info whose buffer holds `buf_size` bytes
+    // (rounded up to whole words); the kernel only reads it, and it outlives the call.
+    let rc = unsafe {
+        libc::ioctl(
+            random.as_fd().as_raw_fd(),
+            RNDADDENTROPY as _,
+            info.as_ptr(),
+        )
+    };
+    Errno::result(rc).map(drop).map_err(io::Error::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rndaddentropy_matches_the_kernel_header() {
+        // From <linux/random.h>: #define RNDADDENTROPY _IOW('R', 0x03, int[2])
+        assert_eq!(RNDADDENTROPY, 0x4008_5203);
+    }
+
+    #[test]
+    fn exit_codes_follow_the_shell_convention() {
+        // Raw wait statuses: exited with 7 is 7 << 8; killed by SIGKILL is 9.
+        let exited = Reaped {
+            status: 7 << 8,
+            max_rss_kib: 0,
+        };
+        assert_eq!(exited.code(), 7);
+        let killed = Reaped {
+            status: 9,
+            max_rss_kib: 0,
+        };
+        assert_eq!(killed.code(), 137);
+    }
+
+    #[test]
+    fn killpg_refuses_our_own_and_every_group() {
+        assert!(killpg(0, 0).is_err());
+        assert!(killpg(1, 0).is_err());
+    }
+}

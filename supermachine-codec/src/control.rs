@@ -1,0 +1,126 @@
+use serde::{Deserialize, Serialize};
+
+/// A host → agent CONTROL request. One request and one [`ControlAck`] per connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum ControlAction {
+    /// Liveness check; the ack carries the agent version and boot id.
+    Ping,
+    /// Read a whole file; the ack's attachment is its contents.
+    ReadFile {
+        /// Absolute path in the guest.
+        path: String,
+    },
+    /// Write a whole file atomically (temp name, then rename); the frame's attachment is its
+    /// contents.
+    WriteFile {
+        /// Absolute path in the guest.
+        path: String,
+        /// Permission bits; default `0o644`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mode: Option<u32>,
+    },
+    /// Send a signal to the process group of every running exec.
+    SignalWorkload {
+        /// Signal number.
+        signal: i32,
+    },
+    /// Set the guest wall clock (CLOCK_REALTIME).
+    SetClock {
+        /// Nanoseconds since the Unix epoch.
+        unix_nanos: u64,
+    },
+    /// Mix the frame's attachment into the guest kernel's entropy pool and credit it.
+    ReseedRng,
+}
+
+/// The agent's answer to a [`ControlAction`]: `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ControlAck {
+    /// Whether the action succeeded.
+    pub ok: bool,
+    /// Why it failed, when `ok` is false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Agent version (ping).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Kernel boot id of the guest (ping).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
+}
+
+impl ControlAck {
+    /// A successful ack with no fields.
+    pub fn ok() -> Self {
+        ControlAck {
+            ok: true,
+            ..ControlAck::default()
+        }
+    }
+
+    /// A failed ack with a message a user can act on.
+    pub fn error(message: impl Into<String>) -> Self {
+        ControlAck {
+            ok: false,
+            error: Some(message.into()),
+            ..ControlAck::default()
+        }
+    }
+}
+
+/// The JSON part of a CONTROL frame, in either direction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlMessage {
+    /// A request the agent understands.
+    Action(ControlAction),
+    /// A request naming an action this version does not know; the agent answers with an error
+    /// ack instead of dropping the connection, so the protocol can grow.
+    UnknownAction(String),
+    /// An answer.
+    Ack(ControlAck),
+}
+
+/// Just enough of a CONTROL document to tell requests from acks and to name unknown actions.
+#[derive(Deserialize)]
+struct Peek {
+    action: Option<String>,
+}
+
+impl ControlMessage {
+    pub(crate) fn from_json(json: &[u8]) -> Result<Self, serde_json::Error> {
+        let peek: Peek = serde_json::from_slice(json)?;
+        match peek.action {
+            None => serde_json::from_slice(json).map(ControlMessage::Ack),
+            Some(name) => match serde_json::from_slice(json) {
+                Ok(action) => Ok(ControlMessage::Action(action)),
+                // A known action with bad fields is an error; an unknown name is not.
+                Err(err) if is_known_action(&name) => Err(err),
+                Err(_) => Ok(ControlMessage::UnknownAction(name)),
+            },
+        }
+    }
+
+    pub(crate) fn write_json(&self, out: impl std::io::Write) -> Result<(), serde_json::Error> {
+        match self {
+            ControlMessage::Action(action) => serde_json::to_writer(out, action),
+            ControlMessage::UnknownAction(name) => {
+                serde_json::to_writer(out, &serde_json::json!({ "action": name }))
+            }
+            ControlMessage::Ack(ack) => serde_json::to_writer(out, ack),
+        }
+    }
+}
+
+const KNOWN_ACTIONS: &[&str] = &[
+    "ping",
+    "read_file",
+    "write_file",
+    "signal_workload",
+    "set_clock",
+    "reseed_rng",
+];
+
+pub(crate) fn is_known_action(name: &str) -> bool {
+    KNOWN_ACTIONS.contains(&name)
+}

@@ -1,0 +1,43 @@
+//! The supermachine exec wire protocol, as [`tokio_util::codec`] frames.
+//!
+//! Every byte that crosses the host ↔ guest-agent connection is a [`Frame`]:
+//!
+//! ```text
+//! +---------+--------------------+------------------+
+//! | kind u8 | length u32 (BE)    | payload (length) |
+//! +---------+--------------------+------------------+
+//! ```
+//!
+//! [`ExecCodec`] turns bytes into frames and back. It does no I/O of its own; wrap a stream in
+//! [`tokio_util::codec::Framed`] to use it. Decoding is zero-copy: byte payloads (stdout, stdin,
+//! staged file contents, control attachments) are [`bytes::Bytes`] split off the read buffer.
+//!
+//! # Binary attachments
+//! REQUEST and CONTROL payloads are JSON. Binary data (staged file contents, `write_file` and
+//! `read_file` bodies, RNG seed material) is not base64-encoded into the JSON: the payload is the
+//! JSON document, then one `0x00` byte, then the raw attachment. JSON text never contains a raw
+//! NUL byte, so the split is unambiguous, a payload without attachment is plain JSON, and the
+//! decoder stays a single `memchr`. Staged files carry their `len` in the JSON and their contents,
+//! concatenated in order, in the attachment.
+//!
+//! # Additions to the original protocol table
+//! * `STARTED` (kind `0x07`, agent → host, payload: pid u32 BE) is sent once the first program of
+//!   an exec has been spawned, so the host can report "program not found" from `spawn()` itself.
+//! * ERROR messages start with a stable code (`not-found: ...`), see [`AgentError`].
+
+#![warn(missing_docs)]
+
+mod codec;
+mod control;
+mod error;
+mod frame;
+mod request;
+
+pub use codec::{ExecCodec, DEFAULT_MAX_FRAME_LENGTH, HEADER_LEN};
+pub use control::{ControlAck, ControlAction, ControlMessage};
+pub use error::CodecError;
+pub use frame::{kind, AgentError, ErrorCode, ExitInfo, Frame, WindowSize};
+pub use request::{ExecRequest, StagedFile, StdioMode, PROTOCOL_VERSION};
+
+/// The guest vsock port the agent listens on for exec and control connections.
+pub const AGENT_VSOCK_PORT: u32 = 1024;

@@ -1,0 +1,155 @@
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use supermachine_codec::{ControlAck, ControlAction, ControlMessage, ExecCodec, Frame};
+use tokio_util::codec::Framed;
+
+use crate::connector::{BoxedStream, Connector, UnixConnector};
+use crate::error::Error;
+use crate::exec::ExecBuilder;
+
+/// A handle to a guest agent: the place where execs and control actions run.
+///
+/// Cheap to clone; every call opens its own connection, so any number of execs can run at once.
+#[derive(Debug, Clone)]
+pub struct Agent {
+    connector: Arc<dyn Connector>,
+}
+
+/// What `ping` learned about the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentInfo {
+    /// The agent's version string.
+    pub version: String,
+    /// The guest kernel's boot id (changes on every boot, not on snapshot restore).
+    pub boot_id: String,
+}
+
+impl Agent {
+    /// An agent reached over a Unix socket (an agent in host mode, or a VM worker's muxer).
+    pub fn unix(path: impl Into<PathBuf>) -> Self {
+        Agent::with_connector(UnixConnector::new(path))
+    }
+
+    /// An agent reached through any [`Connector`].
+    pub fn with_connector(connector: impl Connector) -> Self {
+        Agent {
+            connector: Arc::new(connector),
+        }
+    }
+
+    /// Starts building an exec of `argv` (program, then arguments; the program is looked up
+    /// through `PATH` in the guest).
+    pub fn exec<I, S>(&self, argv: I) -> ExecBuilder
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        ExecBuilder::new(self.clone(), argv.into_iter().map(Into::into).collect())
+    }
+
+    /// Checks the agent answers, returning its version and boot id.
+    pub async fn ping(&self) -> Result<AgentInfo, Error> {
+        let (ack, _) = self
+            .control("ping", ControlAction::Ping, Bytes::new())
+            .await?;
+        Ok(AgentInfo {
+            version: ack.version.unwrap_or_default(),
+            boot_id: ack.boot_id.unwrap_or_default(),
+        })
+    }
+
+    /// Reads a whole file from the guest.
+    pub async fn read_file(&self, path: impl Into<String>) -> Result<Bytes, Error> {
+        let action = ControlAction::ReadFile { path: path.into() };
+        let (_, data) = self.control("read_file", action, Bytes::new()).await?;
+        Ok(data)
+    }
+
+    /// Writes a whole file in the guest, atomically (readers see the old or the new contents,
+    /// never a mix). `mode` defaults to `0o644`.
+    pub async fn write_file(
+        &self,
+        path: impl Into<String>,
+        contents: impl Into<Bytes>,
+        mode: Option<u32>,
+    ) -> Result<(), Error> {
+        let action = ControlAction::WriteFile {
+            path: path.into(),
+            mode,
+        };
+        self.control("write_file", action, contents.into()).await?;
+        Ok(())
+    }
+
+    /// Sends `signal` to the process group of every exec running in the guest.
+    pub async fn signal_workload(&self, signal: i32) -> Result<(), Error> {
+        let action = ControlAction::SignalWorkload { signal };
+        self.control("signal_workload", action, Bytes::new())
+            .await?;
+        Ok(())
+    }
+
+    pub(crate) async fn connect(&self) -> Result<BoxedStream, Error> {
+        self.connector
+            .connect()
+            .await
+            .map_err(|source| Error::AgentUnreachable {
+                target: self.connector.describe(),
+                source,
+            })
+    }
+
+    /// One control exchange: request (+ attachment) → ack (+ attachment), on a fresh connection.
+    async fn control(
+        &self,
+        name: &'static str,
+        action: ControlAction,
+        data: Bytes,
+    ) -> Result<(ControlAck, Bytes), Error> {
+        let stream = self.connect().await?;
+        let mut framed = Framed::new(stream, ExecCodec::new());
+        let request = Frame::Control {
+            message: ControlMessage::Action(action),
+            data,
+        };
+        framed
+            .send(request)
+            .await
+            .map_err(|e| Error::from_codec("sending a control request", e))?;
+        loop {
+            match framed.next().await {
+                Some(Ok(Frame::Control {
+                    message: ControlMessage::Ack(ack),
+                    data,
+                })) => {
+                    return if ack.ok {
+                        Ok((ack, data))
+                    } else {
+                        Err(Error::Control {
+                            action: name,
+                            message: ack.error.unwrap_or_else(|| "no reason given".into()),
+                        })
+                    };
+                }
+                Some(Ok(Frame::Unknown { .. })) => continue,
+                Some(Ok(Frame::Error(error))) => return Err(Error::ExecFailed(error)),
+                Some(Ok(other)) => {
+                    return Err(Error::Protocol(format!(
+                        "expected a CONTROL ack, got frame kind {:#04x}",
+                        other.kind()
+                    )))
+                }
+                Some(Err(e)) => return Err(Error::from_codec("awaiting a control ack", e)),
+                None => {
+                    return Err(Error::ConnectionLost {
+                        during: "awaiting a control ack",
+                        reason: "the agent closed the connection".into(),
+                    })
+                }
+            }
+        }
+    }
+}

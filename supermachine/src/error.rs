@@ -1,0 +1,155 @@
+use std::io;
+use std::time::Duration;
+
+use supermachine_codec::{AgentError, CodecError};
+
+/// Everything that can go wrong, as variants a caller can match on.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The agent could not be reached (socket missing, connection refused, VM not running).
+    #[error("cannot reach the guest agent at {target}: {source}")]
+    AgentUnreachable {
+        /// Where we tried to connect.
+        target: String,
+        /// What the connect call said.
+        #[source]
+        source: io::Error,
+    },
+    /// The connection to the agent broke before the exec or control call finished (agent or VM
+    /// died, or the connection was reset).
+    #[error("lost the connection to the guest agent {during}: {reason}")]
+    ConnectionLost {
+        /// What was going on at the time.
+        during: &'static str,
+        /// What the connection said.
+        reason: String,
+    },
+    /// The request was rejected on the host before anything was sent.
+    #[error("invalid exec request: {0}")]
+    InvalidRequest(String),
+    /// A program could not be found in the guest (`PATH` lookup failed).
+    #[error("program not found in the guest: {program}")]
+    ProgramNotFound {
+        /// The program as the agent reported it (for a chain link: which link).
+        program: String,
+    },
+    /// The agent could not start the exec, or failed while running it.
+    #[error("the guest agent could not run the exec: {0}")]
+    ExecFailed(#[source] AgentError),
+    /// A control action (read_file, write_file, ping, ...) failed in the guest.
+    #[error("control action {action} failed in the guest: {message}")]
+    Control {
+        /// The action name.
+        action: &'static str,
+        /// The agent's explanation.
+        message: String,
+    },
+    /// The exec ran longer than its timeout and was killed.
+    #[error("exec timed out after {0:?} and was killed")]
+    TimedOut(Duration),
+    /// The exec was cancelled (token, `select!`, or drop) and was killed.
+    #[error("exec was cancelled and killed")]
+    Cancelled,
+    /// [`ExecChild::abort`](crate::ExecChild::abort) tore the exec down.
+    #[error("exec was aborted")]
+    Aborted,
+    /// Output piled up unread while waiting for the exit, past the configured limit.
+    #[error(
+        "{buffered} bytes of exec output are unread, above the limit of {limit}; read stdout/stderr \
+         while waiting, use Stdio::null(), or raise ExecBuilder::max_buffered_output"
+    )]
+    OutputLimitExceeded {
+        /// Bytes buffered.
+        buffered: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The exec has already ended; there is nothing left to signal.
+    #[error("the exec is no longer running")]
+    NotRunning,
+    /// The peer sent something the protocol does not allow.
+    #[error("exec protocol error: {0}")]
+    Protocol(String),
+}
+
+impl Error {
+    pub(crate) fn from_agent(error: AgentError) -> Self {
+        use supermachine_codec::ErrorCode;
+        match error.code {
+            ErrorCode::NotFound => {
+                let program = match error.message.rsplit_once("program not found: ") {
+                    Some((_, program)) => program.to_owned(),
+                    None => error.message,
+                };
+                Error::ProgramNotFound { program }
+            }
+            _ => Error::ExecFailed(error),
+        }
+    }
+
+    pub(crate) fn from_codec(during: &'static str, error: CodecError) -> Self {
+        match error {
+            CodecError::Io(e) => Error::ConnectionLost {
+                during,
+                reason: e.to_string(),
+            },
+            CodecError::Truncated { .. } => Error::ConnectionLost {
+                during,
+                reason: error.to_string(),
+            },
+            other => Error::Protocol(other.to_string()),
+        }
+    }
+
+    /// Clones the error for the places that each need their own copy (the exit future and the
+    /// spawn call both report a failure that happened once). `io::Error` is not `Clone`, so the
+    /// source is flattened to its message where needed.
+    pub(crate) fn duplicate(&self) -> Self {
+        match self {
+            Error::AgentUnreachable { target, source } => Error::AgentUnreachable {
+                target: target.clone(),
+                source: io::Error::new(source.kind(), source.to_string()),
+            },
+            Error::ConnectionLost { during, reason } => Error::ConnectionLost {
+                during,
+                reason: reason.clone(),
+            },
+            Error::InvalidRequest(m) => Error::InvalidRequest(m.clone()),
+            Error::ProgramNotFound { program } => Error::ProgramNotFound {
+                program: program.clone(),
+            },
+            Error::ExecFailed(e) => Error::ExecFailed(e.clone()),
+            Error::Control { action, message } => Error::Control {
+                action,
+                message: message.clone(),
+            },
+            Error::TimedOut(d) => Error::TimedOut(*d),
+            Error::Cancelled => Error::Cancelled,
+            Error::Aborted => Error::Aborted,
+            Error::OutputLimitExceeded { buffered, limit } => Error::OutputLimitExceeded {
+                buffered: *buffered,
+                limit: *limit,
+            },
+            Error::NotRunning => Error::NotRunning,
+            Error::Protocol(m) => Error::Protocol(m.clone()),
+        }
+    }
+}
+
+impl From<Error> for io::Error {
+    /// For the `AsyncRead`/`AsyncWrite` side, which must speak `io::Error`; the typed error is
+    /// kept as the inner error (`io::Error::get_ref` + `downcast_ref::<Error>()`).
+    fn from(error: Error) -> Self {
+        let kind = match &error {
+            Error::AgentUnreachable { source, .. } => source.kind(),
+            Error::ConnectionLost { .. } => io::ErrorKind::ConnectionAborted,
+            Error::InvalidRequest(_) => io::ErrorKind::InvalidInput,
+            Error::ProgramNotFound { .. } => io::ErrorKind::NotFound,
+            Error::TimedOut(_) => io::ErrorKind::TimedOut,
+            Error::Protocol(_) => io::ErrorKind::InvalidData,
+            _ => io::ErrorKind::Other,
+        };
+        io::Error::new(kind, error)
+    }
+}

@@ -1,0 +1,50 @@
+//! Run commands inside hardware-isolated microVMs from async Rust, streaming.
+//!
+//! The pieces, in the order a caller meets them:
+//!
+//! * [`Agent`] — a handle to a guest agent. Every exec and control action is one fresh connection
+//!   to it, made through a [`Connector`]. Today the agent is reached over a Unix socket (the agent
+//!   in host mode, for development and tests); the same API runs over a VM's vsock.
+//! * [`ExecBuilder`] — what to run and how (`env`, `cwd`, `user`, `tty`, `timeout`, staged files,
+//!   `&&` chains, cancellation), from [`Agent::exec`].
+//! * [`ExecChild`] — a running exec: [`AsyncRead`](tokio::io::AsyncRead) of its stdout,
+//!   [`AsyncWrite`](tokio::io::AsyncWrite) to its stdin, and a [`Future`](std::future::Future) of
+//!   its [`ExitStatus`]. Dropping it kills the process group in the guest.
+//! * [`ExecOutcome`] — everything about a finished exec, from [`ExecBuilder::output`].
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), supermachine::Error> {
+//! use supermachine::Agent;
+//!
+//! let agent = Agent::unix("/tmp/agent.sock");
+//! let out = agent.exec(["sh", "-c", "echo hello"]).output().await?;
+//! assert_eq!(&out.stdout[..], b"hello\n");
+//! # Ok(()) }
+//! ```
+//!
+//! # Output that nobody reads
+//! An exec's stdout and stderr are buffered on the host in a small window (1 MiB per stream by
+//! default); when a window is full the host stops reading, and backpressure reaches the guest
+//! process, which blocks on its write — like a pipe. While the exit status is being awaited,
+//! though, the host keeps reading regardless, so awaiting the exit never deadlocks on output that
+//! is not being read, and no output is dropped: it stays buffered and readable after the exit. That
+//! read-ahead is bounded by [`ExecBuilder::max_buffered_output`] (64 MiB by default); past it the
+//! wait fails with [`Error::OutputLimitExceeded`] and the process is left running (blocked), so the
+//! caller can read and wait again, or kill it.
+
+#![warn(missing_docs)]
+
+mod agent;
+mod connector;
+mod error;
+mod exec;
+
+pub use agent::{Agent, AgentInfo};
+pub use connector::{BoxedStream, Connector, UnixConnector};
+pub use error::Error;
+pub use exec::{
+    ExecBuilder, ExecChild, ExecOutcome, ExecSignaler, ExecStderr, ExecStdin, ExecStdout,
+    ExitStatus, Stdio,
+};
+pub use supermachine_codec::{StagedFile, WindowSize};
+pub use tokio_util::sync::CancellationToken;

@@ -1,0 +1,214 @@
+//! Support for supermachine's end-to-end tests and examples.
+//!
+//! * [`agent_binary`] finds the static guest agent, building it on first use exactly as it goes
+//!   into a VM (`--release --target x86_64-unknown-linux-musl`).
+//! * [`HostAgent`] runs that agent in host mode on a Unix socket in a temp dir, and kills it on
+//!   drop.
+//! * [`processes_matching`] / [`wait_until_gone`] look for leaked processes in `/proc` by a unique
+//!   marker in their command line.
+
+use std::io::{self, BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use supermachine::Agent;
+
+/// The target the agent is built for: static, so the same binary runs on the host and as the
+/// guest's `/init`.
+pub const AGENT_TARGET: &str = "x86_64-unknown-linux-musl";
+
+/// Environment variable that points at a prebuilt agent binary, skipping the build.
+pub const AGENT_BIN_ENV: &str = "SUPERMACHINE_AGENT_BIN";
+
+/// The workspace root (this package's manifest directory).
+pub fn workspace_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Path to the static agent binary: `$SUPERMACHINE_AGENT_BIN`, or built once per process with
+/// `cargo build -p supermachine-agent --release --target x86_64-unknown-linux-musl`.
+pub fn agent_binary() -> Result<PathBuf, String> {
+    static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BINARY
+        .get_or_init(|| match std::env::var_os(AGENT_BIN_ENV) {
+            Some(path) if !path.is_empty() => Ok(PathBuf::from(path)),
+            _ => build_agent(),
+        })
+        .clone()
+}
+
+fn build_agent() -> Result<PathBuf, String> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let output = Command::new(cargo)
+        .current_dir(workspace_root())
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "supermachine-agent",
+            "--release",
+            "--target",
+            AGENT_TARGET,
+            "--message-format=json-render-diagnostics",
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run cargo to build the agent: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "building the agent failed ({}); is the target installed? \
+             `rustup target add {AGENT_TARGET}`",
+            output.status
+        ));
+    }
+    // The last compiler-artifact line for the agent binary names the executable.
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|msg| msg["reason"] == "compiler-artifact")
+        .filter_map(|msg| msg["executable"].as_str().map(PathBuf::from))
+        .rfind(|path| path.file_name().is_some_and(|n| n == "supermachine-agent"))
+        .ok_or_else(|| "cargo built the agent but reported no executable".to_owned())
+}
+
+/// A guest agent running in host mode, listening on a Unix socket in its own temp dir.
+///
+/// Dropping it kills the agent (and so every exec it runs) and removes the temp dir.
+#[derive(Debug)]
+pub struct HostAgent {
+    child: Child,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl HostAgent {
+    /// Starts an agent and waits until it accepts connections.
+    pub fn start() -> io::Result<HostAgent> {
+        let binary = agent_binary().map_err(io::Error::other)?;
+        let dir = tempfile::Builder::new()
+            .prefix("supermachine-agent")
+            .tempdir()?;
+        let socket = dir.path().join("agent.sock");
+        let mut child = Command::new(&binary)
+            .arg("--unix")
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| io::Error::new(e.kind(), format!("starting {}: {e}", binary.display())))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| io::Error::other("no stdout"))?;
+        let mut line = String::new();
+        let read = BufReader::new(stdout).read_line(&mut line);
+        if read.is_err() || line.trim() != "supermachine-agent ready" {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(io::Error::other(format!(
+                "the agent did not report ready (said {line:?}, {read:?})"
+            )));
+        }
+        Ok(HostAgent {
+            child,
+            socket,
+            _dir: dir,
+        })
+    }
+
+    /// A client for this agent.
+    pub fn agent(&self) -> Agent {
+        Agent::unix(&self.socket)
+    }
+
+    /// The agent's socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The agent process's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills the agent with SIGKILL, as a crash would, and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for HostAgent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Pids of live (non-zombie) processes whose command line contains `marker`.
+pub fn processes_matching(marker: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let me = std::process::id();
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            // Zombies have an empty cmdline, so they never match: they are already dead.
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|cmd| {
+                    let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+                    cmd.contains(marker)
+                })
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// Waits up to `limit` for every process matching `marker` to be gone; returns the survivors.
+pub async fn wait_until_gone(marker: &str, limit: Duration) -> Vec<u32> {
+    let start = Instant::now();
+    loop {
+        let left = processes_matching(marker);
+        if left.is_empty() || start.elapsed() > limit {
+            return left;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits up to `limit` for a process matching `marker` to appear.
+pub async fn wait_until_running(marker: &str, limit: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if !processes_matching(marker).is_empty() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+/// Kills every process matching `marker` (cleanup after a test that orphans processes on
+/// purpose).
+pub fn kill_matching(marker: &str) {
+    for pid in processes_matching(marker) {
+        let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+    }
+}
+
+/// This process's current and peak resident set size in KiB (`VmRSS`, `VmHWM`).
+pub fn rss_kib() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
