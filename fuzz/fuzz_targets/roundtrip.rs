@@ -1,7 +1,8 @@
-//! Arbitrary frame → encode → decode gives the same frame and consumes every byte.
+//! Arbitrary frames → encode → decode give the same frames and consume every byte: one at a
+//! time, with a random maximum frame length, and back to back in random chunk sizes.
 //!
 //! The codec crate does not depend on `arbitrary`, so a fuzz-local mirror of `Frame` is
-//! generated and converted.
+//! generated and converted through the codec's public constructors.
 #![no_main]
 
 use std::collections::BTreeMap;
@@ -11,10 +12,23 @@ use bytes::{Bytes, BytesMut};
 use libfuzzer_sys::fuzz_target;
 use supermachine_codec::{
     kind, AgentError, CodecError, ControlAck, ControlAction, ControlMessage, ErrorCode, ExecCodec,
-    ExecRequest, ExitInfo, Frame, StagedFile, StdioMode, WindowSize,
+    ExecRequest, ExitInfo, Frame, StagedFile, StdioMode, WindowSize, HEADER_LEN,
 };
 use tokio_util::codec::{Decoder, Encoder};
 
+/// The whole fuzz input. Field order matters for the seeds (`fuzz_seeds.rs`): the chunk byte
+/// comes first and `frames` takes the rest of the data.
+#[derive(Arbitrary, Debug)]
+struct Input {
+    /// Each read of the concatenated stream is `chunk + 1` bytes.
+    chunk: u8,
+    /// When set, the maximum frame length used for the single-frame encodes.
+    max: Option<u16>,
+    /// The frames, encoded back to back.
+    frames: Vec<FuzzFrame>,
+}
+
+/// Mirror of `Frame`; keep the variant order (the seeds select variants by index).
 #[derive(Arbitrary, Debug)]
 enum FuzzFrame {
     Request(FuzzRequest),
@@ -30,8 +44,10 @@ enum FuzzFrame {
     Unknown(u8, Vec<u8>),
 }
 
+/// Mirror of `ExecRequest`.
 #[derive(Arbitrary, Debug)]
 struct FuzzRequest {
+    version: u32,
     argv: Vec<String>,
     env: BTreeMap<String, String>,
     cwd: Option<String>,
@@ -39,11 +55,13 @@ struct FuzzRequest {
     tty: bool,
     cols: Option<u16>,
     rows: Option<u16>,
+    /// `true` = `StdioMode::Null` for stdin, stdout, stderr.
     stdio: [bool; 3],
     stage_files: Vec<(String, Vec<u8>, Option<u32>)>,
     chain: Vec<Vec<String>>,
 }
 
+/// Mirror of `ControlMessage` (actions flattened in).
 #[derive(Arbitrary, Debug)]
 enum FuzzControl {
     Ping,
@@ -75,60 +93,58 @@ fn error_code(n: u8) -> ErrorCode {
     }
 }
 
+fn request(r: FuzzRequest) -> ExecRequest {
+    let mut request = ExecRequest::new(r.argv);
+    request.version = r.version;
+    request.env = r.env;
+    request.cwd = r.cwd;
+    request.user = r.user;
+    request.tty = r.tty;
+    request.cols = r.cols;
+    request.rows = r.rows;
+    request.stdin = stdio(r.stdio[0]);
+    request.stdout = stdio(r.stdio[1]);
+    request.stderr = stdio(r.stdio[2]);
+    request.stage_files = r
+        .stage_files
+        .into_iter()
+        .map(|(path, contents, mode)| {
+            let file = StagedFile::new(path, contents);
+            match mode {
+                Some(mode) => file.with_mode(mode),
+                None => file,
+            }
+        })
+        .collect();
+    request.chain = r.chain;
+    request
+}
+
+fn control(c: FuzzControl) -> ControlMessage {
+    use ControlMessage::Action;
+    match c {
+        FuzzControl::Ping => Action(ControlAction::Ping),
+        FuzzControl::ReadFile(path) => Action(ControlAction::ReadFile { path }),
+        FuzzControl::WriteFile(path, mode) => Action(ControlAction::WriteFile { path, mode }),
+        FuzzControl::SignalWorkload(signal) => Action(ControlAction::SignalWorkload { signal }),
+        FuzzControl::SetClock(unix_nanos) => Action(ControlAction::SetClock { unix_nanos }),
+        FuzzControl::ReseedRng => Action(ControlAction::ReseedRng),
+        FuzzControl::Unknown(name) => ControlMessage::UnknownAction(name),
+        FuzzControl::Ack(ok, error, version, boot_id) => ControlMessage::Ack(ControlAck {
+            ok,
+            error,
+            version,
+            boot_id,
+        }),
+    }
+}
+
 impl From<FuzzFrame> for Frame {
     fn from(f: FuzzFrame) -> Frame {
         match f {
-            FuzzFrame::Request(r) => {
-                let mut request = ExecRequest::new(r.argv);
-                request.env = r.env;
-                request.cwd = r.cwd;
-                request.user = r.user;
-                request.tty = r.tty;
-                request.cols = r.cols;
-                request.rows = r.rows;
-                request.stdin = stdio(r.stdio[0]);
-                request.stdout = stdio(r.stdio[1]);
-                request.stderr = stdio(r.stdio[2]);
-                request.stage_files = r
-                    .stage_files
-                    .into_iter()
-                    .map(|(path, contents, mode)| {
-                        let file = StagedFile::new(path, contents);
-                        match mode {
-                            Some(mode) => file.with_mode(mode),
-                            None => file,
-                        }
-                    })
-                    .collect();
-                request.chain = r.chain;
-                Frame::Request(request)
-            }
+            FuzzFrame::Request(r) => Frame::Request(request(r)),
             FuzzFrame::Control(c, data) => Frame::Control {
-                message: match c {
-                    FuzzControl::Ping => ControlMessage::Action(ControlAction::Ping),
-                    FuzzControl::ReadFile(path) => {
-                        ControlMessage::Action(ControlAction::ReadFile { path })
-                    }
-                    FuzzControl::WriteFile(path, mode) => {
-                        ControlMessage::Action(ControlAction::WriteFile { path, mode })
-                    }
-                    FuzzControl::SignalWorkload(signal) => {
-                        ControlMessage::Action(ControlAction::SignalWorkload { signal })
-                    }
-                    FuzzControl::SetClock(unix_nanos) => {
-                        ControlMessage::Action(ControlAction::SetClock { unix_nanos })
-                    }
-                    FuzzControl::ReseedRng => ControlMessage::Action(ControlAction::ReseedRng),
-                    FuzzControl::Unknown(name) => ControlMessage::UnknownAction(name),
-                    FuzzControl::Ack(ok, error, version, boot_id) => {
-                        ControlMessage::Ack(ControlAck {
-                            ok,
-                            error,
-                            version,
-                            boot_id,
-                        })
-                    }
-                },
+                message: control(c),
                 data: Bytes::from(data),
             },
             FuzzFrame::Stdin(b) => Frame::Stdin(b.into()),
@@ -149,29 +165,88 @@ impl From<FuzzFrame> for Frame {
     }
 }
 
-fuzz_target!(|input: FuzzFrame| {
-    let frame = Frame::from(input);
-    let mut codec = ExecCodec::new();
+/// Whether the encoder must refuse `frame` as `InvalidFrame`: the two shapes a peer would
+/// misread (an `Unknown` frame under a known kind byte, an `UnknownAction` naming a known
+/// action).
+fn must_be_refused(frame: &Frame) -> bool {
+    match frame {
+        Frame::Unknown { kind: k, .. } => kind::is_known(*k),
+        Frame::Control {
+            message: ControlMessage::UnknownAction(name),
+            ..
+        } => matches!(
+            name.as_str(),
+            "ping" | "read_file" | "write_file" | "signal_workload" | "set_clock" | "reseed_rng"
+        ),
+        _ => false,
+    }
+}
+
+/// Encodes `frame` alone with the default codec and checks the outcome; returns the wire bytes
+/// when the frame is one the encoder must accept.
+fn encode_one(frame: &Frame) -> Option<BytesMut> {
     let mut wire = BytesMut::new();
-    match codec.encode(&frame, &mut wire) {
-        Ok(()) => {}
-        // The encoder rightly refuses these two shapes; anything else is a bug.
-        Err(CodecError::InvalidFrame(_)) => {
-            let refusable = matches!(&frame, Frame::Unknown { kind: k, .. } if kind::is_known(*k))
-                || matches!(
-                    &frame,
-                    Frame::Control {
-                        message: ControlMessage::UnknownAction(_),
-                        ..
-                    }
-                );
-            assert!(refusable, "refused a valid frame: {frame:?}");
-            assert!(wire.is_empty());
-            return;
+    match ExecCodec::new().encode(frame, &mut wire) {
+        Ok(()) => {
+            assert!(
+                !must_be_refused(frame),
+                "encoded a frame it must refuse: {frame:?}"
+            );
+            Some(wire)
+        }
+        Err(CodecError::InvalidFrame(_)) if must_be_refused(frame) => {
+            assert!(wire.is_empty(), "a refused frame left bytes behind");
+            None
         }
         Err(e) => panic!("encode failed for {frame:?}: {e}"),
     }
-    let decoded = codec.decode(&mut wire).expect("decoding what we encoded");
-    assert_eq!(decoded.as_ref(), Some(&frame));
-    assert!(wire.is_empty(), "{} bytes left over", wire.len());
+}
+
+fuzz_target!(|input: Input| {
+    let frames: Vec<Frame> = input.frames.into_iter().map(Frame::from).collect();
+    let mut stream = BytesMut::new();
+    let mut accepted = Vec::new();
+    for frame in frames {
+        let Some(mut wire) = encode_one(&frame) else {
+            continue;
+        };
+        let payload_len = wire.len() - HEADER_LEN;
+        stream.extend_from_slice(&wire);
+
+        // A smaller maximum: refused exactly when the payload is over it, and then the
+        // destination buffer is left as it was.
+        if let Some(max) = input.max {
+            let max = usize::from(max);
+            let mut limited = BytesMut::from(&b"before"[..]);
+            match ExecCodec::with_max_frame_length(max).encode(&frame, &mut limited) {
+                Ok(()) => assert!(payload_len <= max && limited[6..] == wire[..]),
+                Err(CodecError::FrameTooLarge { len, .. }) => {
+                    assert!(payload_len > max && len == payload_len);
+                    assert_eq!(&limited[..], b"before");
+                }
+                Err(e) => panic!("unexpected error {e} with max {max} for {frame:?}"),
+            }
+        }
+
+        let decoded = ExecCodec::new()
+            .decode(&mut wire)
+            .unwrap_or_else(|e| panic!("decoding what we encoded failed: {e}: {frame:?}"));
+        assert_eq!(decoded.as_ref(), Some(&frame));
+        assert!(wire.is_empty(), "{} bytes left over", wire.len());
+        accepted.push(frame);
+    }
+
+    // The same frames back to back, read `chunk + 1` bytes at a time.
+    let step = usize::from(input.chunk) + 1;
+    let mut codec = ExecCodec::new();
+    let mut buf = BytesMut::new();
+    let mut decoded = Vec::new();
+    for piece in stream.chunks(step) {
+        buf.extend_from_slice(piece);
+        while let Some(frame) = codec.decode(&mut buf).expect("valid stream") {
+            decoded.push(frame);
+        }
+    }
+    assert!(codec.decode_eof(&mut buf).expect("clean end").is_none());
+    assert_eq!(decoded, accepted);
 });

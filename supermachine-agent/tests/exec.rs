@@ -554,33 +554,3 @@ fn sigterm_stops_the_agent_kills_execs_and_removes_the_socket() {
     drop(conn);
     assert!(gone, "an exec survived the agent's SIGTERM");
 }
-
-/// Measurement, not a check: `cargo test --release -p supermachine-agent --test exec -- --ignored
-/// --nocapture throughput`.
-#[tokio::test]
-#[ignore]
-async fn throughput() {
-    let agent = Agent::start();
-    let mut round_trips = Vec::new();
-    for _ in 0..500 {
-        let started = Instant::now();
-        assert_eq!(agent.run(ExecRequest::new(["true"])).await.code(), 0);
-        round_trips.push(started.elapsed());
-    }
-    round_trips.sort();
-    println!(
-        "`true` round trip: p50 {:?}, p99 {:?}",
-        round_trips[round_trips.len() / 2],
-        round_trips[round_trips.len() * 99 / 100]
-    );
-    for _ in 0..3 {
-        let started = Instant::now();
-        let mut conn = agent
-            .exec(ExecRequest::new(["head", "-c", "2000000000", "/dev/zero"]))
-            .await;
-        let (count, exit) = count_until_exit(&mut conn).await;
-        let secs = started.elapsed().as_secs_f64();
-        assert_eq!((count, exit.code), (2_000_000_000, 0));
-        println!("stdout throughput: {:.0} MB/s", count as f64 / secs / 1e6);
-    }
-}

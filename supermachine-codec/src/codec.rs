@@ -39,9 +39,12 @@ impl ExecCodec {
     }
 
     /// A codec that refuses payloads longer than `max` bytes in both directions.
+    ///
+    /// The wire length field is a `u32`, so `max` is capped at `u32::MAX` (pass `usize::MAX` for
+    /// "as large as the format allows").
     pub fn with_max_frame_length(max: usize) -> Self {
         ExecCodec {
-            max_frame_length: max,
+            max_frame_length: max.min(u32::MAX as usize),
         }
     }
 
@@ -70,7 +73,15 @@ impl Decoder for ExecCodec {
                 max: self.max_frame_length,
             });
         }
-        let total = HEADER_LEN + len;
+        // Cannot overflow: len <= max_frame_length <= u32::MAX, far below usize::MAX on 64-bit;
+        // checked anyway so 32-bit targets stay panic-free.
+        let Some(total) = HEADER_LEN.checked_add(len) else {
+            return Err(CodecError::FrameTooLarge {
+                kind: frame_kind,
+                len,
+                max: self.max_frame_length,
+            });
+        };
         if src.len() < total {
             src.reserve(total - src.len());
             return Ok(None);
@@ -211,6 +222,16 @@ impl Encoder<&Frame> for ExecCodec {
     type Error = CodecError;
 
     fn encode(&mut self, frame: &Frame, dst: &mut BytesMut) -> Result<(), CodecError> {
+        // Byte payloads are checked before they are copied, so an oversized one costs nothing.
+        if let Some(len) = known_payload_len(frame) {
+            if len > self.max_frame_length {
+                return Err(CodecError::FrameTooLarge {
+                    kind: frame.kind(),
+                    len,
+                    max: self.max_frame_length,
+                });
+            }
+        }
         let start = dst.len();
         dst.reserve(HEADER_LEN);
         dst.put_u8(frame.kind());
@@ -228,16 +249,45 @@ impl Encoder<&Frame> for ExecCodec {
                 max: self.max_frame_length,
             });
         }
-        // len <= max_frame_length, which callers keep far below u32::MAX; saturate to be safe.
-        let len32 = u32::try_from(len).unwrap_or(u32::MAX);
+        let Ok(len32) = u32::try_from(len) else {
+            // Unreachable while max_frame_length <= u32::MAX; never write a lying header.
+            dst.truncate(start);
+            return Err(CodecError::FrameTooLarge {
+                kind: frame.kind(),
+                len,
+                max: self.max_frame_length,
+            });
+        };
         dst[start + 1..start + HEADER_LEN].copy_from_slice(&len32.to_be_bytes());
         Ok(())
+    }
+}
+
+/// The payload length of frames whose payload is raw bytes, known before encoding.
+fn known_payload_len(frame: &Frame) -> Option<usize> {
+    match frame {
+        Frame::Stdin(b) | Frame::Stdout(b) | Frame::Stderr(b) => Some(b.len()),
+        Frame::Unknown { payload, .. } => Some(payload.len()),
+        // JSON frames are measured after serializing, so the error reports the true length.
+        _ => None,
     }
 }
 
 fn write_payload(frame: &Frame, dst: &mut BytesMut) -> Result<(), CodecError> {
     match frame {
         Frame::Request(request) => {
+            // A StagedFile deserialized from JSON carries a `len` but no contents; sending it
+            // would make the peer reject the whole request, so refuse it here, where the caller
+            // can still act.
+            if request
+                .stage_files
+                .iter()
+                .any(|f| f.declared_len() != f.contents().len() as u64)
+            {
+                return Err(CodecError::InvalidFrame(
+                    "a staged file's declared length does not match its contents",
+                ));
+            }
             serde_json::to_writer(dst.writer(), request).map_err(|source| CodecError::BadJson {
                 frame: "REQUEST",
                 source,

@@ -1,122 +1,247 @@
-//! Every frame survives encode → decode, alone, in sequences, and fed in arbitrary chunks.
+//! Every frame survives encode → decode: alone, in sequences, and fed in arbitrary chunk sizes;
+//! and byte payloads come out of the decoder without being copied.
 
 mod support;
-use support as strategies;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
-use supermachine_codec::{ExecCodec, Frame};
+use supermachine_codec::{
+    AgentError, ControlAck, ControlAction, ControlMessage, ErrorCode, ExecCodec, ExecRequest,
+    ExitInfo, Frame, StagedFile, StdioMode, WindowSize, HEADER_LEN,
+};
+use support::{byte_payloads, chunking, decode_chunked, decode_chunked_with, encode_all};
 use tokio_util::codec::{Decoder, Encoder};
 
-fn encode_all(frames: &[Frame]) -> BytesMut {
-    let mut codec = ExecCodec::new();
-    let mut buf = BytesMut::new();
-    for frame in frames {
-        codec.encode(frame, &mut buf).expect("encodable frame");
-    }
-    buf
-}
-
-/// Feeds `wire` to a decoder in the given chunk sizes (cycled), collecting every frame.
-fn decode_chunked(wire: &[u8], chunks: &[usize]) -> Vec<Frame> {
-    let mut codec = ExecCodec::new();
-    let mut buf = BytesMut::new();
-    let mut frames = Vec::new();
-    let mut at = 0;
-    let mut sizes = chunks.iter().copied().cycle();
-    while at < wire.len() {
-        let n = sizes.next().unwrap_or(1).max(1).min(wire.len() - at);
-        buf.extend_from_slice(&wire[at..at + n]);
-        at += n;
-        while let Some(frame) = codec.decode(&mut buf).expect("valid stream") {
-            frames.push(frame);
-        }
-    }
-    assert!(codec.decode_eof(&mut buf).expect("clean end").is_none());
-    frames
-}
-
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(512))]
+    #![proptest_config(ProptestConfig::with_cases(1024))]
 
+    /// One frame: the decoder returns it unchanged and consumes exactly the encoded bytes, no
+    /// more (a following frame's bytes stay in the buffer) and no less.
     #[test]
-    fn single_frame_roundtrips(frame in strategies::frame()) {
+    fn single_frame_roundtrips(frame in support::frame(), trailer in support::bytes(16)) {
         let mut wire = encode_all(std::slice::from_ref(&frame));
         let encoded_len = wire.len();
+        prop_assert!(encoded_len >= HEADER_LEN);
+        prop_assert_eq!(
+            u32::from_be_bytes(wire[1..5].try_into().unwrap()) as usize,
+            encoded_len - HEADER_LEN,
+            "header length must match the payload written"
+        );
+        wire.extend_from_slice(&trailer);
         let decoded = ExecCodec::new().decode(&mut wire).unwrap();
         prop_assert_eq!(decoded, Some(frame));
-        prop_assert!(wire.is_empty(), "decoder consumed {} of {} bytes", encoded_len - wire.len(), encoded_len);
+        prop_assert_eq!(&wire[..], &trailer[..], "decoder must consume exactly the frame");
     }
 
+    /// The same frame through `decode_eof` (what `FramedRead` calls once the stream ends).
+    #[test]
+    fn single_frame_roundtrips_at_eof(frame in support::frame()) {
+        let mut wire = encode_all(std::slice::from_ref(&frame));
+        let mut codec = ExecCodec::new();
+        prop_assert_eq!(codec.decode_eof(&mut wire).unwrap(), Some(frame));
+        prop_assert!(wire.is_empty());
+        prop_assert_eq!(codec.decode_eof(&mut wire).unwrap(), None);
+    }
+
+    /// A whole session encoded back to back decodes to the same sequence however the bytes are
+    /// split into reads (one byte at a time, random sizes, all at once).
     #[test]
     fn sequences_roundtrip_in_any_chunking(
-        frames in proptest::collection::vec(strategies::frame(), 1..8),
-        chunks in proptest::collection::vec(1usize..64, 1..8),
+        frames in proptest::collection::vec(support::frame(), 0..10),
+        chunks in chunking(),
     ) {
         let wire = encode_all(&frames);
-        prop_assert_eq!(decode_chunked(&wire, &chunks), frames);
+        prop_assert_eq!(decode_chunked(&wire, &chunks).unwrap(), frames);
     }
-}
 
-#[test]
-fn one_byte_at_a_time() {
-    use proptest::strategy::ValueTree;
-    let mut runner = proptest::test_runner::TestRunner::deterministic();
-    for _ in 0..64 {
-        let frames: Vec<Frame> = (0..4)
-            .map(|_| strategies::frame().new_tree(&mut runner).unwrap().current())
-            .collect();
+    /// Zero-copy: every non-empty byte payload of a decoded frame (STDIN/STDOUT/STDERR data,
+    /// unknown payloads, CONTROL attachments, staged file contents) points into the buffer that
+    /// was handed to the `decode` call that produced it.
+    ///
+    /// This is meaningful because that buffer is still alive when we look (the codec's `src`
+    /// keeps its tail, and the decoded `Bytes` keeps a reference to the storage): no other live
+    /// allocation can overlap its address range, so a payload that lies inside the range shares
+    /// the buffer's storage; a copy would necessarily live elsewhere.
+    #[test]
+    fn payloads_are_split_off_the_read_buffer(
+        frames in proptest::collection::vec(support::frame(), 1..6),
+        chunks in chunking(),
+    ) {
         let wire = encode_all(&frames);
-        assert_eq!(decode_chunked(&wire, &[1]), frames);
+        let decoded = decode_chunked_with(&mut ExecCodec::new(), &wire, &chunks, |frame, buffer| {
+            for payload in byte_payloads(frame).into_iter().filter(|p| !p.is_empty()) {
+                let at = payload.as_ptr() as usize;
+                assert!(
+                    buffer.start <= at && at + payload.len() <= buffer.end,
+                    "payload {:#x}+{} is outside the decode buffer {:#x?}",
+                    at, payload.len(), buffer
+                );
+            }
+        }).unwrap();
+        prop_assert_eq!(decoded, frames);
     }
 }
 
+/// The zero-copy property on its own, with exact offsets: two large STDOUT payloads decoded from
+/// one buffer sit right after their headers, back to back, in the buffer's storage.
 #[test]
-fn payloads_are_split_off_the_read_buffer_not_copied() {
-    let payload = vec![7u8; 100_000];
-    let mut wire = encode_all(&[Frame::Stdout(payload.clone().into())]);
-    let buffer_start = wire.as_ptr() as usize;
-    let buffer_end = buffer_start + wire.len();
-    match ExecCodec::new().decode(&mut wire).unwrap() {
-        Some(Frame::Stdout(bytes)) => {
-            let at = bytes.as_ptr() as usize;
-            // The payload lives inside the decode buffer's allocation, right after the header.
-            assert!(at > buffer_start && at + bytes.len() <= buffer_end);
-            assert_eq!(at, buffer_start + supermachine_codec::HEADER_LEN);
-            assert_eq!(&bytes[..], &payload[..]);
-        }
-        other => panic!("expected stdout, got {other:?}"),
-    }
+fn stdout_payloads_share_the_frozen_read_buffer() {
+    let first = Bytes::from(vec![1u8; 100_000]);
+    let second = Bytes::from(vec![2u8; 50_000]);
+    let wire = encode_all(&[Frame::Stdout(first.clone()), Frame::Stdout(second.clone())]);
+    // Freeze a copy of the wire so there is one immutable allocation to compare against; the
+    // decoder works on a `BytesMut` converted back from it without copying (it is unique).
+    let frozen: Bytes = wire.freeze();
+    let base = frozen.as_ptr() as usize;
+    let mut buf = BytesMut::from(frozen);
+    assert_eq!(
+        buf.as_ptr() as usize,
+        base,
+        "BytesMut::from(Bytes) must not copy here"
+    );
+
+    let mut codec = ExecCodec::new();
+    let Some(Frame::Stdout(a)) = codec.decode(&mut buf).unwrap() else {
+        panic!("expected STDOUT")
+    };
+    let Some(Frame::Stdout(b)) = codec.decode(&mut buf).unwrap() else {
+        panic!("expected STDOUT")
+    };
+    assert_eq!(a, first);
+    assert_eq!(b, second);
+    assert_eq!(a.as_ptr() as usize, base + HEADER_LEN);
+    assert_eq!(
+        b.as_ptr() as usize,
+        base + HEADER_LEN + first.len() + HEADER_LEN
+    );
+    // A copy would own its storage alone; a split shares it with the rest of the buffer.
+    assert!(!a.is_unique() && !b.is_unique());
+    // The payloads outlive the buffer they were split from, and once the other references are
+    // gone the survivor is the storage's only owner.
+    drop(buf);
+    drop(b);
+    assert!(a.is_unique());
+    assert!(a.iter().all(|&x| x == 1));
 }
 
-#[tokio::test]
-async fn works_in_a_framed_stack() {
-    use futures::{SinkExt, StreamExt};
-    use tokio_util::codec::{FramedRead, FramedWrite};
-
-    let (client, server) = tokio::io::duplex(64);
-    let frames = vec![
-        Frame::Stdout("hello".into()),
-        Frame::Unknown {
-            kind: 0x42,
-            payload: "future".into(),
-        },
-        Frame::Exit(supermachine_codec::ExitInfo {
-            code: 3,
-            peak_rss_kib: Some(1024),
-        }),
+/// Staged file contents are split off the REQUEST attachment in order, without copies.
+#[test]
+fn staged_files_are_slices_of_the_attachment() {
+    let mut request = ExecRequest::new(["sh", "/x/run.sh"]);
+    request.stage_files = vec![
+        StagedFile::new("/x/run.sh", &b"#!/bin/sh\necho hi\n"[..]).with_mode(0o755),
+        StagedFile::new("/x/empty", Bytes::new()),
+        StagedFile::new("/x/bin", vec![0u8, 0xff, 0, 0]),
     ];
-    let sent = frames.clone();
-    let writer = tokio::spawn(async move {
-        let mut sink = FramedWrite::new(client, ExecCodec::new());
-        for frame in sent {
-            sink.send(frame).await.unwrap();
-        }
-    });
-    let received: Vec<Frame> = FramedRead::new(server, ExecCodec::new())
-        .map(|r| r.unwrap())
-        .collect()
-        .await;
-    writer.await.unwrap();
-    assert_eq!(received, frames);
+    let mut wire = encode_all(&[Frame::Request(request.clone())]);
+    let range = wire.as_ptr() as usize..wire.as_ptr() as usize + wire.len();
+    let Some(Frame::Request(decoded)) = ExecCodec::new().decode(&mut wire).unwrap() else {
+        panic!("expected REQUEST")
+    };
+    assert_eq!(decoded, request);
+    let run = decoded.stage_files[0].contents();
+    let bin = decoded.stage_files[2].contents();
+    assert!(range.contains(&(run.as_ptr() as usize)));
+    // Contents are concatenated in order: the empty file takes no room.
+    assert_eq!(bin.as_ptr() as usize, run.as_ptr() as usize + run.len());
+    // The attachment is the tail of the frame.
+    assert_eq!(bin.as_ptr() as usize + bin.len(), range.end);
+}
+
+/// One hand-written frame of every variant, so a failure names the variant directly.
+#[test]
+fn every_variant_by_hand() {
+    let mut request = ExecRequest::new(["ls", "-l"]);
+    request.env.insert("A".into(), "b=c".into());
+    request.cwd = Some("/tmp".into());
+    request.user = Some("1000:1000".into());
+    request.tty = true;
+    request.cols = Some(80);
+    request.rows = Some(24);
+    request.stdin = StdioMode::Null;
+    request.stage_files = vec![StagedFile::new("/f", &b"\0\x01\x02"[..])];
+    request.chain = vec![vec!["true".into()], vec![]];
+    let frames = vec![
+        Frame::Request(request),
+        Frame::Request(ExecRequest::new(Vec::<String>::new())),
+        Frame::control(ControlMessage::Action(ControlAction::Ping)),
+        Frame::Control {
+            message: ControlMessage::Action(ControlAction::WriteFile {
+                path: "/etc/x".into(),
+                mode: Some(0o600),
+            }),
+            data: Bytes::from_static(b"\0contents\0"),
+        },
+        Frame::control(ControlMessage::Action(ControlAction::ReadFile {
+            path: "/etc/hostname".into(),
+        })),
+        Frame::control(ControlMessage::Action(ControlAction::SignalWorkload {
+            signal: -9,
+        })),
+        Frame::control(ControlMessage::Action(ControlAction::SetClock {
+            unix_nanos: u64::MAX,
+        })),
+        Frame::Control {
+            message: ControlMessage::Action(ControlAction::ReseedRng),
+            data: Bytes::from_static(&[0; 32]),
+        },
+        Frame::control(ControlMessage::UnknownAction("teleport".into())),
+        Frame::control(ControlMessage::UnknownAction(String::new())),
+        Frame::control(ControlMessage::Ack(ControlAck::ok())),
+        Frame::Control {
+            message: ControlMessage::Ack(ControlAck {
+                ok: true,
+                error: None,
+                version: Some("0.1.0".into()),
+                boot_id: Some("abc".into()),
+            }),
+            data: Bytes::from_static(b"file body"),
+        },
+        Frame::control(ControlMessage::Ack(ControlAck::error("no such file"))),
+        Frame::Stdin(Bytes::new()),
+        Frame::Stdin(Bytes::from_static(b"in")),
+        Frame::Stdout(Bytes::new()),
+        Frame::Stdout(Bytes::from_static(b"out")),
+        Frame::Stderr(Bytes::new()),
+        Frame::Stderr(Bytes::from_static(b"err")),
+        Frame::Resize(WindowSize {
+            cols: u16::MAX,
+            rows: 0,
+        }),
+        Frame::Signal(15),
+        Frame::Started { pid: 1 },
+        Frame::Exit(ExitInfo {
+            code: 0,
+            peak_rss_kib: None,
+        }),
+        Frame::Exit(ExitInfo {
+            code: 137,
+            peak_rss_kib: Some(u64::MAX),
+        }),
+        Frame::Error(AgentError::new(ErrorCode::NotFound, "nope: not here")),
+        Frame::Error(AgentError::new(ErrorCode::Other, "internal: looks nested")),
+        Frame::Error(AgentError::new(ErrorCode::Internal, "")),
+        Frame::Unknown {
+            kind: 0x08,
+            payload: Bytes::new(),
+        },
+        Frame::Unknown {
+            kind: 0xfd,
+            payload: Bytes::from_static(b"future"),
+        },
+    ];
+    let wire = encode_all(&frames);
+    assert_eq!(decode_chunked(&wire, &[usize::MAX]).unwrap(), frames);
+    assert_eq!(decode_chunked(&wire, &[1]).unwrap(), frames);
+}
+
+/// A frame of exactly the maximum length is accepted by both sides.
+#[test]
+fn frame_of_exactly_the_maximum_length() {
+    let mut codec = ExecCodec::with_max_frame_length(64);
+    let frame = Frame::Stdout(vec![9u8; 64].into());
+    let mut wire = BytesMut::new();
+    codec.encode(&frame, &mut wire).unwrap();
+    assert_eq!(wire.len(), HEADER_LEN + 64);
+    assert_eq!(codec.decode(&mut wire).unwrap(), Some(frame));
 }
