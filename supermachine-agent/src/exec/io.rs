@@ -28,8 +28,12 @@ use super::pty::{Pty, PtyIo};
 use crate::reaper::LeaderAlive;
 use crate::sys;
 
-/// Largest output payload per frame; also the read size.
-pub const CHUNK: usize = 64 * 1024;
+/// Largest output payload per frame; the read size grows up to it.
+pub const CHUNK: usize = 256 * 1024;
+/// First read size of an output pump. Reads that fill the buffer double it up to [`CHUNK`]:
+/// an idle or chatty exec keeps a small buffer (hundreds of execs fit in a small guest), a bulk
+/// stream quickly moves to large frames, which cost fewer syscalls and wakeups per byte.
+const FIRST_CHUNK: usize = 16 * 1024;
 /// Frames queued between the pumps and the connection writer.
 pub const OUT_QUEUE: usize = 8;
 /// Stdin bytes queued between the connection reader and the stdin writer, at most. (A single
@@ -173,11 +177,12 @@ pub async fn pump_output<R>(
 ) where
     R: AsyncRead + Unpin,
 {
-    let mut buf = BytesMut::with_capacity(CHUNK);
+    let mut chunk = FIRST_CHUNK;
+    let mut buf = BytesMut::with_capacity(chunk);
     let mut drain_until: Option<Instant> = None;
     loop {
         // Reclaims the allocation once the writer has dropped the previous chunk.
-        buf.reserve(CHUNK);
+        buf.reserve(chunk);
         let read = match drain_until {
             None => tokio::select! {
                 read = source.read_buf(&mut buf) => read,
@@ -202,7 +207,10 @@ pub async fn pump_output<R>(
         };
         match read {
             Ok(0) => return,
-            Ok(_) => {
+            Ok(n) => {
+                if n >= chunk {
+                    chunk = (chunk * 2).min(CHUNK);
+                }
                 let chunk = buf.split().freeze();
                 if !forward {
                     continue;

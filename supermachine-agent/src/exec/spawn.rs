@@ -62,6 +62,42 @@ pub struct Spawned {
     pub stderr: Option<OwnedFd>,
 }
 
+/// Finds `program` the way `execvp` would: a name containing `/` is used as given (relative to
+/// `cwd`); otherwise the first executable regular file named `program` in a `PATH` directory
+/// (an empty entry means the working directory). `None` when there is none.
+fn resolve_program(
+    program: &str,
+    path: Option<&OsString>,
+    cwd: Option<&std::path::Path>,
+) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    if program.is_empty() {
+        return None;
+    }
+    if program.contains('/') {
+        return Some(PathBuf::from(program));
+    }
+    let is_executable = |candidate: &std::path::Path| {
+        std::fs::metadata(candidate)
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    let default_path = OsString::from("/usr/local/bin:/usr/bin:/bin");
+    let path = path.unwrap_or(&default_path);
+    std::env::split_paths(path)
+        .map(|dir| {
+            let dir = if dir.as_os_str().is_empty() {
+                cwd.map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."))
+            } else if dir.is_relative() {
+                cwd.map(|c| c.join(&dir)).unwrap_or(dir)
+            } else {
+                dir
+            };
+            dir.join(program)
+        })
+        .find(|candidate| is_executable(candidate))
+}
+
 /// Spawns `argv` (link number `link`) per `spec`, in a new process group.
 ///
 /// The caller must register the pid with the reaper before its next `.await`.
@@ -72,8 +108,24 @@ pub fn spawn(
     stdio: LinkStdio,
 ) -> Result<Spawned, ExecError> {
     let program = argv.first().cloned().unwrap_or_default();
-    let mut command = Command::new(&program);
+    // Resolving here, against the child's PATH, is what lets std use posix_spawn (a vfork-style
+    // spawn) instead of fork: std falls back to fork whenever the child's environment sets PATH
+    // and the program is not a path, since posix_spawnp would search the agent's PATH. A fork
+    // copies the agent's page tables, which is the single most expensive thing a guest does
+    // under nested virtualization. It also replaces execvp's trial-and-error execve per PATH
+    // entry with one stat per entry.
+    let resolved = resolve_program(
+        &program,
+        spec.env.get(&OsString::from("PATH")),
+        spec.cwd.as_deref(),
+    )
+    .ok_or_else(|| ExecError::ProgramNotFound {
+        link,
+        program: program.clone(),
+    })?;
+    let mut command = Command::new(&resolved);
     command
+        .arg0(&program)
         .args(argv.iter().skip(1))
         .env_clear()
         .envs(&spec.env);
@@ -157,4 +209,43 @@ pub fn spawn(
         stdout,
         stderr,
     })
+}
+
+#[cfg(test)]
+mod resolve_tests {
+    use super::resolve_program;
+    use std::ffi::OsString;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn searches_path_like_execvp() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        let b = dir.path().join("b");
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        // Not executable in `a`: skipped, as execvp skips it.
+        std::fs::write(a.join("tool"), "x").unwrap();
+        std::fs::write(b.join("tool"), "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(b.join("tool"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::create_dir_all(a.join("dir")).unwrap();
+        let path = OsString::from(format!("{}:{}", a.display(), b.display()));
+        assert_eq!(
+            resolve_program("tool", Some(&path), None),
+            Some(b.join("tool"))
+        );
+        assert_eq!(resolve_program("dir", Some(&path), None), None);
+        assert_eq!(resolve_program("missing", Some(&path), None), None);
+        assert_eq!(resolve_program("", Some(&path), None), None);
+        assert_eq!(
+            resolve_program("./rel/x", Some(&path), None),
+            Some("./rel/x".into())
+        );
+        // A relative PATH entry is relative to the exec's working directory.
+        let rel = OsString::from("b");
+        assert_eq!(
+            resolve_program("tool", Some(&rel), Some(dir.path())),
+            Some(b.join("tool"))
+        );
+    }
 }

@@ -26,6 +26,9 @@ const DROP_GRACE: Duration = Duration::from_millis(500);
 
 const SIGKILL: u32 = 9;
 
+/// Initial read buffer of an exec connection.
+const READ_BUFFER: usize = 256 * 1024;
+
 /// What the handles ask the driver to send.
 #[derive(Debug)]
 pub(crate) enum Command {
@@ -69,7 +72,8 @@ impl Driver {
             deadline,
         } = self;
         let (read_half, write_half) = tokio::io::split(stream);
-        let mut reader = FramedRead::new(read_half, ExecCodec::new());
+        // Room for several full-size output frames per socket read.
+        let mut reader = FramedRead::with_capacity(read_half, ExecCodec::new(), READ_BUFFER);
         let mut writer = FramedWrite::new(write_half, ExecCodec::new());
 
         if let Err(e) = writer.send(Frame::Request(request)).await {
