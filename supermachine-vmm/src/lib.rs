@@ -4,8 +4,32 @@
 //! block, console) and, later, snapshot/restore. Nothing outside this crate names a hypervisor
 //! type. The guest kernel's config, patches and build script live in `guest/`; `DESIGN.md` fixes
 //! the internal module contract.
+//!
+//! # Running a machine
+//! [`Machine::start`] (or [`MachineBuilder`] to add virtio-mmio devices first) boots an ELF
+//! `vmlinux` with an optional initramfs; [`Machine::console`] is the serial console log,
+//! [`Machine::wait_exit`] reports how the guest ended ([`ExitReason`]), and dropping the machine
+//! stops and frees everything. Requirements and process-wide effects:
+//! * `/dev/kvm` readable and writable ([`Error::is_hypervisor_unavailable`] otherwise, with the
+//!   fix in the message);
+//! * a tokio runtime (`Machine::start` fails with [`Error::NoRuntime`] outside one);
+//! * one std thread per vCPU, and a no-op handler installed for the real-time signal `SIGRTMIN`,
+//!   which interrupts vCPU threads when a machine stops. Do not use `SIGRTMIN` for anything else
+//!   in a process that runs machines.
 
 #![warn(missing_docs)]
 
+mod boot;
 pub mod bus;
 pub mod devices;
+mod error;
+pub mod hypervisor;
+mod machine;
+pub mod memory;
+mod vcpu;
+
+pub use error::{BootError, ConfigError, Error, HvError, MemoryError};
+pub use machine::{
+    is_pvm_host, ExitReason, Machine, MachineBuilder, MachineConfig, MachineExit, VcpuFailure,
+    BASE_CMDLINE, CONSOLE_STDERR_ENV, MIN_MEMORY_MIB,
+};

@@ -1,4 +1,7 @@
 //! Emulated devices: the virtio-mmio transport and virtio devices (vsock, block), and the serial
 //! console.
 
+pub mod block;
+pub mod serial;
 pub mod virtio;
+pub mod vsock;

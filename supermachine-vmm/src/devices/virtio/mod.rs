@@ -4,9 +4,19 @@
 //! and one ioeventfd per queue, all registered with the hypervisor — and wraps the device in the
 //! MMIO transport. Devices never see the hypervisor.
 
+pub mod mmio;
+pub(crate) mod ring;
+#[cfg(test)]
+pub(crate) mod test_driver;
+pub(crate) mod worker_gate;
+
+pub use mmio::MmioTransport;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 /// Size of one virtio-mmio register window.
@@ -59,5 +69,87 @@ impl IrqTrigger {
     pub fn trigger(&self, bits: u32) -> std::io::Result<()> {
         self.status.fetch_or(bits, Ordering::SeqCst);
         self.irqfd.write(1)
+    }
+}
+
+/// Feature bit: the device complies with virtio 1.0+ (the only mode this VMM speaks).
+pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+/// Feature bit: `used_event` / `avail_event` notification suppression (virtio 1.x §2.7.10).
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+
+/// A device could not start with the queues the driver set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The driver set up a different number of queues than the device needs.
+    #[error("expected {expected} queues, got {got}")]
+    QueueCount {
+        /// Queues the device needs.
+        expected: usize,
+        /// Queues handed over.
+        got: usize,
+    },
+    /// A queue-notification EventFd could not be prepared (dup, non-blocking mode).
+    #[error("queue notification eventfd: {0}")]
+    Notify(#[source] std::io::Error),
+    /// The device's worker (task or thread) could not be started.
+    #[error("starting the device worker: {0}")]
+    Worker(#[source] std::io::Error),
+    /// The device was activated twice without a reset in between.
+    #[error("device is already active")]
+    AlreadyActive,
+}
+
+/// A virtio device behind a transport ([`MmioTransport`]).
+///
+/// The transport owns the register state machine (status, feature negotiation, queue setup) and
+/// calls into the device only at the points the virtio spec defines: feature negotiation,
+/// config-space accesses, activation (DRIVER_OK) and reset. All calls come from vCPU threads, so
+/// they must be quick; the device's data path runs on its own worker (a tokio task or a thread).
+pub trait VirtioDevice: Send {
+    /// Virtio device type (`VIRTIO_ID_*`, e.g. 2 = block, 19 = vsock).
+    fn device_type(&self) -> u32;
+
+    /// Maximum size of each queue; the length is the number of queues the device has.
+    fn queue_max_sizes(&self) -> &[u16];
+
+    /// Feature bits the device offers. Must include [`VIRTIO_F_VERSION_1`].
+    fn features(&self) -> u64;
+
+    /// The driver accepted `features` (already checked by the transport to be a subset of
+    /// [`Self::features`] that includes [`VIRTIO_F_VERSION_1`]).
+    fn ack_features(&mut self, features: u64);
+
+    /// The driver reads `data.len()` bytes of the device config space at `offset`. Bytes past
+    /// the end of the config space read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+
+    /// The driver writes the device config space. Read-only fields ignore writes.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+
+    /// The driver set DRIVER_OK: start processing. `queues` are validated (ready, sized, inside
+    /// guest memory) and carry the negotiated event-idx setting; `notify[i]` is signalled when
+    /// the guest kicks queue `i` (through an ioeventfd or a QueueNotify write on the bus); `irq`
+    /// raises the device interrupt.
+    fn activate(
+        &mut self,
+        mem: Arc<GuestMemoryMmap<()>>,
+        queues: Vec<Queue>,
+        irq: IrqTrigger,
+        notify: Vec<EventFd>,
+    ) -> Result<(), ActivateError>;
+
+    /// The driver wrote 0 to Status: stop the worker and forget the queues. When this returns
+    /// the device no longer touches guest memory.
+    fn reset(&mut self);
+
+    /// The device hit an unrecoverable error (e.g. a corrupt ring) and wants the driver to reset
+    /// it; the transport reports DEVICE_NEEDS_RESET in Status while this is true.
+    fn needs_reset(&self) -> bool {
+        false
+    }
+
+    /// ConfigGeneration: changes whenever the device changes its config space on its own.
+    fn config_generation(&self) -> u32 {
+        0
     }
 }

@@ -1,0 +1,658 @@
+//! A running microVM: memory, VM, devices and vCPU threads, and its lifecycle.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use tokio::sync::watch;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{self, BootSpec};
+use crate::bus::{Bus, SharedDevice};
+use crate::devices::serial::{
+    ConsoleLog, Serial, COM1_GSI, COM1_PORT, COM1_PORT_LEN, DEFAULT_CONSOLE_CAPACITY,
+};
+use crate::devices::virtio::{MmioSlot, MMIO_SLOT_SIZE, QUEUE_NOTIFY_OFFSET};
+use crate::error::{ConfigError, Error};
+use crate::hypervisor::{self, HvVm, Hypervisor, IoEventAddress, VcpuKicker};
+use crate::memory::{self, RamBacking, MAX_MEMORY_MIB, MMIO_BASE};
+use crate::vcpu::{self, RunControl, VcpuContext};
+
+/// The smallest guest RAM accepted: the kernel (~16 MiB loaded at 16 MiB) plus an initramfs and
+/// room to run.
+pub const MIN_MEMORY_MIB: u32 = 64;
+
+/// The kernel command line every machine starts with (the config's `cmdline` is appended last,
+/// so it can override any of these):
+///
+/// * `console=ttyS0` — kernel console on the 8250 at 0x3f8, i.e. the console log.
+/// * `reboot=k` — reboot through the keyboard controller (0xFE to port 0x64), which the VMM turns
+///   into [`ExitReason::Reset`]; the x86 default tries ACPI and EFI first, which do not exist here.
+/// * `panic=-1` — reboot at once on a kernel panic, so a panicking guest exits instead of
+///   hanging (reported as [`ExitReason::Panic`]).
+/// * `8250.nr_uarts=1` — only ttyS0 exists; skips probing three absent legacy UARTs.
+///
+/// Not needed: `acpi=off`, `pci=off`, `nomodule` (compiled out of the guest kernel); `noapic`
+/// would be wrong (virtio-mmio devices use IOAPIC pins 5..23).
+pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 8250.nr_uarts=1";
+
+/// Appended on PVM hosts (`/sys/module/kvm_pvm` exists): see `guest/pvm-cmdline.txt` and
+/// GUEST-KERNEL.md. It hides CPU features PVM's instruction emulator cannot run.
+const PVM_CMDLINE: &str = include_str!("../guest/pvm-cmdline.txt");
+
+/// Environment variable: when set to `1`, the console is also copied to stderr as it arrives.
+pub const CONSOLE_STDERR_ENV: &str = "SUPERMACHINE_CONSOLE_STDERR";
+
+/// The highest GSI the IOAPIC has (24 pins).
+const MAX_GSI: u32 = 23;
+/// GSI of virtio-mmio slot 0; slot *i* uses `FIRST_VIRTIO_GSI + i` (DESIGN.md).
+const FIRST_VIRTIO_GSI: u32 = 5;
+
+/// What to boot and how big.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct MachineConfig {
+    /// Number of vCPUs (≥ 1). Note: on PVM hosts only one vCPU comes up (`maxcpus=1`).
+    pub vcpus: u32,
+    /// Guest RAM in MiB, `MIN_MEMORY_MIB..=` 3328 (RAM ends below the MMIO hole at 0xd000_0000).
+    pub memory_mib: u32,
+    /// The guest kernel: an x86-64 ELF `vmlinux`.
+    pub kernel: PathBuf,
+    /// Optional initramfs.
+    pub initramfs: Option<PathBuf>,
+    /// Extra kernel command line, appended after [`BASE_CMDLINE`] and the device entries.
+    pub cmdline: String,
+    /// Console ring capacity in bytes (oldest output dropped beyond it).
+    pub console_capacity: usize,
+    /// Copy console output to stderr as it arrives (also enabled by
+    /// `SUPERMACHINE_CONSOLE_STDERR=1`).
+    pub console_to_stderr: bool,
+    // Device options (vsock, block) will be added here; `MachineBuilder::new` turns them into
+    // virtio-mmio slots.
+}
+
+impl MachineConfig {
+    /// One vCPU, 256 MiB, no initramfs, no extra cmdline.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        MachineConfig {
+            vcpus: 1,
+            memory_mib: 256,
+            kernel: kernel.into(),
+            initramfs: None,
+            cmdline: String::new(),
+            console_capacity: DEFAULT_CONSOLE_CAPACITY,
+            console_to_stderr: false,
+        }
+    }
+
+    /// Checks what can be checked without a hypervisor.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.vcpus == 0 {
+            return Err(ConfigError::NoVcpus);
+        }
+        if self.vcpus > boot::mptable::MAX_CPUS {
+            return Err(ConfigError::TooManyVcpus {
+                requested: self.vcpus,
+                max: boot::mptable::MAX_CPUS as usize,
+            });
+        }
+        if self.memory_mib < MIN_MEMORY_MIB {
+            return Err(ConfigError::MemoryTooSmall {
+                mib: self.memory_mib,
+                min: MIN_MEMORY_MIB,
+            });
+        }
+        if self.memory_mib > MAX_MEMORY_MIB {
+            return Err(ConfigError::MemoryTooLarge {
+                mib: self.memory_mib,
+                max: MAX_MEMORY_MIB,
+            });
+        }
+        if !self.kernel.is_file() {
+            return Err(ConfigError::KernelNotFound(self.kernel.clone()));
+        }
+        if let Some(initramfs) = &self.initramfs {
+            if !initramfs.is_file() {
+                return Err(ConfigError::InitramfsNotFound(initramfs.clone()));
+            }
+        }
+        boot::validate_cmdline(&self.cmdline).map_err(|e| ConfigError::Cmdline(e.to_string()))
+    }
+}
+
+/// How the machine ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest reset itself (`reboot`, a keyboard-controller reset or a triple fault).
+    Reset,
+    /// The guest powered off or halted (`poweroff`, `halt`): the kernel's "reboot: Power down" /
+    /// "reboot: System halted" console line, or a platform power-off event.
+    Shutdown,
+    /// The guest kernel panicked (then reset because of `panic=-1`). Detected from the panic
+    /// banner on the console, so it needs `console=ttyS0` and a kernel that prints it.
+    Panic {
+        /// The panic message (`Attempted to kill init! ...`).
+        message: String,
+    },
+    /// The host stopped the machine ([`Machine::stop`] or drop).
+    Stopped,
+    /// A vCPU could not go on.
+    Failed(VcpuFailure),
+}
+
+impl std::fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitReason::Reset => f.write_str("the guest reset"),
+            ExitReason::Shutdown => f.write_str("the guest shut down"),
+            ExitReason::Panic { message } => write!(f, "the guest kernel panicked: {message}"),
+            ExitReason::Stopped => f.write_str("stopped by the host"),
+            ExitReason::Failed(failure) => write!(f, "failed: {failure}"),
+        }
+    }
+}
+
+/// Why a vCPU could not go on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VcpuFailure {
+    /// The hypervisor could not handle something the guest did. On PVM hosts this is how an
+    /// instruction missing from KVM's emulator shows up (host `dmesg`: "INTERNAL_ERROR in batch
+    /// emul").
+    #[error(
+        "vCPU {vcpu}: hypervisor internal error (suberror {suberror}, guest RIP {rip:x?}, \
+         data {data:x?})"
+    )]
+    InternalError {
+        /// vCPU index.
+        vcpu: u32,
+        /// KVM suberror (1: emulation failure).
+        suberror: u32,
+        /// Guest instruction pointer, if it could be read.
+        rip: Option<u64>,
+        /// Diagnostic words from the hypervisor.
+        data: Vec<u64>,
+    },
+    /// The hardware refused to enter the guest.
+    #[error("vCPU {vcpu}: guest entry failed (hardware reason {reason:#x})")]
+    EntryFailed {
+        /// vCPU index.
+        vcpu: u32,
+        /// Hardware-specific reason.
+        reason: u64,
+    },
+    /// The vCPU halted with nothing that could wake it.
+    #[error("vCPU {vcpu} halted with nothing to wake it")]
+    Halted {
+        /// vCPU index.
+        vcpu: u32,
+    },
+    /// The guest reported a crash through the platform.
+    #[error("vCPU {vcpu}: the guest reported a crash")]
+    GuestCrash {
+        /// vCPU index.
+        vcpu: u32,
+    },
+    /// An exit this VMM does not handle.
+    #[error("vCPU {vcpu}: unexpected exit {exit}")]
+    UnexpectedExit {
+        /// vCPU index.
+        vcpu: u32,
+        /// The exit, as the backend names it.
+        exit: String,
+    },
+    /// The run call itself failed.
+    #[error("vCPU {vcpu}: run failed: {message}")]
+    RunFailed {
+        /// vCPU index.
+        vcpu: u32,
+        /// The error.
+        message: String,
+    },
+    /// The vCPU thread panicked (a VMM bug).
+    #[error("vCPU {vcpu} thread panicked: {message}")]
+    ThreadPanicked {
+        /// vCPU index.
+        vcpu: u32,
+        /// Panic payload.
+        message: String,
+    },
+}
+
+/// How the machine ended, with the end of its console output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineExit {
+    /// Why.
+    pub reason: ExitReason,
+    /// The last few KiB of console output at that moment.
+    pub console_tail: String,
+}
+
+impl std::fmt::Display for MachineExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.reason)?;
+        if matches!(
+            self.reason,
+            ExitReason::Failed(_) | ExitReason::Panic { .. }
+        ) {
+            write!(f, "\n--- console tail ---\n{}", self.console_tail)?;
+        }
+        Ok(())
+    }
+}
+
+/// A machine being assembled: RAM, VM, interrupt controller and serial exist; devices can be
+/// added; [`start`](Self::start) loads the kernel and runs the vCPUs.
+pub struct MachineBuilder {
+    config: MachineConfig,
+    hv: Arc<dyn Hypervisor>,
+    vm: Box<dyn HvVm>,
+    memory: Arc<GuestMemoryMmap>,
+    mmio: Bus,
+    pio: Bus,
+    console: ConsoleLog,
+    runtime: tokio::runtime::Handle,
+    /// `virtio_mmio.device=` entries, in slot order.
+    device_cmdline: Vec<String>,
+    next_slot: u32,
+}
+
+impl MachineBuilder {
+    /// Validates `config` and sets up everything up to the devices. Must be called inside a
+    /// tokio runtime (devices run their work on it).
+    pub fn new(config: MachineConfig) -> Result<Self, Error> {
+        config.validate()?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
+        vcpu::install_kick_handler().map_err(Error::Signal)?;
+
+        let hv = hypervisor::open()?;
+        let max = hv.max_vcpus();
+        if config.vcpus as usize > max {
+            return Err(ConfigError::TooManyVcpus {
+                requested: config.vcpus,
+                max,
+            }
+            .into());
+        }
+        if config.vcpus > 1 && is_pvm_host() {
+            // GUEST-KERNEL.md: secondary CPU bring-up hangs under PVM, so the PVM cmdline has
+            // `maxcpus=1`; the other vCPUs exist but stay parked.
+            tracing::warn!(
+                vcpus = config.vcpus,
+                "PVM host: only one vCPU will run (maxcpus=1)"
+            );
+        }
+        let memory = memory::create(config.memory_mib, RamBacking::Anonymous)?;
+        let vm = hv.create_vm()?;
+        vm.map_memory(&memory)?;
+        vm.create_irqchip()?;
+
+        let tee =
+            config.console_to_stderr || std::env::var(CONSOLE_STDERR_ENV).is_ok_and(|v| v == "1");
+        let console = ConsoleLog::new(config.console_capacity, tee);
+        let serial_irq = new_eventfd()?;
+        vm.register_irqfd(&serial_irq, COM1_GSI)?;
+        let mut pio = Bus::new();
+        pio.insert(
+            u64::from(COM1_PORT),
+            u64::from(COM1_PORT_LEN),
+            Arc::new(Mutex::new(Serial::new(console.clone(), serial_irq))),
+        )?;
+
+        let builder = MachineBuilder {
+            config,
+            hv,
+            vm,
+            memory,
+            mmio: Bus::new(),
+            pio,
+            console,
+            runtime,
+            device_cmdline: Vec::new(),
+            next_slot: 0,
+        };
+
+        // ---- Devices from the config (virtio-vsock, virtio-blk) are added here, in a fixed
+        // order so slot addresses are stable across boots of one config (snapshots rely on it):
+        //   let slot = builder.add_virtio_mmio(transport.clone(), NUM_QUEUES)?; ...
+        Ok(builder)
+    }
+
+    /// Guest RAM (devices need it to reach their queues).
+    pub fn memory(&self) -> &Arc<GuestMemoryMmap> {
+        &self.memory
+    }
+
+    /// The runtime devices should spawn their work on.
+    pub fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.runtime
+    }
+
+    /// Allocates the next virtio-mmio slot for `device`: creates its irqfd (GSI `5 + i`) and one
+    /// ioeventfd per queue on `QueueNotify` (datamatch = queue index), registers them with the
+    /// hypervisor, puts `device` on the MMIO bus at the slot's base, and announces it on the
+    /// kernel command line. The returned [`MmioSlot`] carries the eventfds for the device.
+    pub fn add_virtio_mmio(
+        &mut self,
+        device: SharedDevice,
+        num_queues: u16,
+    ) -> Result<MmioSlot, Error> {
+        let slot = self.allocate_slot(num_queues)?;
+        self.attach(&slot, device)?;
+        Ok(slot)
+    }
+
+    /// Like [`add_virtio_mmio`](Self::add_virtio_mmio), for a device that is built from its slot
+    /// (e.g. a transport that owns the eventfds): `build` gets the slot and returns the device
+    /// to put at its base. Returns the slot's `(base, gsi)`.
+    pub fn add_virtio_mmio_with(
+        &mut self,
+        num_queues: u16,
+        build: impl FnOnce(MmioSlot) -> SharedDevice,
+    ) -> Result<(u64, u32), Error> {
+        let slot = self.allocate_slot(num_queues)?;
+        let (base, gsi) = (slot.base, slot.gsi);
+        let entry = slot.cmdline_entry();
+        let device = build(slot);
+        self.mmio.insert(base, MMIO_SLOT_SIZE, device)?;
+        self.device_cmdline.push(entry);
+        Ok((base, gsi))
+    }
+
+    /// Takes the next slot and registers its eventfds. The slot index is consumed even if a
+    /// later step fails: its eventfds are registered with the VM and cannot be reused.
+    fn allocate_slot(&mut self, num_queues: u16) -> Result<MmioSlot, Error> {
+        let index = self.next_slot;
+        let gsi = FIRST_VIRTIO_GSI + index;
+        if gsi > MAX_GSI {
+            return Err(Error::NoFreeMmioSlot {
+                max: MAX_GSI - FIRST_VIRTIO_GSI + 1,
+            });
+        }
+        self.next_slot += 1;
+        let base = MMIO_BASE + u64::from(index) * MMIO_SLOT_SIZE;
+        let irq = new_eventfd()?;
+        self.vm.register_irqfd(&irq, gsi)?;
+        let mut notify = Vec::with_capacity(usize::from(num_queues));
+        for queue in 0..num_queues {
+            let fd = new_eventfd()?;
+            self.vm.register_ioeventfd(
+                &fd,
+                IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET),
+                Some(u32::from(queue)),
+            )?;
+            notify.push(fd);
+        }
+        Ok(MmioSlot {
+            base,
+            gsi,
+            irq,
+            notify,
+        })
+    }
+
+    fn attach(&mut self, slot: &MmioSlot, device: SharedDevice) -> Result<(), Error> {
+        self.mmio.insert(slot.base, MMIO_SLOT_SIZE, device)?;
+        self.device_cmdline.push(slot.cmdline_entry());
+        Ok(())
+    }
+
+    /// The full kernel command line this machine will boot with.
+    pub fn cmdline(&self) -> String {
+        let mut parts = vec![BASE_CMDLINE.to_string()];
+        parts.extend(self.device_cmdline.iter().cloned());
+        if is_pvm_host() {
+            if let Some(line) = PVM_CMDLINE.lines().map(str::trim).find(|l| !l.is_empty()) {
+                parts.push(line.to_string());
+            }
+        }
+        if !self.config.cmdline.trim().is_empty() {
+            parts.push(self.config.cmdline.trim().to_string());
+        }
+        parts.join(" ")
+    }
+
+    /// Loads the kernel, sets up the vCPUs and starts them.
+    pub fn start(self) -> Result<Machine, Error> {
+        let cmdline = self.cmdline();
+        tracing::debug!(%cmdline, "booting");
+        let image = boot::load(
+            &self.memory,
+            &BootSpec {
+                kernel: &self.config.kernel,
+                initramfs: self.config.initramfs.as_deref(),
+                cmdline: &cmdline,
+                vcpus: self.config.vcpus,
+            },
+        )?;
+        tracing::debug!(
+            entry = format_args!("{:#x}", image.entry),
+            kernel_end = format_args!("{:#x}", image.kernel_end),
+            initramfs = ?image.initramfs,
+            "boot image loaded"
+        );
+        let cpuid = self.hv.supported_cpuid()?;
+        let mut vcpus = Vec::with_capacity(self.config.vcpus as usize);
+        for id in 0..self.config.vcpus {
+            let vcpu = self.vm.create_vcpu(id)?;
+            boot::configure_vcpu(vcpu.as_ref(), self.config.vcpus, &image, &cpuid)?;
+            vcpus.push(vcpu);
+        }
+
+        let (control, exit_rx) = RunControl::new(self.console.clone());
+        // Without ACPI the guest kernel cannot power the machine off; it only says so on the
+        // console (and then halts or, once init exits, panics). Treat that line as the shutdown.
+        let weak = Arc::downgrade(&control);
+        self.console.set_line_hook(Some(Arc::new(move |line: &str| {
+            if vcpu::is_power_off_line(line) {
+                if let Some(control) = weak.upgrade() {
+                    control.finish(ExitReason::Shutdown);
+                }
+            }
+        })));
+        let ctx = Arc::new(VcpuContext {
+            mmio: Arc::new(self.mmio),
+            pio: Arc::new(self.pio),
+            control: Arc::clone(&control),
+        });
+        let mut machine = Machine {
+            control,
+            exit_rx,
+            threads: Vec::new(),
+            console: self.console,
+            _vm: self.vm,
+            _memory: self.memory,
+            _runtime: self.runtime,
+        };
+        let mut kickers: Vec<Arc<dyn VcpuKicker>> = Vec::new();
+        for vcpu in vcpus {
+            let id = vcpu.id();
+            kickers.push(vcpu.kicker());
+            match vcpu::spawn(vcpu, Arc::clone(&ctx)) {
+                Ok(handle) => machine.threads.push(handle),
+                Err(source) => {
+                    // Dropping `machine` stops and joins the threads already started.
+                    machine.register_threads(&kickers);
+                    return Err(Error::Thread { id, source });
+                }
+            }
+        }
+        machine.register_threads(&kickers);
+        Ok(machine)
+    }
+}
+
+/// A non-blocking eventfd that is not inherited by child processes the embedding program spawns.
+fn new_eventfd() -> Result<EventFd, Error> {
+    EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(Error::EventFd)
+}
+
+/// Whether `/dev/kvm` is PVM's (software-assisted nested KVM), which needs guest workarounds.
+pub fn is_pvm_host() -> bool {
+    std::path::Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// A running (or ended) microVM. Dropping it stops the vCPUs and frees everything.
+pub struct Machine {
+    control: Arc<RunControl>,
+    exit_rx: watch::Receiver<Option<MachineExit>>,
+    threads: Vec<JoinHandle<()>>,
+    console: ConsoleLog,
+    // Dropped after the threads are joined (in `Drop`): the VM fd, then guest RAM.
+    _vm: Box<dyn HvVm>,
+    _memory: Arc<GuestMemoryMmap>,
+    _runtime: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Machine")
+            .field("vcpus", &self.threads.len())
+            .field("exit", &*self.exit_rx.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Machine {
+    /// Validates `config`, boots it and returns once the vCPUs run. Must be called inside a
+    /// tokio runtime.
+    pub fn start(config: MachineConfig) -> Result<Machine, Error> {
+        MachineBuilder::new(config)?.start()
+    }
+
+    fn register_threads(&self, kickers: &[Arc<dyn VcpuKicker>]) {
+        let pairs: Vec<_> = kickers.iter().cloned().zip(self.threads.iter()).collect();
+        self.control.set_threads(&pairs);
+    }
+
+    /// The console log: everything the guest wrote to the serial port that is still in the ring.
+    pub fn console(&self) -> Vec<u8> {
+        self.console.contents()
+    }
+
+    /// The shared console log (cheap to clone; keeps filling while the machine runs).
+    pub fn console_log(&self) -> &ConsoleLog {
+        &self.console
+    }
+
+    /// How the machine ended, or `None` while it runs.
+    pub fn exit_status(&self) -> Option<MachineExit> {
+        self.exit_rx.borrow().clone()
+    }
+
+    /// Waits until the machine ends (guest reset/shutdown/panic, failure, or [`stop`]).
+    ///
+    /// [`stop`]: Machine::stop
+    pub async fn wait_exit(&self) -> MachineExit {
+        let mut rx = self.exit_rx.clone();
+        // The sender lives in `self.control`, so the channel cannot close while `self` is
+        // borrowed; `stopped_exit` only keeps this free of panics.
+        let result = rx.wait_for(Option::is_some).await.map(|v| v.clone());
+        match result {
+            Ok(Some(exit)) => exit,
+            _ => self.stopped_exit(),
+        }
+    }
+
+    fn stopped_exit(&self) -> MachineExit {
+        self.exit_status().unwrap_or_else(|| MachineExit {
+            reason: ExitReason::Stopped,
+            console_tail: self.console.tail(vcpu::CONSOLE_TAIL_BYTES),
+        })
+    }
+
+    /// Stops the vCPUs (if still running), joins their threads and returns how the machine
+    /// ended. Idempotent. Blocks only for as long as the vCPUs take to leave the guest.
+    pub fn stop(&mut self) -> MachineExit {
+        self.control.request_stop();
+        for handle in self.threads.drain(..) {
+            // A panicking vCPU thread already reported through `finish`.
+            let _ = handle.join();
+        }
+        // Threads that never ran far enough to report leave the slot empty.
+        self.control.finish(ExitReason::Stopped);
+        self.stopped_exit()
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config_with_kernel() -> (tempfile::TempDir, MachineConfig) {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("vmlinux");
+        std::fs::write(&kernel, b"not really").unwrap();
+        (dir, MachineConfig::new(kernel))
+    }
+
+    #[test]
+    fn validation() {
+        let (_dir, base) = config_with_kernel();
+        assert!(base.validate().is_ok());
+
+        let mut c = base.clone();
+        c.vcpus = 0;
+        assert!(matches!(c.validate(), Err(ConfigError::NoVcpus)));
+        c.vcpus = 255;
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::TooManyVcpus { .. })
+        ));
+
+        let mut c = base.clone();
+        c.memory_mib = 32;
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::MemoryTooSmall { .. })
+        ));
+        c.memory_mib = MAX_MEMORY_MIB + 1;
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::MemoryTooLarge { .. })
+        ));
+        c.memory_mib = MAX_MEMORY_MIB;
+        assert!(c.validate().is_ok());
+
+        let mut c = base.clone();
+        c.kernel = "/nonexistent/vmlinux".into();
+        assert!(matches!(c.validate(), Err(ConfigError::KernelNotFound(_))));
+
+        let mut c = base.clone();
+        c.initramfs = Some("/nonexistent/initrd".into());
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::InitramfsNotFound(_))
+        ));
+
+        let mut c = base;
+        c.cmdline = "a\nb".into();
+        assert!(matches!(c.validate(), Err(ConfigError::Cmdline(_))));
+    }
+
+    #[test]
+    fn start_outside_a_runtime_is_an_error() {
+        let (_dir, c) = config_with_kernel();
+        assert!(matches!(Machine::start(c), Err(Error::NoRuntime)));
+    }
+
+    #[test]
+    fn machine_can_move_between_tasks() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Machine>();
+        send_sync::<MachineExit>();
+        send_sync::<Error>();
+    }
+
+    #[test]
+    fn pvm_line_is_one_line() {
+        assert_eq!(PVM_CMDLINE.trim().lines().count(), 1);
+        assert!(PVM_CMDLINE.contains("maxcpus=1"));
+    }
+}
