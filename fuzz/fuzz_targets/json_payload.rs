@@ -45,7 +45,8 @@ fuzz_target!(|data: &[u8]| {
                 "write_file",
                 "signal_workload",
                 "set_clock",
-                "reseed_rng"
+                "reseed_rng",
+                "crash_guest"
             ]
             .contains(&name.as_str()),
             "a known action decoded as unknown: {name}"

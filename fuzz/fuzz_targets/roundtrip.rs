@@ -70,6 +70,7 @@ enum FuzzControl {
     SignalWorkload(i32),
     SetClock(u64),
     ReseedRng,
+    CrashGuest,
     Unknown(String),
     Ack(bool, Option<String>, Option<String>, Option<String>),
 }
@@ -129,6 +130,7 @@ fn control(c: FuzzControl) -> ControlMessage {
         FuzzControl::SignalWorkload(signal) => Action(ControlAction::SignalWorkload { signal }),
         FuzzControl::SetClock(unix_nanos) => Action(ControlAction::SetClock { unix_nanos }),
         FuzzControl::ReseedRng => Action(ControlAction::ReseedRng),
+        FuzzControl::CrashGuest => Action(ControlAction::CrashGuest),
         FuzzControl::Unknown(name) => ControlMessage::UnknownAction(name),
         FuzzControl::Ack(ok, error, version, boot_id) => ControlMessage::Ack(ControlAck {
             ok,
@@ -176,7 +178,13 @@ fn must_be_refused(frame: &Frame) -> bool {
             ..
         } => matches!(
             name.as_str(),
-            "ping" | "read_file" | "write_file" | "signal_workload" | "set_clock" | "reseed_rng"
+            "ping"
+                | "read_file"
+                | "write_file"
+                | "signal_workload"
+                | "set_clock"
+                | "reseed_rng"
+                | "crash_guest"
         ),
         _ => false,
     }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use bytes::Bytes;
 use supermachine_codec::{ControlAck, ControlAction, ControlMessage, DEFAULT_MAX_FRAME_LENGTH};
 
+use crate::boot_flags::BootFlags;
 use crate::staging;
 use crate::state::{Agent, Mode};
 use crate::sys;
@@ -41,6 +42,7 @@ pub async fn respond(agent: &Agent, message: ControlMessage, data: Bytes) -> (Co
         ControlAction::SignalWorkload { signal } => signal_workload(agent, signal),
         ControlAction::SetClock { unix_nanos } => set_clock(agent.mode, unix_nanos),
         ControlAction::ReseedRng => reseed_rng(agent.mode, &data),
+        ControlAction::CrashGuest => crash_guest(agent.mode, agent.boot_flags),
     };
     match result {
         Ok(reply) => reply,
@@ -124,6 +126,28 @@ fn set_clock(mode: Mode, unix_nanos: u64) -> Reply {
     let time = nix::sys::time::TimeSpec::from_duration(std::time::Duration::from_nanos(unix_nanos));
     nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, time)
         .map_err(|e| format!("set_clock: {e}"))?;
+    ok()
+}
+
+/// Test hook: PID 1 exits shortly after the ack is sent, and the kernel panics.
+fn crash_guest(mode: Mode, flags: BootFlags) -> Reply {
+    unsupported_in_host_mode(mode, "crash_guest")?;
+    if !flags.test_hooks {
+        return Err(
+            "crash_guest is a test hook: refused without supermachine.test_hooks=1 on the \
+             guest kernel command line"
+                .into(),
+        );
+    }
+    if std::process::id() != 1 {
+        return Err("crash_guest: the agent is not PID 1, so its exit would not panic".into());
+    }
+    tracing::warn!("crash_guest: PID 1 exits in 50 ms (test hook)");
+    tokio::spawn(async {
+        // Time for the ack to leave; the connection task writes it right after this returns.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        std::process::exit(1);
+    });
     ok()
 }
 

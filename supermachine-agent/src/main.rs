@@ -10,6 +10,7 @@
 //! Everything runs as tasks on one current-thread tokio runtime: the guest has one vCPU, and an
 //! exec costs a handful of tasks, not threads. See `SEMANTICS.md` for the behaviour.
 
+mod boot_flags;
 mod control;
 mod error;
 mod exec;
@@ -30,6 +31,7 @@ use std::process::ExitCode;
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use tracing::level_filters::LevelFilter;
 
+use crate::boot_flags::BootFlags;
 use crate::error::{CliError, ServeError};
 use crate::reaper::Reaper;
 use crate::server::{Listener, StopSignals};
@@ -182,8 +184,13 @@ fn run(command: Command, pid1: bool) -> Result<(), ServeError> {
         } else {
             Some(StopSignals::install()?)
         };
+        // Once, up front: the flags cannot change while the guest runs.
+        let flags = match mode {
+            Mode::Guest => boot_flags::read(),
+            Mode::Host => BootFlags::default(),
+        };
         server::announce_ready()?;
-        server::serve(listener, Agent::new(mode, reaper), stop).await
+        server::serve(listener, Agent::new(mode, flags, reaper), stop).await
     })
 }
 

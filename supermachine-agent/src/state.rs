@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::boot_flags::BootFlags;
 use crate::reaper::{LeaderAlive, Reaper};
 use crate::sys;
 
@@ -24,6 +25,8 @@ pub enum Mode {
 pub struct Agent {
     /// Host or guest.
     pub mode: Mode,
+    /// Flags from the guest kernel command line (all off in host mode).
+    pub boot_flags: BootFlags,
     /// The child reaper.
     pub reaper: Reaper,
     /// Running exec process groups.
@@ -31,10 +34,11 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Agent state for `mode`, using `reaper`.
-    pub fn new(mode: Mode, reaper: Reaper) -> Arc<Agent> {
+    /// Agent state for `mode` with `boot_flags`, using `reaper`.
+    pub fn new(mode: Mode, boot_flags: BootFlags, reaper: Reaper) -> Arc<Agent> {
         Arc::new(Agent {
             mode,
+            boot_flags,
             reaper,
             workload: Workload::default(),
         })

@@ -172,6 +172,17 @@ async fn clock_and_rng_are_refused_in_host_mode() {
         ack.error.as_deref(),
         Some("unsupported in host mode: reseed_rng")
     );
+    // The crash test hook must never take a host down.
+    let (ack, _) = control(&agent, ControlAction::CrashGuest, b"").await;
+    assert!(!ack.ok);
+    assert_eq!(
+        ack.error.as_deref(),
+        Some("unsupported in host mode: crash_guest")
+    );
+    assert!(
+        control(&agent, ControlAction::Ping, b"").await.0.ok,
+        "the agent is still up"
+    );
 }
 
 #[tokio::test]

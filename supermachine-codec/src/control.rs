@@ -32,6 +32,10 @@ pub enum ControlAction {
     },
     /// Mix the frame's attachment into the guest kernel's entropy pool and credit it.
     ReseedRng,
+    /// Test hook: make PID 1 exit so the guest kernel panics ("Attempted to kill init!"), to
+    /// test how hosts handle a dying guest. Refused unless the guest kernel command line has
+    /// `supermachine.test_hooks=1`, and always refused in host mode. Acked before the exit.
+    CrashGuest,
 }
 
 /// The agent's answer to a [`ControlAction`]: `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
@@ -119,6 +123,7 @@ const KNOWN_ACTIONS: &[&str] = &[
     "signal_workload",
     "set_clock",
     "reseed_rng",
+    "crash_guest",
 ];
 
 pub(crate) fn is_known_action(name: &str) -> bool {

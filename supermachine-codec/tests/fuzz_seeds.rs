@@ -114,6 +114,7 @@ fn valid_frames() -> Vec<(&'static str, Frame)> {
                 data: Bytes::from_static(&[0x5a; 32]),
             },
         ),
+        ("control_crash_guest", action(ControlAction::CrashGuest)),
         (
             "control_unknown_action",
             Frame::control(ControlMessage::UnknownAction("teleport".into())),

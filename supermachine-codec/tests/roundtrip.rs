@@ -185,6 +185,7 @@ fn every_variant_by_hand() {
             message: ControlMessage::Action(ControlAction::ReseedRng),
             data: Bytes::from_static(&[0; 32]),
         },
+        Frame::control(ControlMessage::Action(ControlAction::CrashGuest)),
         Frame::control(ControlMessage::UnknownAction("teleport".into())),
         Frame::control(ControlMessage::UnknownAction(String::new())),
         Frame::control(ControlMessage::Ack(ControlAck::ok())),

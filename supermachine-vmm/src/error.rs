@@ -34,6 +34,15 @@ pub enum Error {
     /// Creating an eventfd failed (usually the fd limit).
     #[error("creating an eventfd: {0}")]
     EventFd(#[source] std::io::Error),
+    /// A configured device could not be created (e.g. a disk image that cannot be opened).
+    #[error("{device}: {source}")]
+    Device {
+        /// Which device.
+        device: String,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// A device's address range overlaps another's (a VMM bug).
     #[error(transparent)]
     Bus(#[from] crate::bus::BusOverlap),

@@ -30,6 +30,6 @@ mod vcpu;
 
 pub use error::{BootError, ConfigError, Error, HvError, MemoryError};
 pub use machine::{
-    is_pvm_host, ExitReason, Machine, MachineBuilder, MachineConfig, MachineExit, VcpuFailure,
-    BASE_CMDLINE, CONSOLE_STDERR_ENV, MIN_MEMORY_MIB,
+    is_pvm_host, DiskConfig, ExitReason, Machine, MachineBuilder, MachineConfig, MachineExit,
+    VcpuFailure, BASE_CMDLINE, CONSOLE_STDERR_ENV, MIN_MEMORY_MIB,
 };

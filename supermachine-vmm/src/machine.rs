@@ -10,10 +10,14 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootSpec};
 use crate::bus::{Bus, SharedDevice};
+use crate::devices::block::BlockDevice;
 use crate::devices::serial::{
     ConsoleLog, Serial, COM1_GSI, COM1_PORT, COM1_PORT_LEN, DEFAULT_CONSOLE_CAPACITY,
 };
-use crate::devices::virtio::{MmioSlot, MMIO_SLOT_SIZE, QUEUE_NOTIFY_OFFSET};
+use crate::devices::virtio::{
+    MmioSlot, MmioTransport, VirtioDevice, MMIO_SLOT_SIZE, QUEUE_NOTIFY_OFFSET,
+};
+use crate::devices::vsock::{VsockConfig, VsockDevice, VsockHandle};
 use crate::error::{ConfigError, Error};
 use crate::hypervisor::{self, HvVm, Hypervisor, IoEventAddress, VcpuKicker};
 use crate::memory::{self, RamBacking, MAX_MEMORY_MIB, MMIO_BASE};
@@ -68,8 +72,20 @@ pub struct MachineConfig {
     /// Copy console output to stderr as it arrives (also enabled by
     /// `SUPERMACHINE_CONSOLE_STDERR=1`).
     pub console_to_stderr: bool,
-    // Device options (vsock, block) will be added here; `MachineBuilder::new` turns them into
-    // virtio-mmio slots.
+    /// A virtio-vsock device (always virtio-mmio slot 0 when present); its host side is
+    /// [`Machine::vsock`].
+    pub vsock: Option<VsockConfig>,
+    /// virtio-blk disks, in order (`/dev/vda`, `/dev/vdb`, ...), in the slots after vsock.
+    pub disks: Vec<DiskConfig>,
+}
+
+/// A raw disk image attached over virtio-blk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// The image file.
+    pub path: PathBuf,
+    /// Attach read-only (guest writes fail with an I/O error).
+    pub read_only: bool,
 }
 
 impl MachineConfig {
@@ -83,6 +99,8 @@ impl MachineConfig {
             cmdline: String::new(),
             console_capacity: DEFAULT_CONSOLE_CAPACITY,
             console_to_stderr: false,
+            vsock: None,
+            disks: Vec::new(),
         }
     }
 
@@ -255,6 +273,7 @@ pub struct MachineBuilder {
     /// `virtio_mmio.device=` entries, in slot order.
     device_cmdline: Vec<String>,
     next_slot: u32,
+    vsock: Option<VsockHandle>,
 }
 
 impl MachineBuilder {
@@ -299,7 +318,7 @@ impl MachineBuilder {
             Arc::new(Mutex::new(Serial::new(console.clone(), serial_irq))),
         )?;
 
-        let builder = MachineBuilder {
+        let mut builder = MachineBuilder {
             config,
             hv,
             vm,
@@ -310,12 +329,56 @@ impl MachineBuilder {
             runtime,
             device_cmdline: Vec::new(),
             next_slot: 0,
+            vsock: None,
         };
 
-        // ---- Devices from the config (virtio-vsock, virtio-blk) are added here, in a fixed
-        // order so slot addresses are stable across boots of one config (snapshots rely on it):
-        //   let slot = builder.add_virtio_mmio(transport.clone(), NUM_QUEUES)?; ...
+        // Devices from the config, in a fixed order (vsock, then disks) so slot addresses are
+        // the same on every boot of one config; snapshots rely on it.
+        if let Some(vsock_config) = builder.config.vsock.clone() {
+            let device = VsockDevice::new(vsock_config, builder.runtime.clone()).map_err(|e| {
+                Error::Device {
+                    device: "virtio-vsock".into(),
+                    source: Box::new(e),
+                }
+            })?;
+            builder.vsock = Some(device.handle());
+            builder.add_virtio_device(Box::new(device), "virtio-vsock")?;
+        }
+        for disk in builder.config.disks.clone() {
+            let device =
+                BlockDevice::open(&disk.path, disk.read_only).map_err(|e| Error::Device {
+                    device: format!("virtio-blk {}", disk.path.display()),
+                    source: Box::new(e),
+                })?;
+            builder.add_virtio_device(Box::new(device), "virtio-blk")?;
+        }
         Ok(builder)
+    }
+
+    /// Puts `device` behind a virtio-mmio transport in the next slot.
+    pub fn add_virtio_device(
+        &mut self,
+        device: Box<dyn VirtioDevice>,
+        name: &str,
+    ) -> Result<(u64, u32), Error> {
+        let num_queues = u16::try_from(device.queue_max_sizes().len()).unwrap_or(u16::MAX);
+        let slot = self.allocate_slot(num_queues)?;
+        let (base, gsi) = (slot.base, slot.gsi);
+        let entry = slot.cmdline_entry();
+        let transport =
+            MmioTransport::new(device, self.memory.clone(), slot).map_err(|e| Error::Device {
+                device: name.to_owned(),
+                source: Box::new(e),
+            })?;
+        self.mmio
+            .insert(base, MMIO_SLOT_SIZE, Arc::new(Mutex::new(transport)))?;
+        self.device_cmdline.push(entry);
+        Ok((base, gsi))
+    }
+
+    /// The host side of the configured vsock device, if any.
+    pub fn vsock(&self) -> Option<&VsockHandle> {
+        self.vsock.as_ref()
     }
 
     /// Guest RAM (devices need it to reach their queues).
@@ -460,6 +523,7 @@ impl MachineBuilder {
             exit_rx,
             threads: Vec::new(),
             console: self.console,
+            vsock: self.vsock,
             _vm: self.vm,
             _memory: self.memory,
             _runtime: self.runtime,
@@ -498,6 +562,7 @@ pub struct Machine {
     exit_rx: watch::Receiver<Option<MachineExit>>,
     threads: Vec<JoinHandle<()>>,
     console: ConsoleLog,
+    vsock: Option<VsockHandle>,
     // Dropped after the threads are joined (in `Drop`): the VM fd, then guest RAM.
     _vm: Box<dyn HvVm>,
     _memory: Arc<GuestMemoryMmap>,
@@ -533,6 +598,18 @@ impl Machine {
     /// The shared console log (cheap to clone; keeps filling while the machine runs).
     pub fn console_log(&self) -> &ConsoleLog {
         &self.console
+    }
+
+    /// The host side of the vsock device, when the config has one.
+    pub fn vsock(&self) -> Option<&VsockHandle> {
+        self.vsock.as_ref()
+    }
+
+    /// A watch of the machine's end: `None` while it runs, then how it ended (set once, before
+    /// the vCPU threads leave and the devices are dropped). Outlives the machine: after a drop
+    /// the last value stays readable and `changed()` fails.
+    pub fn exit_watch(&self) -> watch::Receiver<Option<MachineExit>> {
+        self.exit_rx.clone()
     }
 
     /// How the machine ended, or `None` while it runs.

@@ -92,13 +92,25 @@ impl Agent {
         Ok(())
     }
 
+    /// Test hook: makes the guest's PID 1 exit so its kernel panics. Refused unless the VM was
+    /// started with `VmConfig::test_hooks(true)`.
+    #[doc(hidden)]
+    pub async fn crash_guest(&self) -> Result<(), Error> {
+        self.control("crash_guest", ControlAction::CrashGuest, Bytes::new())
+            .await?;
+        Ok(())
+    }
+
     pub(crate) async fn connect(&self) -> Result<BoxedStream, Error> {
         self.connector
             .connect()
             .await
-            .map_err(|source| Error::AgentUnreachable {
-                target: self.connector.describe(),
-                source,
+            .map_err(|source| match crate::error::vm_gone(&source) {
+                Some(exit) => Error::VmExited(exit),
+                None => Error::AgentUnreachable {
+                    target: self.connector.describe(),
+                    source,
+                },
             })
     }
 

@@ -3,6 +3,8 @@ use std::time::Duration;
 
 use supermachine_codec::{AgentError, CodecError};
 
+use crate::vm::{ConfigError, VmExit};
+
 /// Everything that can go wrong, as variants a caller can match on.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -71,6 +73,36 @@ pub enum Error {
     /// The peer sent something the protocol does not allow.
     #[error("exec protocol error: {0}")]
     Protocol(String),
+    /// The [`VmConfig`](crate::VmConfig) cannot work; nothing was started.
+    #[error("invalid VM configuration: {0}")]
+    InvalidConfig(#[from] ConfigError),
+    /// The hypervisor (`/dev/kvm`) cannot be used on this host; the message says how to fix it.
+    #[error("cannot run VMs on this host: {0}")]
+    HypervisorUnavailable(String),
+    /// The VMM could not set the VM up (memory, devices, kernel loading).
+    #[error("setting up the VM failed: {0}")]
+    VmSetup(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The guest agent did not answer within the boot timeout; the VM was stopped.
+    #[error("the guest agent did not answer within {after:?}\n--- guest console (tail) ---\n{console_tail}")]
+    BootTimeout {
+        /// The timeout.
+        after: Duration,
+        /// The end of the guest console.
+        console_tail: String,
+    },
+    /// The VM ended (kernel panic, reset, VMM failure, or stopped by the host) while the call
+    /// was pending, or before it.
+    #[error("{0}")]
+    VmExited(VmExit),
+    /// The on-disk cache could not be used.
+    #[error("cannot write {what} to the cache (see SUPERMACHINE_CACHE_DIR): {source}")]
+    Cache {
+        /// What was being cached.
+        what: &'static str,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl Error {
@@ -88,12 +120,29 @@ impl Error {
         }
     }
 
+    /// A broken connection; when the VM behind it ended, the typed [`Error::VmExited`].
+    pub(crate) fn from_io(during: &'static str, error: io::Error) -> Self {
+        match vm_gone(&error) {
+            Some(exit) => Error::VmExited(exit),
+            None => Error::ConnectionLost {
+                during,
+                reason: error.to_string(),
+            },
+        }
+    }
+
+    /// A VMM error from starting a machine.
+    pub(crate) fn from_vmm(error: supermachine_vmm::Error) -> Self {
+        if error.is_hypervisor_unavailable() {
+            Error::HypervisorUnavailable(error.to_string())
+        } else {
+            Error::VmSetup(Box::new(error))
+        }
+    }
+
     pub(crate) fn from_codec(during: &'static str, error: CodecError) -> Self {
         match error {
-            CodecError::Io(e) => Error::ConnectionLost {
-                during,
-                reason: e.to_string(),
-            },
+            CodecError::Io(e) => Error::from_io(during, e),
             CodecError::Truncated { .. } => Error::ConnectionLost {
                 during,
                 reason: error.to_string(),
@@ -133,8 +182,31 @@ impl Error {
             },
             Error::NotRunning => Error::NotRunning,
             Error::Protocol(m) => Error::Protocol(m.clone()),
+            Error::InvalidConfig(e) => Error::InvalidConfig(e.clone()),
+            Error::HypervisorUnavailable(m) => Error::HypervisorUnavailable(m.clone()),
+            Error::VmSetup(e) => Error::VmSetup(e.to_string().into()),
+            Error::BootTimeout {
+                after,
+                console_tail,
+            } => Error::BootTimeout {
+                after: *after,
+                console_tail: console_tail.clone(),
+            },
+            Error::VmExited(exit) => Error::VmExited(exit.clone()),
+            Error::Cache { what, source } => Error::Cache {
+                what,
+                source: io::Error::new(source.kind(), source.to_string()),
+            },
         }
     }
+}
+
+/// The VM's exit, when `error` is a stream failing because its VM ended.
+pub(crate) fn vm_gone(error: &io::Error) -> Option<VmExit> {
+    error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<crate::vm::VmGone>())
+        .map(|gone| gone.0.clone())
 }
 
 impl From<Error> for io::Error {
@@ -148,6 +220,7 @@ impl From<Error> for io::Error {
             Error::ProgramNotFound { .. } => io::ErrorKind::NotFound,
             Error::TimedOut(_) => io::ErrorKind::TimedOut,
             Error::Protocol(_) => io::ErrorKind::InvalidData,
+            Error::VmExited(_) => io::ErrorKind::ConnectionAborted,
             _ => io::ErrorKind::Other,
         };
         io::Error::new(kind, error)

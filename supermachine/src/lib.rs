@@ -35,9 +35,11 @@
 #![warn(missing_docs)]
 
 mod agent;
+pub mod cache;
 mod connector;
 mod error;
 mod exec;
+mod vm;
 
 pub use agent::{Agent, AgentInfo};
 pub use connector::{BoxedStream, Connector, UnixConnector};
@@ -48,3 +50,7 @@ pub use exec::{
 };
 pub use supermachine_codec::{StagedFile, WindowSize};
 pub use tokio_util::sync::CancellationToken;
+pub use vm::{
+    ConfigError, Vm, VmConfig, VmExit, VmExitReason, AGENT_ENV, KERNEL_ENV, MAX_MEMORY_MIB,
+    MIN_MEMORY_MIB,
+};

@@ -212,3 +212,129 @@ pub fn rss_kib() -> (u64, u64) {
     };
     (field("VmRSS:"), field("VmHWM:"))
 }
+
+/// Environment variable naming a prebuilt guest kernel (`vmlinux`).
+pub const KERNEL_ENV: &str = supermachine::KERNEL_ENV;
+
+/// The guest kernel: `$SUPERMACHINE_KERNEL`, or what `supermachine-vmm/guest/build-kernel.sh`
+/// prints (instant on a cache hit; a miss builds the kernel, several minutes).
+pub fn guest_kernel() -> Result<PathBuf, String> {
+    static KERNEL: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    KERNEL
+        .get_or_init(|| {
+            if let Some(path) = std::env::var_os(KERNEL_ENV).filter(|p| !p.is_empty()) {
+                return Ok(PathBuf::from(path));
+            }
+            let script = workspace_root().join("supermachine-vmm/guest/build-kernel.sh");
+            let output = Command::new("bash")
+                .arg(&script)
+                .stderr(Stdio::inherit())
+                .output()
+                .map_err(|e| format!("running {}: {e}", script.display()))?;
+            if !output.status.success() {
+                return Err(format!("{} failed ({})", script.display(), output.status));
+            }
+            let path = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+            if path.is_file() {
+                Ok(path)
+            } else {
+                Err(format!(
+                    "build-kernel.sh printed {path:?}, which is not a file"
+                ))
+            }
+        })
+        .clone()
+}
+
+/// A static busybox (Debian's `busybox-static`), for a userland in test guests.
+pub fn static_busybox() -> Result<PathBuf, String> {
+    for candidate in ["/bin/busybox", "/usr/bin/busybox"] {
+        let path = Path::new(candidate);
+        let is_static = Command::new("file")
+            .arg("-L")
+            .arg(path)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).contains("statically linked"))
+            // Without `file`, trust Debian's busybox-static layout.
+            .unwrap_or(true);
+        if path.is_file() && is_static {
+            return Ok(path.to_path_buf());
+        }
+    }
+    Err("a static busybox is needed: apt-get install -y busybox-static".to_owned())
+}
+
+/// Busybox applets linked into test guests' `/bin` (each link is a few bytes of initramfs).
+pub const GUEST_APPLETS: &[&str] = &[
+    "sh",
+    "cat",
+    "echo",
+    "printf",
+    "sleep",
+    "stty",
+    "true",
+    "false",
+    "uname",
+    "kill",
+    "ps",
+    "ls",
+    "date",
+    "head",
+    "tail",
+    "od",
+    "dd",
+    "env",
+    "pwd",
+    "id",
+    "sync",
+    "reboot",
+    "poweroff",
+    "wc",
+    "seq",
+    "tr",
+    "yes",
+    "mkdir",
+    "rm",
+    "test",
+    "[",
+    "grep",
+    "sed",
+    "stat",
+    "hostname",
+    "nproc",
+    "free",
+    "mount",
+    "cut",
+    "md5sum",
+    "sha256sum",
+    "tty",
+    "trap",
+    "timeout",
+];
+
+/// A [`VmConfig`](supermachine::VmConfig) for tests and examples: the project's kernel and agent,
+/// and a static busybox with [`GUEST_APPLETS`] in `/bin`.
+pub fn test_vm_config() -> Result<supermachine::VmConfig, String> {
+    let busybox = static_busybox()?;
+    let mut config = supermachine::VmConfig::new()
+        .kernel(guest_kernel()?)
+        .agent(agent_binary()?)
+        .add_file("/bin/busybox", busybox);
+    for applet in GUEST_APPLETS {
+        config = config.add_symlink(format!("/bin/{applet}"), "busybox");
+    }
+    Ok(config)
+}
+
+/// Whether tests that need `/dev/kvm` should run: they may skip only when it is absent and
+/// `SUPERMACHINE_REQUIRE_KVM` is unset; with the variable set, a missing `/dev/kvm` fails.
+pub fn kvm_available_or_skip(test: &str) -> bool {
+    if Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    if std::env::var_os("SUPERMACHINE_REQUIRE_KVM").is_some() {
+        panic!("{test}: /dev/kvm is missing but SUPERMACHINE_REQUIRE_KVM is set");
+    }
+    eprintln!("{test}: skipped (no /dev/kvm; set SUPERMACHINE_REQUIRE_KVM=1 to fail instead)");
+    false
+}

@@ -108,7 +108,7 @@ pub async fn run<R, W>(
     let (out, out_rx) = mpsc::channel(io::OUT_QUEUE);
     let writer = Task::spawn(io::write_frames(sink, out_rx));
     let program = request.argv.first().cloned().unwrap_or_default();
-    let plan = plan::plan(request, agent.mode);
+    let plan = plan::plan(request, agent.mode, agent.boot_flags);
     let size = plan.as_ref().map_or(plan::DEFAULT_SIZE, |plan| plan.size);
     let control = Arc::new(LinkControl::new(size));
     // The reader starts at once: SIGNALs sent before the first link is up are kept for it, and

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use supermachine_codec::{ExecRequest, StagedFile, StdioMode, WindowSize, PROTOCOL_VERSION};
 
 use super::spawn::LaunchSpec;
+use crate::boot_flags::{BootFlags, PVM_GLIBC_TUNABLES};
 use crate::error::{ExecError, Link};
 use crate::staging;
 use crate::state::Mode;
@@ -45,8 +46,8 @@ fn invalid(message: impl Into<String>) -> ExecError {
     ExecError::InvalidRequest(message.into())
 }
 
-/// Validates `request` for an agent running in `mode`.
-pub fn plan(request: ExecRequest, mode: Mode) -> Result<Plan, ExecError> {
+/// Validates `request` for an agent running in `mode` with the guest's `flags`.
+pub fn plan(request: ExecRequest, mode: Mode, flags: BootFlags) -> Result<Plan, ExecError> {
     if request.version != PROTOCOL_VERSION {
         return Err(invalid(format!(
             "unsupported protocol version {} (this agent speaks {PROTOCOL_VERSION})",
@@ -87,10 +88,15 @@ pub fn plan(request: ExecRequest, mode: Mode) -> Result<Plan, ExecError> {
                 .as_ref()
                 .map(|u| u.home.clone().unwrap_or_else(|| PathBuf::from("/")))
                 .unwrap_or_else(user::own_home);
-            BTreeMap::from([
+            let mut env = BTreeMap::from([
                 ("PATH".into(), GUEST_PATH.into()),
                 ("HOME".into(), home.into_os_string()),
-            ])
+            ]);
+            // A default, so a request that sets its own GLIBC_TUNABLES (below) wins.
+            if flags.pvm {
+                env.insert("GLIBC_TUNABLES".into(), PVM_GLIBC_TUNABLES.into());
+            }
+            env
         }
     };
     // The terminal is the host's, not whatever the agent itself runs on: a tty exec gets our
@@ -152,7 +158,7 @@ mod tests {
     }
 
     fn rejection(request: ExecRequest) -> String {
-        match plan(request, Mode::Guest) {
+        match plan(request, Mode::Guest, BootFlags::default()) {
             Err(ExecError::InvalidRequest(why)) => why,
             other => panic!("expected an invalid request, got {other:?}"),
         }
@@ -186,7 +192,7 @@ mod tests {
         req.env.insert("FOO".into(), "bar".into());
         req.env.insert("PATH".into(), "/opt/bin".into());
         req.chain = vec![vec!["true".into()]];
-        let plan = plan(req, Mode::Guest).unwrap();
+        let plan = plan(req, Mode::Guest, BootFlags::default()).unwrap();
         let env = &plan.launch.env;
         assert_eq!(env.get(&OsString::from("PATH")).unwrap(), "/opt/bin");
         assert_eq!(env.get(&OsString::from("FOO")).unwrap(), "bar");
@@ -195,6 +201,30 @@ mod tests {
         assert_eq!(env.len(), 4, "{env:?}");
         assert_eq!(plan.links.len(), 2);
         assert_eq!(plan.size, DEFAULT_SIZE);
+    }
+
+    #[test]
+    fn pvm_guests_get_glibc_tunables_unless_the_request_sets_them() {
+        let pvm = BootFlags {
+            pvm: true,
+            ..BootFlags::default()
+        };
+        let tunables = OsString::from("GLIBC_TUNABLES");
+        let default = plan(request(&["env"]), Mode::Guest, pvm).unwrap();
+        assert_eq!(
+            default.launch.env.get(&tunables).unwrap(),
+            PVM_GLIBC_TUNABLES
+        );
+        let mut own = request(&["env"]);
+        own.env
+            .insert("GLIBC_TUNABLES".into(), "glibc.malloc.check=3".into());
+        let own = plan(own, Mode::Guest, pvm).unwrap();
+        assert_eq!(
+            own.launch.env.get(&tunables).unwrap(),
+            "glibc.malloc.check=3"
+        );
+        let plain = plan(request(&["env"]), Mode::Guest, BootFlags::default()).unwrap();
+        assert!(!plain.launch.env.contains_key(&tunables));
     }
 
     #[test]

@@ -29,6 +29,7 @@ pub const KNOWN_ACTIONS: &[&str] = &[
     "signal_workload",
     "set_clock",
     "reseed_rng",
+    "crash_guest",
 ];
 
 /// Every [`ErrorCode`].
@@ -205,6 +206,7 @@ pub fn action() -> impl Strategy<Value = ControlAction> {
         any::<i32>().prop_map(|signal| ControlAction::SignalWorkload { signal }),
         any::<u64>().prop_map(|unix_nanos| ControlAction::SetClock { unix_nanos }),
         Just(ControlAction::ReseedRng),
+        Just(ControlAction::CrashGuest),
     ]
 }
 

@@ -302,8 +302,5 @@ async fn collect<R: tokio::io::AsyncRead + Unpin>(
 }
 
 fn io_to_error(error: std::io::Error, during: &'static str) -> Error {
-    Error::ConnectionLost {
-        during,
-        reason: error.to_string(),
-    }
+    Error::from_io(during, error)
 }

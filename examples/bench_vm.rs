@@ -1,0 +1,130 @@
+//! VM benchmarks: cold boot to agent-ready, exec round trip of `true`, vsock round trip of a
+//! small message on an open connection, stdout throughput over vsock, and the VMM's RSS.
+//!
+//! ```text
+//! cargo run --release --example bench_vm -- [BOOTS] [ROUNDS] [MIB]
+//! ```
+//!
+//! Defaults: 5 boots (median reported), 30 rounds for the round trips, 4 MiB of stdout. Prints
+//! medians and p99s; this host is noisy, compare medians of repeated runs.
+
+use std::time::{Duration, Instant};
+
+use supermachine::Vm;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn arg(n: usize, default: usize) -> usize {
+    std::env::args()
+        .nth(n)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(default)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn report(name: &str, mut samples: Vec<Duration>) {
+    samples.sort();
+    println!(
+        "{name}: p50 {:.2} ms, p99 {:.2} ms, min {:.2} ms, max {:.2} ms (n={})",
+        percentile(&samples, 0.5).as_secs_f64() * 1e3,
+        percentile(&samples, 0.99).as_secs_f64() * 1e3,
+        samples[0].as_secs_f64() * 1e3,
+        samples[samples.len() - 1].as_secs_f64() * 1e3,
+        samples.len()
+    );
+}
+
+fn rss_kib() -> u64 {
+    supermachine_e2e::rss_kib().0
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let boots = arg(1, 5).max(1);
+    let rounds = arg(2, 30).max(1);
+    let mib = arg(3, 4).max(1);
+    let config = supermachine_e2e::test_vm_config()?.memory_mib(256);
+
+    // Cold boots; the last VM stays up for the rest.
+    let mut boot_times = Vec::new();
+    let rss_before = rss_kib();
+    let mut vm = None;
+    for i in 0..boots {
+        drop(vm.take());
+        let t = Instant::now();
+        let started = Vm::start(config.clone()).await?;
+        let took = t.elapsed();
+        println!("boot {}: {:.2} s to agent-ready", i + 1, took.as_secs_f64());
+        boot_times.push(took);
+        vm = Some(started);
+    }
+    let vm = vm.ok_or("no VM")?;
+    boot_times.sort();
+    println!(
+        "cold boot to agent-ready: median {:.2} s, min {:.2} s, max {:.2} s (n={boots})",
+        percentile(&boot_times, 0.5).as_secs_f64(),
+        boot_times[0].as_secs_f64(),
+        boot_times[boot_times.len() - 1].as_secs_f64()
+    );
+    let rss_vm = rss_kib();
+    println!(
+        "VMM process RSS with one idle 256 MiB guest: {} KiB ({} KiB above the process before boot)",
+        rss_vm,
+        rss_vm.saturating_sub(rss_before)
+    );
+
+    // Agent ping: one vsock connection + a control exchange, no guest fork.
+    let mut pings = Vec::new();
+    for _ in 0..rounds {
+        let t = Instant::now();
+        vm.agent().ping().await?;
+        pings.push(t.elapsed());
+    }
+    report("agent ping (connect + control round trip)", pings);
+
+    // Exec round trip of `true`.
+    let mut execs = Vec::new();
+    for _ in 0..rounds {
+        let t = Instant::now();
+        let out = vm.exec(["true"]).output().await?;
+        execs.push(t.elapsed());
+        assert!(out.status.success());
+    }
+    report("exec `true` round trip", execs);
+
+    // 64-byte round trips through one long-running `cat`.
+    let mut child = vm.exec(["cat"]).spawn().await?;
+    let mut stdin = child.take_stdin().ok_or("stdin")?;
+    let mut stdout = child.take_stdout().ok_or("stdout")?;
+    let mut rtts = Vec::new();
+    let mut buf = [0u8; 64];
+    for i in 0..rounds {
+        let msg = [i as u8; 64];
+        let t = Instant::now();
+        stdin.write_all(&msg).await?;
+        stdout.read_exact(&mut buf).await?;
+        rtts.push(t.elapsed());
+        assert_eq!(buf, msg);
+    }
+    report("vsock 64 B round trip through guest `cat`", rtts);
+    drop(stdin);
+    child.await?;
+
+    // stdout throughput: the guest writes MIB MiB, the host reads it all.
+    let t = Instant::now();
+    let out = vm
+        .exec(["head", "-c", &(mib << 20).to_string(), "/dev/zero"])
+        .output()
+        .await?;
+    let secs = t.elapsed().as_secs_f64();
+    assert_eq!(out.stdout.len(), mib << 20);
+    println!(
+        "stdout throughput: {mib} MiB in {secs:.2} s = {:.2} MiB/s (includes one exec)",
+        mib as f64 / secs
+    );
+    vm.stop();
+    Ok(())
+}

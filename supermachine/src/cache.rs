@@ -1,0 +1,47 @@
+//! The on-disk cache (`~/.cache/supermachine`): where derived artefacts such as initramfs
+//! archives are kept, keyed by content hash.
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+/// Environment variable overriding the cache root.
+pub const CACHE_DIR_ENV: &str = "SUPERMACHINE_CACHE_DIR";
+
+/// The cache root: `$SUPERMACHINE_CACHE_DIR`, else `$XDG_CACHE_HOME/supermachine`, else
+/// `$HOME/.cache/supermachine`.
+pub fn root() -> io::Result<PathBuf> {
+    let non_empty = |name| std::env::var_os(name).filter(|v| !v.is_empty());
+    if let Some(dir) = non_empty(CACHE_DIR_ENV) {
+        return Ok(PathBuf::from(dir));
+    }
+    if let Some(dir) = non_empty("XDG_CACHE_HOME") {
+        return Ok(PathBuf::from(dir).join("supermachine"));
+    }
+    match non_empty("HOME") {
+        Some(home) => Ok(PathBuf::from(home).join(".cache/supermachine")),
+        None => Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no cache directory: set {CACHE_DIR_ENV} or HOME"),
+        )),
+    }
+}
+
+/// `root()/name`, created if missing.
+pub(crate) fn dir(name: &str) -> io::Result<PathBuf> {
+    let dir = root()?.join(name);
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Writes `bytes` to `path` through a unique temp file in the same directory and a rename, so
+/// readers never see a partial file and concurrent writers of the same content do not collide.
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "cache path has no parent"))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_data()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}

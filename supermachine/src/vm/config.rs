@@ -1,0 +1,368 @@
+//! [`VmConfig`]: what a VM is made of, and the checks that run before anything is created.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Environment variable naming the guest kernel (`vmlinux`) when [`VmConfig::kernel`] is not
+/// set. `supermachine-vmm/guest/build-kernel.sh` builds one and prints its path.
+pub const KERNEL_ENV: &str = "SUPERMACHINE_KERNEL";
+/// Environment variable naming the static guest agent when [`VmConfig::agent`] is not set.
+pub const AGENT_ENV: &str = "SUPERMACHINE_AGENT_BIN";
+
+/// The smallest guest RAM accepted, in MiB: the kernel, the initramfs and room to run.
+pub const MIN_MEMORY_MIB: u32 = 64;
+/// The largest guest RAM accepted, in MiB (RAM ends below the MMIO hole).
+pub const MAX_MEMORY_MIB: u32 = 3328;
+/// The most vCPUs a VM may have.
+pub const MAX_VCPUS: u32 = 32;
+
+/// How a VM is built: size, guest kernel, agent, and extra initramfs contents.
+///
+/// ```no_run
+/// # use std::time::Duration;
+/// use supermachine::VmConfig;
+/// let config = VmConfig::new()
+///     .memory_mib(256)
+///     .kernel("/path/to/vmlinux")
+///     .agent("/path/to/supermachine-agent")
+///     .boot_timeout(Duration::from_secs(60));
+/// ```
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub(crate) vcpus: u32,
+    pub(crate) memory_mib: u32,
+    pub(crate) kernel: Option<PathBuf>,
+    pub(crate) agent: Option<PathBuf>,
+    pub(crate) files: Vec<GuestFile>,
+    pub(crate) boot_timeout: Duration,
+    pub(crate) kernel_cmdline: String,
+    pub(crate) verbose_console: bool,
+    pub(crate) console_to_stderr: bool,
+    pub(crate) test_hooks: bool,
+}
+
+/// An extra initramfs entry.
+#[derive(Debug, Clone)]
+pub(crate) enum GuestFile {
+    Copy {
+        guest: String,
+        host: PathBuf,
+        mode: Option<u32>,
+    },
+    Symlink {
+        guest: String,
+        target: String,
+    },
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig::new()
+    }
+}
+
+impl VmConfig {
+    /// One vCPU, 256 MiB, kernel and agent from `SUPERMACHINE_KERNEL` / `SUPERMACHINE_AGENT_BIN`,
+    /// a 5 minute boot timeout (guest boots take 10–100 s on nested PVM hosts; well under a
+    /// second on hardware KVM).
+    pub fn new() -> Self {
+        VmConfig {
+            vcpus: 1,
+            memory_mib: 256,
+            kernel: None,
+            agent: None,
+            files: Vec::new(),
+            boot_timeout: Duration::from_secs(300),
+            kernel_cmdline: String::new(),
+            verbose_console: false,
+            console_to_stderr: false,
+            test_hooks: false,
+        }
+    }
+
+    /// Number of vCPUs (1..=32). On PVM hosts only the first one runs.
+    pub fn vcpus(mut self, vcpus: u32) -> Self {
+        self.vcpus = vcpus;
+        self
+    }
+
+    /// Guest RAM in MiB (64..=3328).
+    pub fn memory_mib(mut self, mib: u32) -> Self {
+        self.memory_mib = mib;
+        self
+    }
+
+    /// The guest kernel, an x86-64 ELF `vmlinux` built from `supermachine-vmm/guest/`.
+    pub fn kernel(mut self, path: impl Into<PathBuf>) -> Self {
+        self.kernel = Some(path.into());
+        self
+    }
+
+    /// The static `supermachine-agent` binary that becomes the guest's `/init`.
+    pub fn agent(mut self, path: impl Into<PathBuf>) -> Self {
+        self.agent = Some(path.into());
+        self
+    }
+
+    /// Copies the host file `host` into the initramfs at the absolute guest path `guest`
+    /// (parents are created; the mode is the host file's). Every MiB added costs boot time.
+    pub fn add_file(mut self, guest: impl Into<String>, host: impl Into<PathBuf>) -> Self {
+        self.files.push(GuestFile::Copy {
+            guest: guest.into(),
+            host: host.into(),
+            mode: None,
+        });
+        self
+    }
+
+    /// Adds a symbolic link `guest -> target` to the initramfs.
+    pub fn add_symlink(mut self, guest: impl Into<String>, target: impl Into<String>) -> Self {
+        self.files.push(GuestFile::Symlink {
+            guest: guest.into(),
+            target: target.into(),
+        });
+        self
+    }
+
+    /// How long [`Vm::start`](crate::Vm::start) waits for the agent to answer.
+    pub fn boot_timeout(mut self, timeout: Duration) -> Self {
+        self.boot_timeout = timeout;
+        self
+    }
+
+    /// Extra kernel command-line parameters, appended last.
+    pub fn kernel_cmdline(mut self, extra: impl Into<String>) -> Self {
+        self.kernel_cmdline = extra.into();
+        self
+    }
+
+    /// Keep the kernel's boot messages on the console. Off by default: every console byte is
+    /// a trapped I/O write, which is slow on nested hosts; panics and errors are printed either
+    /// way.
+    pub fn verbose_console(mut self, verbose: bool) -> Self {
+        self.verbose_console = verbose;
+        self
+    }
+
+    /// Copy the guest console to this process's stderr as it arrives.
+    pub fn console_to_stderr(mut self, tee: bool) -> Self {
+        self.console_to_stderr = tee;
+        self
+    }
+
+    /// Enables test-only agent actions such as [`Vm::crash_guest`](crate::Vm::crash_guest).
+    #[doc(hidden)]
+    pub fn test_hooks(mut self, enabled: bool) -> Self {
+        self.test_hooks = enabled;
+        self
+    }
+
+    /// The number of vCPUs.
+    pub fn get_vcpus(&self) -> u32 {
+        self.vcpus
+    }
+
+    /// Guest RAM in MiB.
+    pub fn get_memory_mib(&self) -> u32 {
+        self.memory_mib
+    }
+
+    /// Checks everything that can be checked without a hypervisor, and resolves the kernel and
+    /// agent paths (from the environment where not set).
+    pub(crate) fn resolve(&self) -> Result<Resolved, ConfigError> {
+        if self.vcpus == 0 {
+            return Err(ConfigError::NoVcpus);
+        }
+        if self.vcpus > MAX_VCPUS {
+            return Err(ConfigError::TooManyVcpus {
+                requested: self.vcpus,
+                max: MAX_VCPUS,
+            });
+        }
+        if self.memory_mib < MIN_MEMORY_MIB {
+            return Err(ConfigError::MemoryTooSmall {
+                mib: self.memory_mib,
+                min: MIN_MEMORY_MIB,
+            });
+        }
+        if self.memory_mib > MAX_MEMORY_MIB {
+            return Err(ConfigError::MemoryTooLarge {
+                mib: self.memory_mib,
+                max: MAX_MEMORY_MIB,
+            });
+        }
+        if self.kernel_cmdline.contains(['\n', '\0']) {
+            return Err(ConfigError::KernelCmdline(
+                "it must be one line without NUL bytes".into(),
+            ));
+        }
+        let kernel = pick(&self.kernel, KERNEL_ENV).ok_or(ConfigError::KernelNotSet)?;
+        readable_file(&kernel).map_err(|reason| ConfigError::KernelUnreadable {
+            path: kernel.clone(),
+            reason,
+        })?;
+        let agent = pick(&self.agent, AGENT_ENV).ok_or(ConfigError::AgentNotSet)?;
+        readable_file(&agent).map_err(|reason| ConfigError::AgentUnreadable {
+            path: agent.clone(),
+            reason,
+        })?;
+        Ok(Resolved { kernel, agent })
+    }
+}
+
+/// Paths [`VmConfig::resolve`] settled on.
+pub(crate) struct Resolved {
+    pub(crate) kernel: PathBuf,
+    pub(crate) agent: PathBuf,
+}
+
+fn pick(explicit: &Option<PathBuf>, env: &str) -> Option<PathBuf> {
+    explicit.clone().or_else(|| {
+        std::env::var_os(env)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    })
+}
+
+fn readable_file(path: &Path) -> Result<(), String> {
+    match std::fs::File::open(path) {
+        Ok(file) => match file.metadata() {
+            Ok(m) if m.is_file() => Ok(()),
+            Ok(_) => Err("not a regular file".into()),
+            Err(e) => Err(e.to_string()),
+        },
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A [`VmConfig`] that cannot work, with what to do about it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// `vcpus(0)`.
+    #[error("a VM needs at least one vCPU")]
+    NoVcpus,
+    /// More vCPUs than supported.
+    #[error("{requested} vCPUs requested; at most {max} are supported")]
+    TooManyVcpus {
+        /// Requested.
+        requested: u32,
+        /// Limit.
+        max: u32,
+    },
+    /// Too little RAM to boot.
+    #[error("{mib} MiB of memory is too little: a VM needs at least {min} MiB")]
+    MemoryTooSmall {
+        /// Requested.
+        mib: u32,
+        /// Minimum.
+        min: u32,
+    },
+    /// More RAM than the machine layout allows.
+    #[error("{mib} MiB of memory is too much: at most {max} MiB are supported")]
+    MemoryTooLarge {
+        /// Requested.
+        mib: u32,
+        /// Maximum.
+        max: u32,
+    },
+    /// No kernel given and `SUPERMACHINE_KERNEL` unset.
+    #[error(
+        "no guest kernel: call VmConfig::kernel or set SUPERMACHINE_KERNEL to a vmlinux built by \
+         `supermachine-vmm/guest/build-kernel.sh` (it prints the path)"
+    )]
+    KernelNotSet,
+    /// The kernel cannot be read.
+    #[error("guest kernel {path} cannot be read: {reason}")]
+    KernelUnreadable {
+        /// The path tried.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// No agent given and `SUPERMACHINE_AGENT_BIN` unset.
+    #[error(
+        "no guest agent: call VmConfig::agent or set SUPERMACHINE_AGENT_BIN to the static agent \
+         built by `cargo build -p supermachine-agent --release --target x86_64-unknown-linux-musl`"
+    )]
+    AgentNotSet,
+    /// The agent cannot be read.
+    #[error("guest agent {path} cannot be read: {reason}")]
+    AgentUnreadable {
+        /// The path tried.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// An extra initramfs file is unusable.
+    #[error("initramfs: {0}")]
+    Initramfs(String),
+    /// The extra kernel command line is unusable.
+    #[error("extra kernel command line: {0}")]
+    KernelCmdline(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files() -> (tempfile::TempDir, VmConfig) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("vmlinux"), b"k").unwrap();
+        std::fs::write(dir.path().join("agent"), b"a").unwrap();
+        let config = VmConfig::new()
+            .kernel(dir.path().join("vmlinux"))
+            .agent(dir.path().join("agent"));
+        (dir, config)
+    }
+
+    #[test]
+    fn valid_config_resolves() {
+        let (dir, config) = files();
+        let r = config.resolve().unwrap();
+        assert_eq!(r.kernel, dir.path().join("vmlinux"));
+        assert_eq!(r.agent, dir.path().join("agent"));
+    }
+
+    #[test]
+    fn each_invalid_field_has_its_error() {
+        let (dir, config) = files();
+        let err = |c: VmConfig| c.resolve().err().unwrap();
+        assert_eq!(err(config.clone().vcpus(0)), ConfigError::NoVcpus);
+        assert!(matches!(
+            err(config.clone().vcpus(33)),
+            ConfigError::TooManyVcpus { requested: 33, .. }
+        ));
+        assert!(matches!(
+            err(config.clone().memory_mib(16)),
+            ConfigError::MemoryTooSmall { mib: 16, min: 64 }
+        ));
+        assert!(matches!(
+            err(config.clone().memory_mib(1 << 20)),
+            ConfigError::MemoryTooLarge { .. }
+        ));
+        assert!(matches!(
+            err(config.clone().kernel(dir.path().join("missing"))),
+            ConfigError::KernelUnreadable { .. }
+        ));
+        assert!(matches!(
+            err(config.clone().kernel(dir.path())),
+            ConfigError::KernelUnreadable { reason, .. } if reason.contains("regular")
+        ));
+        assert!(matches!(
+            err(config.clone().agent("/nonexistent/agent")),
+            ConfigError::AgentUnreadable { .. }
+        ));
+        assert!(matches!(
+            err(config.kernel_cmdline("a\nb")),
+            ConfigError::KernelCmdline(_)
+        ));
+        // The messages say how to fix it.
+        assert!(ConfigError::KernelNotSet
+            .to_string()
+            .contains("build-kernel.sh"));
+        assert!(ConfigError::AgentNotSet
+            .to_string()
+            .contains("x86_64-unknown-linux-musl"));
+    }
+}

@@ -1,0 +1,150 @@
+//! What the host sees when a guest dies: a kernel panic reaches the caller as a typed error
+//! carrying the panic line, promptly; every pending exec, read and control call fails instead
+//! of hanging; and the VM's threads, descriptors and memory mappings are gone after the drop.
+//!
+//! Boots its own VM (the shared one in `exec_vm.rs` must survive). Needs `/dev/kvm`; skips
+//! without it only when `SUPERMACHINE_REQUIRE_KVM` is unset.
+
+use std::time::{Duration, Instant};
+
+use supermachine::{Error, Vm, VmExitReason};
+use tokio::io::AsyncReadExt;
+
+fn count(what: &str) -> usize {
+    std::fs::read_dir(format!("/proc/self/{what}"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+fn mappings() -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .map(|m| m.lines().count())
+        .unwrap_or(0)
+}
+
+/// The leak check counts this process's threads and descriptors, so the tests here take turns.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// How long the host may take to notice a dead guest and fail everything pending. The panic
+/// itself (the guest printing its banner through the trapped serial port) is guest time.
+const PROMPTLY: Duration = Duration::from_secs(30);
+
+#[test]
+fn kernel_panic_fails_pending_execs_with_the_panic_line() {
+    if !supermachine_e2e::kvm_available_or_skip("kernel_panic") {
+        return;
+    }
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let config = supermachine_e2e::test_vm_config().unwrap().test_hooks(true);
+    // Baselines after the runtime exists and the lazily initialised helpers ran once.
+    let (threads, fds, maps) = (count("task"), count("fd"), mappings());
+
+    runtime.block_on(async {
+        let vm = Vm::start(config).await.expect("VM starts");
+        let mut pending = Vec::new();
+        for _ in 0..3 {
+            pending.push(vm.exec(["sleep", "1000"]).spawn().await.unwrap());
+        }
+        let mut reader = pending[0].take_stdout().unwrap();
+        let read = tokio::spawn(async move {
+            let mut sink = Vec::new();
+            reader.read_to_end(&mut sink).await
+        });
+        let agent = vm.agent().clone();
+
+        let crashed_at = Instant::now();
+        vm.crash_guest().await.expect("the crash hook is accepted");
+        for child in pending {
+            let result = tokio::time::timeout(PROMPTLY, child)
+                .await
+                .expect("a pending exec must not hang when the guest panics");
+            match result {
+                Err(Error::VmExited(exit)) => {
+                    assert!(
+                        matches!(&exit.reason, VmExitReason::KernelPanic { message }
+                            if message.contains("Attempted to kill init")),
+                        "{exit:?}"
+                    );
+                    assert!(exit.console_tail.contains("Kernel panic"), "{exit}");
+                }
+                other => panic!("expected VmExited(KernelPanic), got {other:?}"),
+            }
+        }
+        let read = tokio::time::timeout(PROMPTLY, read)
+            .await
+            .expect("a pending read must not hang")
+            .unwrap();
+        let read_error = read.expect_err("truncated output must read as an error");
+        assert_eq!(read_error.kind(), std::io::ErrorKind::ConnectionAborted);
+        eprintln!(
+            "pending execs failed {:.2} s after the crash request",
+            crashed_at.elapsed().as_secs_f64()
+        );
+
+        // The VM itself says the same, and later calls fail at once with the same error.
+        let exit = vm.wait().await;
+        assert!(
+            matches!(exit.reason, VmExitReason::KernelPanic { .. }),
+            "{exit:?}"
+        );
+        assert!(exit.is_crash());
+        let t = Instant::now();
+        let late = agent.exec(["true"]).output().await;
+        assert!(matches!(late, Err(Error::VmExited(_))), "{late:?}");
+        let ping = agent.ping().await;
+        assert!(matches!(ping, Err(Error::VmExited(_))), "{ping:?}");
+        assert!(t.elapsed() < Duration::from_secs(1));
+        drop(vm);
+        drop(agent);
+    });
+    // The monitor and exec tasks wind down on the runtime; give them a moment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline
+        && (count("task") > threads || count("fd") > fds || mappings() > maps)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(count("task"), threads, "threads leaked");
+    assert_eq!(count("fd"), fds, "descriptors leaked");
+    assert!(
+        mappings() <= maps,
+        "memory mappings leaked: {} > {maps}",
+        mappings()
+    );
+}
+
+#[test]
+fn a_guest_that_dies_while_booting_fails_start_with_the_panic() {
+    if !supermachine_e2e::kvm_available_or_skip("dies_while_booting") {
+        return;
+    }
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // An "agent" that is not an executable, and no shell to fall back on: the kernel finds no
+    // working init and panics.
+    let dir = tempfile::tempdir().unwrap();
+    let bogus = dir.path().join("not-an-agent");
+    std::fs::write(&bogus, b"this is not an ELF file").unwrap();
+    let config = supermachine::VmConfig::new()
+        .kernel(supermachine_e2e::guest_kernel().unwrap())
+        .agent(&bogus);
+    let result = runtime.block_on(Vm::start(config));
+    match result {
+        Err(Error::VmExited(exit)) => {
+            assert!(
+                matches!(&exit.reason, VmExitReason::KernelPanic { .. }),
+                "{exit:?}"
+            );
+            assert!(exit.to_string().contains("init"), "{exit}");
+        }
+        other => panic!("expected VmExited(KernelPanic), got {other:?}"),
+    }
+}
