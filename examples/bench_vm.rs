@@ -2,11 +2,13 @@
 //! small message on an open connection, stdout throughput over vsock, and the VMM's RSS.
 //!
 //! ```text
-//! cargo run --release --example bench_vm -- [BOOTS] [ROUNDS] [MIB]
+//! cargo run --release --example bench_vm -- [BOOTS] [ROUNDS] [MIB] [bare]
 //! ```
 //!
 //! Defaults: 5 boots (median reported), 30 rounds for the round trips, 4 MiB of stdout. Prints
-//! medians and p99s; this host is noisy, compare medians of repeated runs.
+//! medians and p99s; this host is noisy, compare medians of repeated runs. The guest has a
+//! static busybox in its initramfs for the exec figures; with `bare`, only boots are measured,
+//! with the agent alone in the initramfs (what a VM with an image rootfs on virtio-blk boots).
 
 use std::time::{Duration, Instant};
 
@@ -46,7 +48,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let boots = arg(1, 5).max(1);
     let rounds = arg(2, 30).max(1);
     let mib = arg(3, 4).max(1);
-    let config = supermachine_e2e::test_vm_config()?.memory_mib(256);
+    let bare = std::env::args().nth(4).is_some_and(|a| a == "bare");
+    let config = if bare {
+        supermachine::VmConfig::new()
+            .kernel(supermachine_e2e::guest_kernel()?)
+            .agent(supermachine_e2e::agent_binary()?)
+    } else {
+        supermachine_e2e::test_vm_config()?
+    }
+    .memory_mib(256);
 
     // Cold boots; the last VM stays up for the rest.
     let mut boot_times = Vec::new();
@@ -69,6 +79,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         boot_times[0].as_secs_f64(),
         boot_times[boot_times.len() - 1].as_secs_f64()
     );
+    if bare {
+        return Ok(());
+    }
     let rss_vm = rss_kib();
     println!(
         "VMM process RSS with one idle 256 MiB guest: {} KiB ({} KiB above the process before boot)",
