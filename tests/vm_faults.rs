@@ -1,6 +1,7 @@
 //! What the host sees when a guest dies: a kernel panic reaches the caller as a typed error
 //! carrying the panic line, promptly; every pending exec, read and control call fails instead
 //! of hanging; and the VM's threads, descriptors and memory mappings are gone after the drop.
+//! Losing the device loop (its runtime shut down) ends the VM the same way.
 //!
 //! Boots its own VM (the shared one in `exec_vm.rs` must survive). Needs `/dev/kvm`; skips
 //! without it only when `SUPERMACHINE_REQUIRE_KVM` is unset.
@@ -147,4 +148,61 @@ fn a_guest_that_dies_while_booting_fails_start_with_the_panic() {
         }
         other => panic!("expected VmExited(KernelPanic), got {other:?}"),
     }
+}
+
+/// The device loop of a VM runs on the tokio runtime that started it. If that runtime shuts
+/// down under a running VM, the VM ends with a failure instead of leaving callers on other
+/// runtimes waiting forever.
+#[test]
+fn losing_the_device_runtime_ends_the_vm_and_fails_pending_execs() {
+    if !supermachine_e2e::kvm_available_or_skip("device_runtime") {
+        return;
+    }
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let devices = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let callers = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // Agent only: the long-running exec is a second agent instance serving another port.
+    let config = supermachine::VmConfig::new()
+        .kernel(supermachine_e2e::guest_kernel().unwrap())
+        .agent(supermachine_e2e::agent_binary().unwrap());
+    let vm = devices.block_on(Vm::start(config)).expect("VM starts");
+    let child = callers
+        .block_on(vm.exec(["/init", "--vsock", "2000"]).spawn())
+        .expect("exec starts");
+
+    let lost_at = Instant::now();
+    drop(devices);
+    callers.block_on(async {
+        let result = tokio::time::timeout(PROMPTLY, child)
+            .await
+            .expect("a pending exec must not hang when the device loop is gone");
+        assert!(
+            matches!(
+                result,
+                Err(Error::VmExited(_)) | Err(Error::ConnectionLost { .. })
+            ),
+            "{result:?}"
+        );
+        let exit = tokio::time::timeout(PROMPTLY, vm.wait())
+            .await
+            .expect("the VM must end");
+        match &exit.reason {
+            VmExitReason::Failed { message } => assert!(message.contains("runtime"), "{message}"),
+            other => panic!("expected Failed, got {other:?}"),
+        }
+        let late = vm.exec(["true"]).output().await;
+        assert!(matches!(late, Err(Error::VmExited(_))), "{late:?}");
+    });
+    eprintln!(
+        "VM ended {:.2} s after its device runtime was dropped",
+        lost_at.elapsed().as_secs_f64()
+    );
+    drop(vm);
 }

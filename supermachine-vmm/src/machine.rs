@@ -157,6 +157,12 @@ pub enum ExitReason {
     Stopped,
     /// A vCPU could not go on.
     Failed(VcpuFailure),
+    /// The device side could not go on (e.g. the tokio runtime running the devices shut down
+    /// while the machine ran); the vCPUs were stopped.
+    DeviceFailed {
+        /// What failed.
+        message: String,
+    },
 }
 
 impl std::fmt::Display for ExitReason {
@@ -167,6 +173,7 @@ impl std::fmt::Display for ExitReason {
             ExitReason::Panic { message } => write!(f, "the guest kernel panicked: {message}"),
             ExitReason::Stopped => f.write_str("stopped by the host"),
             ExitReason::Failed(failure) => write!(f, "failed: {failure}"),
+            ExitReason::DeviceFailed { message } => write!(f, "device failure: {message}"),
         }
     }
 }
@@ -251,7 +258,7 @@ impl std::fmt::Display for MachineExit {
         write!(f, "{}", self.reason)?;
         if matches!(
             self.reason,
-            ExitReason::Failed(_) | ExitReason::Panic { .. }
+            ExitReason::Failed(_) | ExitReason::Panic { .. } | ExitReason::DeviceFailed { .. }
         ) {
             write!(f, "\n--- console tail ---\n{}", self.console_tail)?;
         }
@@ -542,7 +549,37 @@ impl MachineBuilder {
             }
         }
         machine.register_threads(&kickers);
+        machine.watch_device_runtime();
         Ok(machine)
+    }
+}
+
+/// Ends the machine with [`ExitReason::DeviceFailed`] when dropped while armed: it lives in a
+/// task on the device runtime, and the runtime drops its tasks when it shuts down. A machine
+/// whose devices no longer run must not keep its vCPUs spinning or its callers waiting.
+struct DeviceRuntimeGuard {
+    control: std::sync::Weak<RunControl>,
+    armed: bool,
+}
+
+impl DeviceRuntimeGuard {
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for DeviceRuntimeGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Some(control) = self.control.upgrade() {
+            control.finish(ExitReason::DeviceFailed {
+                message: "the tokio runtime running this machine's devices shut down while the \
+                          machine ran; keep the runtime alive for as long as the machine"
+                    .to_owned(),
+            });
+        }
     }
 }
 
@@ -583,6 +620,20 @@ impl Machine {
     /// tokio runtime.
     pub fn start(config: MachineConfig) -> Result<Machine, Error> {
         MachineBuilder::new(config)?.start()
+    }
+
+    /// Spawns the task that turns a shutdown of the device runtime into a machine exit.
+    fn watch_device_runtime(&self) {
+        let mut guard = DeviceRuntimeGuard {
+            control: Arc::downgrade(&self.control),
+            armed: true,
+        };
+        let mut exit = self.exit_rx.clone();
+        self._runtime.spawn(async move {
+            // Ends (disarmed) with the machine: its exit is recorded, or the machine is gone.
+            let _ = exit.wait_for(Option::is_some).await;
+            guard.disarm();
+        });
     }
 
     fn register_threads(&self, kickers: &[Arc<dyn VcpuKicker>]) {

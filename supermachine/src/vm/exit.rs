@@ -55,6 +55,7 @@ impl From<MachineExit> for VmExit {
             ExitReason::Failed(failure) => VmExitReason::Failed {
                 message: failure.to_string(),
             },
+            ExitReason::DeviceFailed { message } => VmExitReason::Failed { message },
             // The VMM's enum may grow; an unknown end is reported as a failure.
             #[allow(unreachable_patterns)]
             other => VmExitReason::Failed {
