@@ -37,6 +37,13 @@ use crate::reaper::Reaper;
 use crate::server::{Listener, StopSignals};
 use crate::state::{Agent, Mode};
 
+/// musl's allocator maps and unmaps memory for every mid-sized buffer (a connection's or an
+/// output chunk's), and in a guest on a nested (PVM) host each mmap, munmap and first touch of a
+/// page costs the guest kernel dearly. dlmalloc takes memory from the kernel in large segments
+/// and keeps what is freed for reuse.
+#[global_allocator]
+static ALLOCATOR: dlmalloc::GlobalDlmalloc = dlmalloc::GlobalDlmalloc;
+
 /// Environment variable with the log level (`error`, `warn`, `info`, `debug`, `trace`, `off`).
 const LOG_ENV: &str = "SUPERMACHINE_AGENT_LOG";
 

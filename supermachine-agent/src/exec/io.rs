@@ -34,6 +34,12 @@ pub const CHUNK: usize = 256 * 1024;
 /// an idle or chatty exec keeps a small buffer (hundreds of execs fit in a small guest), a bulk
 /// stream quickly moves to large frames, which cost fewer syscalls and wakeups per byte.
 const FIRST_CHUNK: usize = 16 * 1024;
+/// Reads up to this size are copied out of the read buffer instead of split off it. A split
+/// hands the buffer to the frame writer, so the next read needs a fresh allocation, which musl
+/// serves with mmap (and frees with munmap): two syscalls and a page fault per chunk, each very
+/// expensive in a guest on a nested (PVM) host. Interactive output is small; bulk output fills
+/// the buffer and is still split off without a copy.
+const COPY_AT_MOST: usize = FIRST_CHUNK;
 /// Frames queued between the pumps and the connection writer.
 pub const OUT_QUEUE: usize = 8;
 /// Stdin bytes queued between the connection reader and the stdin writer, at most. (A single
@@ -211,7 +217,13 @@ pub async fn pump_output<R>(
                 if n >= chunk {
                     chunk = (chunk * 2).min(CHUNK);
                 }
-                let chunk = buf.split().freeze();
+                let chunk = if n <= COPY_AT_MOST {
+                    let bytes = Bytes::copy_from_slice(&buf);
+                    buf.clear();
+                    bytes
+                } else {
+                    buf.split().freeze()
+                };
                 if !forward {
                     continue;
                 }
