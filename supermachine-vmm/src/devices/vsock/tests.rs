@@ -898,6 +898,30 @@ async fn tx_completion_interrupt_rides_on_the_reply() {
 }
 
 #[tokio::test]
+async fn default_delay_lets_a_slow_reply_carry_the_tx_interrupt() {
+    // Replies through guest userspace take 20–120 ms on a PVM host; the default delay must
+    // outlast them so the request's tx buffer costs the guest no interrupt of its own.
+    let mut g = Guest::new(config(), 16);
+    let (mut s, port) = g.connect().await;
+    tokio::time::sleep(config().tx_interrupt_delay + Duration::from_millis(100)).await;
+    g.d.take_irqs();
+
+    g.send(g.hdr(OP_RW, port), b"ping");
+    assert_eq!(read_exactly(&mut s, 4).await, b"ping");
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert_eq!(
+        g.d.take_irqs(),
+        0,
+        "a tx-only interrupt waits for the reply"
+    );
+    s.write_all(b"pong").await.unwrap();
+    let (_, data) = g.recv().await;
+    assert_eq!(data, b"pong");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(g.d.take_irqs(), 1, "one interrupt for request and reply");
+}
+
+#[tokio::test]
 async fn zero_tx_interrupt_delay_interrupts_at_once() {
     let cfg = VsockConfig {
         tx_interrupt_delay: Duration::ZERO,

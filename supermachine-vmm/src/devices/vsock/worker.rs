@@ -12,7 +12,7 @@
 //! 4. deliver pending transport-reset events,
 //! 5. raise at most **one** interrupt for the whole pass, and only if some queue's
 //!    `used_event` (event idx) says the guest is waiting for it. An interrupt that would only
-//!    report consumed tx buffers is held back for `tx_interrupt_delay` (10 ms by default, or
+//!    report consumed tx buffers is held back for `tx_interrupt_delay` (250 ms by default, or
 //!    until a quarter of the tx ring is waiting): Linux only reclaims memory on it, and if a
 //!    reply goes out meanwhile its rx interrupt covers both.
 //!
