@@ -1,7 +1,7 @@
 //! What the host sees when a guest dies: a kernel panic reaches the caller as a typed error
 //! carrying the panic line, promptly; every pending exec, read and control call fails instead
 //! of hanging; and the VM's threads, descriptors and memory mappings are gone after the drop.
-//! Losing the device loop (its runtime shut down) ends the VM the same way.
+//! Losing the device loop (its runtime shut down) or a vCPU ends the VM the same way.
 //!
 //! Boots its own VM (the shared one in `exec_vm.rs` must survive). Needs `/dev/kvm`; skips
 //! without it only when `SUPERMACHINE_REQUIRE_KVM` is unset.
@@ -205,4 +205,80 @@ fn losing_the_device_runtime_ends_the_vm_and_fails_pending_execs() {
         lost_at.elapsed().as_secs_f64()
     );
     drop(vm);
+}
+
+/// A minimal x86-64 ELF "kernel" whose entry jumps to guest-physical 0xf000_0000: mapped by
+/// the boot page tables, but neither RAM nor a device, so the vCPU cannot fetch its next
+/// instruction and the hypervisor gives up on it.
+fn runaway_kernel() -> Vec<u8> {
+    const LOAD: u64 = 0x100_0000;
+    const CODE_OFFSET: u64 = 0x1000;
+    // mov eax, 0xf0000000 ; jmp rax
+    let code = [0xb8, 0x00, 0x00, 0x00, 0xf0, 0xff, 0xe0];
+    let mut elf = Vec::new();
+    elf.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0]);
+    elf.extend_from_slice(&[0; 8]);
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&LOAD.to_le_bytes()); // e_entry
+    elf.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
+    elf.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+    elf.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+    for half in [64u16, 56, 1, 64, 0, 0] {
+        // ehsize, phentsize, phnum, shentsize, shnum, shstrndx
+        elf.extend_from_slice(&half.to_le_bytes());
+    }
+    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    elf.extend_from_slice(&5u32.to_le_bytes()); // R + X
+    for word in [
+        CODE_OFFSET,
+        LOAD,
+        LOAD,
+        code.len() as u64,
+        code.len() as u64,
+        0x1000,
+    ] {
+        // offset, vaddr, paddr, filesz, memsz, align
+        elf.extend_from_slice(&word.to_le_bytes());
+    }
+    elf.resize(CODE_OFFSET as usize, 0);
+    elf.extend_from_slice(&code);
+    elf
+}
+
+/// A vCPU that cannot go on ends the VM with a typed error at once.
+#[test]
+fn a_failing_vcpu_fails_start_with_a_typed_error() {
+    if !supermachine_e2e::kvm_available_or_skip("failing_vcpu") {
+        return;
+    }
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("runaway");
+    std::fs::write(&kernel, runaway_kernel()).unwrap();
+    let config = supermachine::VmConfig::new()
+        .kernel(&kernel)
+        .agent(supermachine_e2e::agent_binary().unwrap());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let t = Instant::now();
+    let result = runtime.block_on(Vm::start(config));
+    eprintln!(
+        "start failed after {:.2} s: {result:?}",
+        t.elapsed().as_secs_f64()
+    );
+    match result {
+        Err(Error::VmExited(exit)) => {
+            assert!(exit.is_crash(), "{exit:?}");
+            assert!(
+                matches!(exit.reason, VmExitReason::Failed { .. }),
+                "{exit:?}"
+            );
+        }
+        other => panic!("expected VmExited(Failed), got {other:?}"),
+    }
+    assert!(t.elapsed() < PROMPTLY);
 }
