@@ -88,11 +88,15 @@ fn start_stop_frees_everything() {
         );
 
         let mut machine = builder.start().unwrap();
-        assert_eq!(
-            support::count_proc_self("task"),
-            threads + 1,
-            "one thread per vCPU"
-        );
+        // Settles rather than asserting the first sample: once, under CI load, one more task
+        // showed up here for a moment (not reproduced since); a thread per vCPU is the claim.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut seen = support::count_proc_self("task");
+        while seen != threads + 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            seen = support::count_proc_self("task");
+        }
+        assert_eq!(seen, threads + 1, "one thread per vCPU");
         assert!(
             machine_mappings(ram) >= mapped + 2,
             "guest RAM + vCPU run area"
