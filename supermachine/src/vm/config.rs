@@ -10,9 +10,9 @@ pub const KERNEL_ENV: &str = "SUPERMACHINE_KERNEL";
 pub const AGENT_ENV: &str = "SUPERMACHINE_AGENT_BIN";
 
 /// The smallest guest RAM accepted, in MiB: the kernel, the initramfs and room to run.
-pub const MIN_MEMORY_MIB: u32 = 64;
+pub const MIN_MEMORY_MIB: u32 = supermachine_vmm::MIN_MEMORY_MIB;
 /// The largest guest RAM accepted, in MiB (RAM ends below the MMIO hole).
-pub const MAX_MEMORY_MIB: u32 = 3328;
+pub const MAX_MEMORY_MIB: u32 = supermachine_vmm::memory::MAX_MEMORY_MIB;
 /// The most vCPUs a VM may have.
 pub const MAX_VCPUS: u32 = 32;
 

@@ -2,6 +2,7 @@
 //! every stream it hands out fails with the VM's exit once the VM is gone.
 
 use std::fmt;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use crate::vm::exit::VmExit;
 /// Whether the VM still runs, shared by the VM, its connector and every stream.
 #[derive(Debug)]
 pub(crate) struct Liveness {
-    exit: watch::Receiver<Option<MachineExit>>,
+    pub(crate) exit: watch::Receiver<Option<MachineExit>>,
     /// Cancelled (by the VM's monitor task) once `exit` holds a value or its sender is gone.
     ended: CancellationToken,
 }
@@ -146,8 +147,6 @@ impl VmStream {
         }
     }
 }
-
-use std::future::Future;
 
 impl AsyncRead for VmStream {
     fn poll_read(

@@ -56,11 +56,6 @@ impl From<MachineExit> for VmExit {
                 message: failure.to_string(),
             },
             ExitReason::DeviceFailed { message } => VmExitReason::Failed { message },
-            // The VMM's enum may grow; an unknown end is reported as a failure.
-            #[allow(unreachable_patterns)]
-            other => VmExitReason::Failed {
-                message: other.to_string(),
-            },
         };
         VmExit {
             reason,

@@ -35,6 +35,9 @@ use initramfs::{Entry, Initramfs};
 /// The guest's vsock context ID. Every VM has its own device, so one fixed CID is enough.
 const GUEST_CID: u64 = 3;
 
+/// How much of the console a boot timeout reports.
+const CONSOLE_TAIL_BYTES: usize = 4096;
+
 /// How often start-up asks whether the agent is up. Each refused attempt costs the guest a
 /// packet round trip (12–15 ms of guest time on PVM hosts), so this is not a busy poll.
 const READY_POLL: Duration = Duration::from_millis(250);
@@ -169,21 +172,19 @@ impl Vm {
         self.boot_time
     }
 
+    /// The machine, even if a panicking thread poisoned the lock: `Machine`'s methods keep it
+    /// consistent on their own.
+    fn machine(&self) -> std::sync::MutexGuard<'_, Machine> {
+        self.machine.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The guest console (serial port) as far as it is kept (the last 256 KiB or so).
     pub fn console(&self) -> String {
-        match self.machine.lock() {
-            Ok(machine) => String::from_utf8_lossy(&machine.console()).into_owned(),
-            Err(poisoned) => String::from_utf8_lossy(&poisoned.into_inner().console()).into_owned(),
-        }
+        String::from_utf8_lossy(&self.machine().console()).into_owned()
     }
 
     fn console_tail(&self) -> String {
-        let console = self.console();
-        let start = console.len().saturating_sub(4096);
-        let start = (start..console.len())
-            .find(|&i| console.is_char_boundary(i))
-            .unwrap_or(console.len());
-        console[start..].to_owned()
+        self.machine().console_log().tail(CONSOLE_TAIL_BYTES)
     }
 
     /// How the VM ended, or `None` while it runs.
@@ -193,7 +194,7 @@ impl Vm {
 
     /// Waits until the VM ends, and says how.
     pub async fn wait(&self) -> VmExit {
-        let mut rx = self.exit_watch();
+        let mut rx = self.liveness.exit.clone();
         let _ = rx.wait_for(Option::is_some).await;
         self.exit_status().unwrap_or(VmExit {
             reason: VmExitReason::Stopped,
@@ -201,21 +202,10 @@ impl Vm {
         })
     }
 
-    fn exit_watch(&self) -> tokio::sync::watch::Receiver<Option<supermachine_vmm::MachineExit>> {
-        match self.machine.lock() {
-            Ok(machine) => machine.exit_watch(),
-            Err(poisoned) => poisoned.into_inner().exit_watch(),
-        }
-    }
-
     /// Stops the VM (if still running) and frees its vCPUs; every pending exec fails with
     /// [`Error::VmExited`]. Idempotent. Blocks briefly while the vCPU threads leave the guest.
     pub fn stop(&self) -> VmExit {
-        let exit = match self.machine.lock() {
-            Ok(mut machine) => machine.stop(),
-            Err(poisoned) => poisoned.into_inner().stop(),
-        };
-        VmExit::from(exit)
+        VmExit::from(self.machine().stop())
     }
 }
 
