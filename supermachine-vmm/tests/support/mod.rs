@@ -138,6 +138,20 @@ pub async fn wait_for_console(
     }
 }
 
+/// This process's own threads. KVM runs per-VM worker threads (e.g. `kvm-nx-lpage-recovery`,
+/// started once the VM's vCPUs run, on hosts that need it) inside the thread group of the
+/// process that owns the VM; they belong to the VM fd and end with it, so they are not ours.
+pub fn count_own_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|task| {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            !comm.starts_with("kvm-")
+        })
+        .count()
+}
+
 /// Entries in a /proc/self directory (threads: `task`, descriptors: `fd`).
 pub fn count_proc_self(what: &str) -> usize {
     std::fs::read_dir(format!("/proc/self/{what}"))
