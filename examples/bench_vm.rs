@@ -10,34 +10,12 @@
 //! static busybox in its initramfs for the exec figures; with `bare`, only boots are measured,
 //! with the agent alone in the initramfs (what a VM with an image rootfs on virtio-blk boots).
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use supermachine::Vm;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn arg(n: usize, default: usize) -> usize {
-    std::env::args()
-        .nth(n)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(default)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn report(name: &str, mut samples: Vec<Duration>) {
-    samples.sort();
-    println!(
-        "{name}: p50 {:.2} ms, p99 {:.2} ms, min {:.2} ms, max {:.2} ms (n={})",
-        percentile(&samples, 0.5).as_secs_f64() * 1e3,
-        percentile(&samples, 0.99).as_secs_f64() * 1e3,
-        samples[0].as_secs_f64() * 1e3,
-        samples[samples.len() - 1].as_secs_f64() * 1e3,
-        samples.len()
-    );
-}
+use supermachine_e2e::bench::{arg, percentile, report};
 
 fn rss_kib() -> u64 {
     supermachine_e2e::rss_kib().0

@@ -8,22 +8,13 @@
 
 mod exec_cases;
 
-use std::sync::OnceLock;
-
 use exec_cases::Target;
 use supermachine::Vm;
 
 /// The runtime every test runs on: the VM's devices live on the runtime it was started in, so
 /// it must outlive every test.
 fn runtime() -> &'static tokio::runtime::Runtime {
-    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RUNTIME.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("tokio runtime")
-    })
+    supermachine_e2e::shared_runtime()
 }
 
 /// The shared VM, booted by the first test that needs it. A failed boot is reported by every

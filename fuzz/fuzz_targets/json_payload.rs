@@ -46,7 +46,8 @@ fuzz_target!(|data: &[u8]| {
                 "signal_workload",
                 "set_clock",
                 "reseed_rng",
-                "crash_guest"
+                "crash_guest",
+                "restored"
             ]
             .contains(&name.as_str()),
             "a known action decoded as unknown: {name}"

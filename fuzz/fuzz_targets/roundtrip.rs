@@ -71,6 +71,7 @@ enum FuzzControl {
     SetClock(u64),
     ReseedRng,
     CrashGuest,
+    Restored(u64),
     Unknown(String),
     Ack(bool, Option<String>, Option<String>, Option<String>),
 }
@@ -131,6 +132,7 @@ fn control(c: FuzzControl) -> ControlMessage {
         FuzzControl::SetClock(unix_nanos) => Action(ControlAction::SetClock { unix_nanos }),
         FuzzControl::ReseedRng => Action(ControlAction::ReseedRng),
         FuzzControl::CrashGuest => Action(ControlAction::CrashGuest),
+        FuzzControl::Restored(unix_nanos) => Action(ControlAction::Restored { unix_nanos }),
         FuzzControl::Unknown(name) => ControlMessage::UnknownAction(name),
         FuzzControl::Ack(ok, error, version, boot_id) => ControlMessage::Ack(ControlAck {
             ok,
@@ -185,6 +187,7 @@ fn must_be_refused(frame: &Frame) -> bool {
                 | "set_clock"
                 | "reseed_rng"
                 | "crash_guest"
+                | "restored"
         ),
         _ => false,
     }

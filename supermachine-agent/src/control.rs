@@ -43,6 +43,7 @@ pub async fn respond(agent: &Agent, message: ControlMessage, data: Bytes) -> (Co
         ControlAction::SetClock { unix_nanos } => set_clock(agent.mode, unix_nanos),
         ControlAction::ReseedRng => reseed_rng(agent.mode, &data),
         ControlAction::CrashGuest => crash_guest(agent.mode, agent.boot_flags),
+        ControlAction::Restored { unix_nanos } => restored(agent.mode, unix_nanos, &data),
     };
     match result {
         Ok(reply) => reply,
@@ -148,6 +149,20 @@ fn crash_guest(mode: Mode, flags: BootFlags) -> Reply {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         std::process::exit(1);
     });
+    ok()
+}
+
+/// After a snapshot restore: fresh entropy in, the CRNG reseeded from it, the clock set.
+fn restored(mode: Mode, unix_nanos: u64, seed: &[u8]) -> Reply {
+    unsupported_in_host_mode(mode, "restored")?;
+    reseed_rng(mode, seed)?;
+    let random = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")
+        .map_err(|e| format!("restored: opening /dev/urandom: {e}"))?;
+    sys::reseed_crng(&random).map_err(|e| format!("restored: RNDRESEEDCRNG: {e}"))?;
+    set_clock(mode, unix_nanos)?;
+    tracing::debug!("restored: RNG reseeded, clock set");
     ok()
 }
 

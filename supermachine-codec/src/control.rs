@@ -36,6 +36,14 @@ pub enum ControlAction {
     /// test how hosts handle a dying guest. Refused unless the guest kernel command line has
     /// `supermachine.test_hooks=1`, and always refused in host mode. Acked before the exit.
     CrashGuest,
+    /// Sent by the host first thing after a VM was restored from a snapshot, before any exec:
+    /// mix the frame's attachment (fresh host entropy) into the kernel's pool and force the
+    /// kernel RNG to reseed from it, then set the wall clock. Two VMs restored from one
+    /// snapshot otherwise share their RNG state and a stale clock.
+    Restored {
+        /// The host's time, in nanoseconds since the Unix epoch.
+        unix_nanos: u64,
+    },
 }
 
 /// The agent's answer to a [`ControlAction`]: `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
@@ -124,6 +132,7 @@ const KNOWN_ACTIONS: &[&str] = &[
     "set_clock",
     "reseed_rng",
     "crash_guest",
+    "restored",
 ];
 
 pub(crate) fn is_known_action(name: &str) -> bool {

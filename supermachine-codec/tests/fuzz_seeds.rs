@@ -116,6 +116,12 @@ fn valid_frames() -> Vec<(&'static str, Frame)> {
         ),
         ("control_crash_guest", action(ControlAction::CrashGuest)),
         (
+            "control_restored",
+            action(ControlAction::Restored {
+                unix_nanos: 1_700_000_000_000_000_000,
+            }),
+        ),
+        (
             "control_unknown_action",
             Frame::control(ControlMessage::UnknownAction("teleport".into())),
         ),

@@ -186,6 +186,12 @@ fn every_variant_by_hand() {
             data: Bytes::from_static(&[0; 32]),
         },
         Frame::control(ControlMessage::Action(ControlAction::CrashGuest)),
+        Frame::Control {
+            message: ControlMessage::Action(ControlAction::Restored {
+                unix_nanos: 1_700_000_000_000_000_000,
+            }),
+            data: Bytes::from_static(&[7; 32]),
+        },
         Frame::control(ControlMessage::UnknownAction("teleport".into())),
         Frame::control(ControlMessage::UnknownAction(String::new())),
         Frame::control(ControlMessage::Ack(ControlAck::ok())),

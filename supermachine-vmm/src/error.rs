@@ -49,6 +49,9 @@ pub enum Error {
     /// The vCPU kick signal handler could not be installed.
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(String),
+    /// A snapshot could not be taken or restored.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
     /// A vCPU thread could not be spawned.
     #[error("spawning the thread of vCPU {id}: {source}")]
     Thread {

@@ -1,7 +1,7 @@
 //! The supermachine virtual machine monitor.
 //!
 //! Hypervisor boundary (KVM now; HVF and WHP later), guest memory, virtio-mmio devices (vsock,
-//! block, console) and, later, snapshot/restore. Nothing outside this crate names a hypervisor
+//! block, console) and snapshot/restore ([`snapshot`]). Nothing outside this crate names a hypervisor
 //! type. The guest kernel's config, patches and build script live in `guest/`; `DESIGN.md` fixes
 //! the internal module contract.
 //!
@@ -26,10 +26,11 @@ mod error;
 pub mod hypervisor;
 mod machine;
 pub mod memory;
+pub mod snapshot;
 mod vcpu;
 
 pub use error::{BootError, ConfigError, Error, HvError, MemoryError};
 pub use machine::{
-    is_pvm_host, DiskConfig, ExitReason, Machine, MachineBuilder, MachineConfig, MachineExit,
-    VcpuFailure, BASE_CMDLINE, CONSOLE_STDERR_ENV, MIN_MEMORY_MIB,
+    is_pvm_host, platform_cmdline, DiskConfig, ExitReason, Machine, MachineBuilder, MachineConfig,
+    MachineExit, VcpuFailure, BASE_CMDLINE, CONSOLE_STDERR_ENV, MIN_MEMORY_MIB,
 };

@@ -1,8 +1,9 @@
 //! A running microVM: memory, VM, devices and vCPU threads, and its lifecycle.
 
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use vm_memory::GuestMemoryMmap;
@@ -19,8 +20,11 @@ use crate::devices::virtio::{
 };
 use crate::devices::vsock::{VsockConfig, VsockDevice, VsockHandle};
 use crate::error::{ConfigError, Error};
-use crate::hypervisor::{self, HvVm, Hypervisor, IoEventAddress, VcpuKicker};
+use crate::hypervisor::{self, HvVcpu, HvVm, Hypervisor, IoEventAddress, VcpuKicker};
 use crate::memory::{self, RamBacking, MAX_MEMORY_MIB, MMIO_BASE};
+use crate::snapshot::{
+    format, MachineState, SavedConfig, SnapshotError, SnapshotInfo, MEMORY_FILE, VMSTATE_FILE,
+};
 use crate::vcpu::{self, RunControl, VcpuContext};
 
 /// The smallest guest RAM accepted: the kernel (~16 MiB loaded at 16 MiB) plus an initramfs and
@@ -44,6 +48,20 @@ pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 8250.nr_uarts=1"
 /// Appended on PVM hosts (`/sys/module/kvm_pvm` exists): see `guest/pvm-cmdline.txt` and
 /// GUEST-KERNEL.md. It hides CPU features PVM's instruction emulator cannot run.
 const PVM_CMDLINE: &str = include_str!("../guest/pvm-cmdline.txt");
+
+/// The part of every machine's kernel command line that depends on this host and build, not on
+/// the config: [`BASE_CMDLINE`] and, on PVM hosts, the PVM workarounds. Snapshot caches key on
+/// it (a snapshot booted with other parameters is another guest).
+pub fn platform_cmdline() -> String {
+    let mut line = BASE_CMDLINE.to_string();
+    if is_pvm_host() {
+        if let Some(pvm) = PVM_CMDLINE.lines().map(str::trim).find(|l| !l.is_empty()) {
+            line.push(' ');
+            line.push_str(pvm);
+        }
+    }
+    line
+}
 
 /// Environment variable: when set to `1`, the console is also copied to stderr as it arrives.
 pub const CONSOLE_STDERR_ENV: &str = "SUPERMACHINE_CONSOLE_STDERR";
@@ -106,6 +124,20 @@ impl MachineConfig {
 
     /// Checks what can be checked without a hypervisor.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_shape()?;
+        if !self.kernel.is_file() {
+            return Err(ConfigError::KernelNotFound(self.kernel.clone()));
+        }
+        if let Some(initramfs) = &self.initramfs {
+            if !initramfs.is_file() {
+                return Err(ConfigError::InitramfsNotFound(initramfs.clone()));
+            }
+        }
+        boot::validate_cmdline(&self.cmdline).map_err(|e| ConfigError::Cmdline(e.to_string()))
+    }
+
+    /// The checks that also apply to a restore (which needs no kernel).
+    fn validate_shape(&self) -> Result<(), ConfigError> {
         if self.vcpus == 0 {
             return Err(ConfigError::NoVcpus);
         }
@@ -127,15 +159,7 @@ impl MachineConfig {
                 max: MAX_MEMORY_MIB,
             });
         }
-        if !self.kernel.is_file() {
-            return Err(ConfigError::KernelNotFound(self.kernel.clone()));
-        }
-        if let Some(initramfs) = &self.initramfs {
-            if !initramfs.is_file() {
-                return Err(ConfigError::InitramfsNotFound(initramfs.clone()));
-            }
-        }
-        boot::validate_cmdline(&self.cmdline).map_err(|e| ConfigError::Cmdline(e.to_string()))
+        Ok(())
     }
 }
 
@@ -281,6 +305,18 @@ pub struct MachineBuilder {
     device_cmdline: Vec<String>,
     next_slot: u32,
     vsock: Option<VsockHandle>,
+    serial: Arc<Mutex<Serial>>,
+    /// Virtio transports in slot order, for snapshots.
+    transports: Vec<(String, Arc<Mutex<MmioTransport>>)>,
+    /// Devices added as plain bus devices, which a snapshot cannot save.
+    opaque_devices: Vec<String>,
+}
+
+/// How long a snapshot waits for the vCPUs to park.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl MachineBuilder {
@@ -288,6 +324,11 @@ impl MachineBuilder {
     /// tokio runtime (devices run their work on it).
     pub fn new(config: MachineConfig) -> Result<Self, Error> {
         config.validate()?;
+        Self::assemble(config, RamBacking::Anonymous)
+    }
+
+    /// Everything but the kernel: RAM, VM, irqchip, serial and the configured devices.
+    fn assemble(config: MachineConfig, backing: RamBacking) -> Result<Self, Error> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
         vcpu::install_kick_handler().map_err(Error::Signal)?;
 
@@ -308,7 +349,7 @@ impl MachineBuilder {
                 "PVM host: only one vCPU will run (maxcpus=1)"
             );
         }
-        let memory = memory::create(config.memory_mib, RamBacking::Anonymous)?;
+        let memory = memory::create(config.memory_mib, backing)?;
         let vm = hv.create_vm()?;
         vm.map_memory(&memory)?;
         vm.create_irqchip()?;
@@ -319,10 +360,11 @@ impl MachineBuilder {
         let serial_irq = new_eventfd()?;
         vm.register_irqfd(&serial_irq, COM1_GSI)?;
         let mut pio = Bus::new();
+        let serial = Arc::new(Mutex::new(Serial::new(console.clone(), serial_irq)));
         pio.insert(
             u64::from(COM1_PORT),
             u64::from(COM1_PORT_LEN),
-            Arc::new(Mutex::new(Serial::new(console.clone(), serial_irq))),
+            serial.clone(),
         )?;
 
         let mut builder = MachineBuilder {
@@ -337,6 +379,9 @@ impl MachineBuilder {
             device_cmdline: Vec::new(),
             next_slot: 0,
             vsock: None,
+            serial,
+            transports: Vec::new(),
+            opaque_devices: Vec::new(),
         };
 
         // Devices from the config, in a fixed order (vsock, then disks) so slot addresses are
@@ -377,8 +422,9 @@ impl MachineBuilder {
                 device: name.to_owned(),
                 source: Box::new(e),
             })?;
-        self.mmio
-            .insert(base, MMIO_SLOT_SIZE, Arc::new(Mutex::new(transport)))?;
+        let transport = Arc::new(Mutex::new(transport));
+        self.mmio.insert(base, MMIO_SLOT_SIZE, transport.clone())?;
+        self.transports.push((name.to_owned(), transport));
         self.device_cmdline.push(entry);
         Ok((base, gsi))
     }
@@ -409,6 +455,8 @@ impl MachineBuilder {
     ) -> Result<MmioSlot, Error> {
         let slot = self.allocate_slot(num_queues)?;
         self.attach(&slot, device)?;
+        self.opaque_devices
+            .push(format!("virtio-mmio device at {:#x}", slot.base));
         Ok(slot)
     }
 
@@ -425,6 +473,8 @@ impl MachineBuilder {
         let entry = slot.cmdline_entry();
         let device = build(slot);
         self.mmio.insert(base, MMIO_SLOT_SIZE, device)?;
+        self.opaque_devices
+            .push(format!("virtio-mmio device at {base:#x}"));
         self.device_cmdline.push(entry);
         Ok((base, gsi))
     }
@@ -476,6 +526,9 @@ impl MachineBuilder {
                 parts.push(line.to_string());
             }
         }
+        debug_assert!(platform_cmdline()
+            .split(' ')
+            .all(|t| parts.iter().any(|p| p.split(' ').any(|q| q == t))));
         if !self.config.cmdline.trim().is_empty() {
             parts.push(self.config.cmdline.trim().to_string());
         }
@@ -508,7 +561,70 @@ impl MachineBuilder {
             boot::configure_vcpu(vcpu.as_ref(), self.config.vcpus, &image, &cpuid)?;
             vcpus.push(vcpu);
         }
+        self.launch(vcpus, cmdline)
+    }
 
+    /// Loads a snapshot's device and hypervisor state into this machine (built on the
+    /// snapshot's memory) and starts it.
+    fn restore(self, state: &MachineState) -> Result<Machine, Error> {
+        let device_err = |device: &str, message: String| SnapshotError::Device {
+            device: device.to_owned(),
+            message,
+        };
+        if state.transports.len() != self.transports.len() {
+            return Err(SnapshotError::Mismatch(format!(
+                "the snapshot has {} virtio devices, this machine {}",
+                state.transports.len(),
+                self.transports.len()
+            ))
+            .into());
+        }
+        // Interrupt controllers first: restored devices may raise interrupts right away.
+        self.vm.restore_state(&state.vm)?;
+        lock(&self.serial)
+            .restore(&state.serial)
+            .map_err(|e| device_err("serial", e.to_string()))?;
+        for ((name, transport), saved) in self.transports.iter().zip(&state.transports) {
+            lock(transport)
+                .restore(saved)
+                .map_err(|message| device_err(name, message))?;
+        }
+        let mut vcpus = Vec::with_capacity(state.vcpus.len());
+        for (id, saved) in (0..).zip(&state.vcpus) {
+            let mut vcpu = self.vm.create_vcpu(id)?;
+            vcpu.restore_state(saved)?;
+            vcpus.push(vcpu);
+        }
+        let vsock = self.vsock.clone();
+        let cmdline = state.config.cmdline.clone();
+        let machine = self.launch(vcpus, cmdline)?;
+        // The old machine's connections do not exist here: the guest drops its connected
+        // sockets (listeners survive) before it sees anything new from us. Without any, there
+        // is nothing to drop.
+        if let Some(vsock) = vsock.filter(|_| state.vsock_connections > 0) {
+            tracing::debug!(
+                connections = state.vsock_connections,
+                "resetting the vsock transport"
+            );
+            vsock.reset_transport();
+        }
+        Ok(machine)
+    }
+
+    /// Starts the vCPU threads of a machine whose vCPUs are ready to run.
+    fn launch(self, vcpus: Vec<Box<dyn HvVcpu>>, cmdline: String) -> Result<Machine, Error> {
+        let saved_config = SavedConfig {
+            vcpus: self.config.vcpus,
+            memory_mib: self.config.memory_mib,
+            vsock_cid: self.config.vsock.as_ref().map(|v| v.guest_cid),
+            disks: self
+                .config
+                .disks
+                .iter()
+                .map(|d| (d.path.clone(), d.read_only))
+                .collect(),
+            cmdline,
+        };
         let (control, exit_rx) = RunControl::new(self.console.clone());
         // Without ACPI the guest kernel cannot power the machine off; it only says so on the
         // console (and then halts or, once init exits, panics). Treat that line as the shutdown.
@@ -531,9 +647,13 @@ impl MachineBuilder {
             threads: Vec::new(),
             console: self.console,
             vsock: self.vsock,
-            _vm: self.vm,
-            _memory: self.memory,
-            _runtime: self.runtime,
+            serial: self.serial,
+            transports: self.transports,
+            opaque_devices: self.opaque_devices,
+            saved_config,
+            vm: self.vm,
+            memory: self.memory,
+            runtime: self.runtime,
         };
         let mut kickers: Vec<Arc<dyn VcpuKicker>> = Vec::new();
         for vcpu in vcpus {
@@ -583,6 +703,68 @@ impl Drop for DeviceRuntimeGuard {
     }
 }
 
+/// Lets parked vCPUs go on when dropped.
+struct ResumeVcpus<'a>(&'a RunControl);
+
+impl Drop for ResumeVcpus<'_> {
+    fn drop(&mut self) {
+        self.0.resume();
+    }
+}
+
+/// Resumes paused device workers when dropped (before the vCPUs: declared after them).
+struct PausedDevices(Vec<Arc<Mutex<MmioTransport>>>);
+
+impl Drop for PausedDevices {
+    fn drop(&mut self) {
+        for transport in &self.0 {
+            lock(transport).resume();
+        }
+    }
+}
+
+/// Refuses a snapshot whose machine differs from `config` in a way that matters to the guest.
+fn check_shape(config: &MachineConfig, state: &MachineState) -> Result<(), SnapshotError> {
+    let saved = &state.config;
+    let mismatch = |what: &str, snapshot: String, requested: String| {
+        Err(SnapshotError::Mismatch(format!(
+            "{what}: the snapshot has {snapshot}, the configuration asks for {requested}"
+        )))
+    };
+    if saved.vcpus != config.vcpus || state.vcpus.len() != saved.vcpus as usize {
+        return mismatch(
+            "vCPUs",
+            state.vcpus.len().to_string(),
+            config.vcpus.to_string(),
+        );
+    }
+    if saved.memory_mib != config.memory_mib {
+        return mismatch(
+            "memory",
+            format!("{} MiB", saved.memory_mib),
+            format!("{} MiB", config.memory_mib),
+        );
+    }
+    let cid = config.vsock.as_ref().map(|v| v.guest_cid);
+    if saved.vsock_cid != cid {
+        return mismatch(
+            "vsock",
+            format!("{:?}", saved.vsock_cid),
+            format!("{cid:?}"),
+        );
+    }
+    let ro: Vec<bool> = config.disks.iter().map(|d| d.read_only).collect();
+    let saved_ro: Vec<bool> = saved.disks.iter().map(|d| d.1).collect();
+    if ro != saved_ro {
+        return mismatch(
+            "disks (read-only flags in order)",
+            format!("{saved_ro:?}"),
+            format!("{ro:?}"),
+        );
+    }
+    Ok(())
+}
+
 /// A non-blocking eventfd that is not inherited by child processes the embedding program spawns.
 fn new_eventfd() -> Result<EventFd, Error> {
     EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(Error::EventFd)
@@ -600,10 +782,14 @@ pub struct Machine {
     threads: Vec<JoinHandle<()>>,
     console: ConsoleLog,
     vsock: Option<VsockHandle>,
+    serial: Arc<Mutex<Serial>>,
+    transports: Vec<(String, Arc<Mutex<MmioTransport>>)>,
+    opaque_devices: Vec<String>,
+    saved_config: SavedConfig,
     // Dropped after the threads are joined (in `Drop`): the VM fd, then guest RAM.
-    _vm: Box<dyn HvVm>,
-    _memory: Arc<GuestMemoryMmap>,
-    _runtime: tokio::runtime::Handle,
+    vm: Box<dyn HvVm>,
+    memory: Arc<GuestMemoryMmap>,
+    runtime: tokio::runtime::Handle,
 }
 
 impl std::fmt::Debug for Machine {
@@ -622,6 +808,110 @@ impl Machine {
         MachineBuilder::new(config)?.start()
     }
 
+    /// Restores the snapshot in `dir` into a new machine and starts it.
+    ///
+    /// `config` gives the machine's shape, which must be the snapshot's: vCPU count, memory
+    /// size, vsock CID and the number of disks (with their read-only flags); its kernel,
+    /// initramfs and command line are not used (the snapshot's memory holds the booted kernel).
+    /// Disk paths may differ from the snapshot's, but must hold the same contents.
+    ///
+    /// Guest RAM is the snapshot's `memory` file mapped copy-on-write, so nothing is read up
+    /// front and VMs restored from one snapshot share its clean pages. Fails with
+    /// [`Error::Snapshot`] on a damaged, truncated, foreign or mismatched snapshot; nothing is
+    /// left running then. Must be called inside a tokio runtime.
+    pub fn restore(config: MachineConfig, dir: &Path) -> Result<Machine, Error> {
+        config.validate_shape()?;
+        let state_path = dir.join(VMSTATE_FILE);
+        let bytes = std::fs::read(&state_path).map_err(SnapshotError::io(&state_path))?;
+        let state = format::decode(&bytes, &state_path)?;
+        check_shape(&config, &state)?;
+        let memory_path = dir.join(MEMORY_FILE);
+        let file = std::fs::File::open(&memory_path).map_err(SnapshotError::io(&memory_path))?;
+        let found = file
+            .metadata()
+            .map_err(SnapshotError::io(&memory_path))?
+            .len();
+        let expected = memory::ram_size(config.memory_mib)?;
+        if found != expected {
+            return Err(SnapshotError::MemorySize {
+                path: memory_path,
+                expected,
+                found,
+            }
+            .into());
+        }
+        MachineBuilder::assemble(config, RamBacking::SnapshotFile(file))?.restore(&state)
+    }
+
+    /// Saves the machine's complete state into `dir` (which must exist): `vmstate` and a
+    /// sparse `memory` file (see [`snapshot`](crate::snapshot)).
+    ///
+    /// The vCPUs are parked and the device workers held between two batches while the state
+    /// is written, then everything goes on where it stopped; connections stay open. Fails with
+    /// [`SnapshotError::NotRunning`] if the machine has ended, and for machines with devices
+    /// added through [`MachineBuilder::add_virtio_mmio`] (whose state the VMM cannot see).
+    pub fn snapshot(&self, dir: &Path) -> Result<SnapshotInfo, Error> {
+        if let Some(device) = self.opaque_devices.first() {
+            return Err(SnapshotError::Device {
+                device: device.clone(),
+                message: "added as a plain bus device; its state cannot be saved".into(),
+            }
+            .into());
+        }
+        if self.exit_status().is_some() {
+            return Err(SnapshotError::NotRunning.into());
+        }
+        let started = Instant::now();
+        let vcpus = self
+            .control
+            .pause(self.threads.len(), PAUSE_TIMEOUT)
+            .map_err(|e| match e {
+                vcpu::PauseError::NotRunning => SnapshotError::NotRunning,
+                other => SnapshotError::Pause(other.to_string()),
+            })?;
+        let _vcpus_resume = ResumeVcpus(&self.control);
+        let mut paused = PausedDevices(Vec::new());
+        let mut transports = Vec::with_capacity(self.transports.len());
+        for (name, transport) in &self.transports {
+            let state = lock(transport)
+                .pause()
+                .map_err(|message| SnapshotError::Device {
+                    device: name.clone(),
+                    message,
+                })?;
+            paused.0.push(transport.clone());
+            transports.push(state);
+        }
+        let state = MachineState {
+            config: self.saved_config.clone(),
+            vm: self.vm.save_state()?,
+            vcpus,
+            serial: lock(&self.serial).save(),
+            transports,
+            vsock_connections: self.vsock.as_ref().map_or(0, VsockHandle::connection_count),
+        };
+        let memory_path = dir.join(MEMORY_FILE);
+        let file = std::fs::File::create(&memory_path).map_err(SnapshotError::io(&memory_path))?;
+        let written =
+            memory::write_sparse(&self.memory, &file).map_err(SnapshotError::io(&memory_path))?;
+        let state_path = dir.join(VMSTATE_FILE);
+        std::fs::write(&state_path, format::encode(&state)?)
+            .map_err(SnapshotError::io(&state_path))?;
+        drop(paused);
+        drop(_vcpus_resume);
+        let paused_for = started.elapsed();
+        tracing::debug!(
+            ?paused_for,
+            memory_bytes = written.bytes_written,
+            "snapshot taken"
+        );
+        Ok(SnapshotInfo {
+            memory_bytes_written: written.bytes_written,
+            memory_sha256: written.sha256,
+            paused_for,
+        })
+    }
+
     /// Spawns the task that turns a shutdown of the device runtime into a machine exit.
     fn watch_device_runtime(&self) {
         let mut guard = DeviceRuntimeGuard {
@@ -629,7 +919,7 @@ impl Machine {
             armed: true,
         };
         let mut exit = self.exit_rx.clone();
-        self._runtime.spawn(async move {
+        self.runtime.spawn(async move {
             // Ends (disarmed) with the machine: its exit is recorded, or the machine is gone.
             let _ = exit.wait_for(Option::is_some).await;
             guard.disarm();

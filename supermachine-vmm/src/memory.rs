@@ -3,10 +3,13 @@
 //! RAM is one region from guest physical 0 up to `memory_mib`, which must end at or below
 //! [`MMIO_BASE`]: the rest of the 32-bit space is the MMIO hole (virtio-mmio slots, then IOAPIC and
 //! LAPIC near 4 GiB). RAM above 4 GiB is not supported yet.
+//! Restored machines map their snapshot's memory file copy-on-write ([`RamBacking::SnapshotFile`]).
 
 use std::sync::Arc;
 
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use sha2::{Digest, Sha256};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 /// Start of the MMIO hole; virtio-mmio device *i* lives at `MMIO_BASE + i * 0x1000`.
 pub const MMIO_BASE: u64 = 0xd000_0000;
@@ -15,18 +18,18 @@ pub const MMIO_BASE: u64 = 0xd000_0000;
 pub const MAX_MEMORY_MIB: u32 = (MMIO_BASE >> 20) as u32;
 
 /// How guest RAM is backed on the host.
-///
-/// Only anonymous memory exists today. Restoring a snapshot will add a file-backed variant
-/// (`MAP_PRIVATE` of the snapshot's memory file, so VMs of one snapshot share clean pages through
-/// the page cache): everything that consumes RAM takes the resulting `GuestMemoryMmap`, so that
-/// variant only changes how the mapping is made here.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Default)]
 #[non_exhaustive]
 pub enum RamBacking {
     /// Private anonymous pages (`MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE`), zero-filled on
     /// first touch.
     #[default]
     Anonymous,
+    /// A private (copy-on-write) mapping of a snapshot's memory file: pages are read from the
+    /// page cache on first touch — shared by every VM restored from the same file — and copied
+    /// only when the guest writes them. Nothing is read eagerly. The file must be exactly the
+    /// RAM size long.
+    SnapshotFile(std::fs::File),
 }
 
 /// Guest RAM could not be set up.
@@ -44,6 +47,15 @@ pub enum MemoryError {
     /// Zero bytes requested.
     #[error("guest memory size must be positive")]
     Empty,
+    /// The host refused the file mapping.
+    #[error("mapping the {mib} MiB memory file failed: {source}")]
+    MapFile {
+        /// Requested size.
+        mib: u32,
+        /// What vm-memory reported.
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
+    },
     /// The host refused the mapping.
     #[error("mapping {mib} MiB of guest memory failed: {source}")]
     Map {
@@ -66,7 +78,8 @@ pub fn ram_size(mib: u32) -> Result<u64, MemoryError> {
     Ok(u64::from(mib) << 20)
 }
 
-/// Creates guest RAM `[0, mib MiB)`.
+/// Creates guest RAM `[0, mib MiB)`. With [`RamBacking::SnapshotFile`], the file's length must
+/// already have been checked against the size.
 pub fn create(mib: u32, backing: RamBacking) -> Result<Arc<GuestMemoryMmap>, MemoryError> {
     let size = ram_size(mib)?;
     let mem = match backing {
@@ -74,8 +87,130 @@ pub fn create(mib: u32, backing: RamBacking) -> Result<Arc<GuestMemoryMmap>, Mem
             GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size as usize)])
                 .map_err(|source| MemoryError::Map { mib, source })?
         }
+        RamBacking::SnapshotFile(file) => {
+            let region = MmapRegionBuilder::new(size as usize)
+                .with_file_offset(FileOffset::new(file, 0))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+                .build()
+                .map_err(|source| MemoryError::MapFile { mib, source })?;
+            let region = GuestRegionMmap::new(region, GuestAddress(0))
+                .ok_or(MemoryError::TooLarge { mib })?;
+            GuestMemoryMmap::from_regions(vec![region]).map_err(|e| MemoryError::Map {
+                mib,
+                source: e.into(),
+            })?
+        }
     };
     Ok(Arc::new(mem))
+}
+
+/// Page granularity of sparse memory files.
+const PAGE: usize = 4096;
+
+/// What [`write_sparse`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SparseWrite {
+    /// Bytes of non-zero pages written.
+    pub bytes_written: u64,
+    /// [`sparse_digest`] of the file as written.
+    pub sha256: [u8; 32],
+}
+
+/// Feeds one chunk of a memory image at `offset` into a [`sparse_digest`]: every page that is
+/// not all zero, with its offset. Holes and zero pages are the same to it, so a sparse file
+/// hashes the same however its holes were made.
+fn digest_chunk(h: &mut Sha256, offset: u64, chunk: &[u8]) {
+    for (i, page) in chunk.chunks(PAGE).enumerate() {
+        if !is_zero(page) {
+            h.update((offset + (i * PAGE) as u64).to_le_bytes());
+            h.update(page);
+        }
+    }
+}
+
+/// Writes all of guest RAM to `out` as a sparse file: all-zero pages are left as holes (most
+/// of a freshly booted guest's RAM was never touched).
+///
+/// The guest and every device must be paused: the copy is not atomic.
+pub fn write_sparse(mem: &GuestMemoryMmap, out: &std::fs::File) -> std::io::Result<SparseWrite> {
+    use std::os::unix::fs::FileExt;
+    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+
+    const CHUNK: usize = 1 << 20;
+    let mut buf = vec![0u8; CHUNK];
+    let mut written = 0u64;
+    let mut end = 0u64;
+    let mut digest = Sha256::new();
+    for region in mem.iter() {
+        let start = region.start_addr().0;
+        let len = region.len();
+        end = end.max(start + len);
+        let mut off = 0u64;
+        while off < len {
+            let n = CHUNK.min((len - off) as usize);
+            let chunk = &mut buf[..n];
+            mem.read_slice(chunk, GuestAddress(start + off))
+                .map_err(|e| std::io::Error::other(format!("reading guest memory: {e}")))?;
+            // Write maximal runs of non-zero pages.
+            let mut page = 0;
+            while page < n {
+                if is_zero(&chunk[page..(page + PAGE).min(n)]) {
+                    page += PAGE;
+                    continue;
+                }
+                let run_start = page;
+                while page < n && !is_zero(&chunk[page..(page + PAGE).min(n)]) {
+                    page += PAGE;
+                }
+                let run = &chunk[run_start..page.min(n)];
+                out.write_all_at(run, start + off + run_start as u64)?;
+                written += run.len() as u64;
+            }
+            digest_chunk(&mut digest, start + off, chunk);
+            off += n as u64;
+        }
+    }
+    out.set_len(end)?;
+    Ok(SparseWrite {
+        bytes_written: written,
+        sha256: digest.finalize().into(),
+    })
+}
+
+/// The digest [`write_sparse`] reports, computed from a memory file (reads all of it).
+pub fn sparse_digest(path: &std::path::Path) -> std::io::Result<[u8; 32]> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut digest = Sha256::new();
+    let mut offset = 0u64;
+    loop {
+        // Fill whole chunks so page boundaries line up with the offsets.
+        let mut n = 0;
+        while n < buf.len() {
+            let got = file.read(&mut buf[n..])?;
+            if got == 0 {
+                break;
+            }
+            n += got;
+        }
+        if n == 0 {
+            break;
+        }
+        digest_chunk(&mut digest, offset, &buf[..n]);
+        offset += n as u64;
+    }
+    Ok(digest.finalize().into())
+}
+
+fn is_zero(bytes: &[u8]) -> bool {
+    let words = bytes.chunks_exact(8);
+    let tail = words.remainder();
+    words
+        .map(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]))
+        .all(|w| w == 0)
+        && tail.iter().all(|&b| b == 0)
 }
 
 #[cfg(test)]

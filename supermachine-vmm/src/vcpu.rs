@@ -10,14 +10,15 @@
 use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
 use crate::bus::Bus;
 use crate::devices::serial::{ConsoleLog, COM1_PORT, COM1_PORT_LEN};
-use crate::hypervisor::{HvVcpu, SystemEvent, VcpuExit, VcpuKicker};
+use crate::hypervisor::{HvState, HvVcpu, SystemEvent, VcpuExit, VcpuKicker};
 use crate::machine::{ExitReason, MachineExit, VcpuFailure};
 
 /// i8042 command port. Writing 0xFE pulses the CPU reset line: how Linux reboots with `reboot=k`.
@@ -68,9 +69,39 @@ struct KickState {
     kicked: bool,
 }
 
+/// A pause in progress (for a snapshot): each vCPU parks and leaves its saved state here.
+#[derive(Default)]
+struct PauseState {
+    requested: bool,
+    /// Indexed by vCPU id; filled as each vCPU parks.
+    saved: Vec<Option<Result<HvState, String>>>,
+}
+
+/// Why the vCPUs could not be paused.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PauseError {
+    /// The machine ended (or is stopping).
+    #[error("the machine is not running")]
+    NotRunning,
+    /// A vCPU did not park in time.
+    #[error("vCPUs did not pause within {0:?}")]
+    Timeout(Duration),
+    /// A vCPU parked but could not save its state.
+    #[error("vCPU {vcpu}: saving its state failed: {message}")]
+    Save {
+        /// vCPU index.
+        vcpu: usize,
+        /// The hypervisor's error.
+        message: String,
+    },
+}
+
 /// Shared by the machine and its vCPU threads: the stop request and the first exit.
 pub(crate) struct RunControl {
     stop: AtomicBool,
+    pause_requested: AtomicBool,
+    pause: Mutex<PauseState>,
+    pause_changed: Condvar,
     kick: Mutex<KickState>,
     exit: watch::Sender<Option<MachineExit>>,
     console: ConsoleLog,
@@ -81,6 +112,9 @@ impl RunControl {
         let (exit, rx) = watch::channel(None);
         let control = Arc::new(RunControl {
             stop: AtomicBool::new(false),
+            pause_requested: AtomicBool::new(false),
+            pause: Mutex::new(PauseState::default()),
+            pause_changed: Condvar::new(),
             kick: Mutex::new(KickState::default()),
             exit,
             console,
@@ -96,14 +130,122 @@ impl RunControl {
         self.stop.load(Ordering::SeqCst)
     }
 
+    fn pause_state(&self) -> std::sync::MutexGuard<'_, PauseState> {
+        self.pause.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Asks every vCPU to stop. Returns once the (single) kick has been sent; after that no
     /// signal is ever sent again, so the caller may join the threads.
     pub(crate) fn request_stop(&self) {
         // The flag first: a vCPU that sees its immediate exit must also see why.
         self.stop.store(true, Ordering::SeqCst);
+        {
+            // Parked vCPUs wake up and leave; a pause in progress gives up.
+            let _pause = self.pause_state();
+            self.pause_changed.notify_all();
+        }
         let mut st = self.kick_state();
         st.stopping = true;
         Self::kick_all(&mut st);
+    }
+
+    /// Parks every vCPU between two guest instructions and returns each one's saved state, in
+    /// vCPU order. The vCPUs stay parked until [`resume`](Self::resume) (or a stop).
+    ///
+    /// Must not run concurrently with joining the vCPU threads (the machine only joins in
+    /// `stop(&mut self)`, and pauses from `&self`), because it signals them.
+    pub(crate) fn pause(
+        &self,
+        vcpus: usize,
+        timeout: Duration,
+    ) -> Result<Vec<HvState>, PauseError> {
+        {
+            let mut pause = self.pause_state();
+            pause.requested = true;
+            pause.saved = (0..vcpus).map(|_| None).collect();
+        }
+        self.pause_requested.store(true, Ordering::SeqCst);
+        {
+            let st = self.kick_state();
+            if st.stopping || self.stopping() {
+                drop(st);
+                self.resume();
+                return Err(PauseError::NotRunning);
+            }
+            for t in &st.targets {
+                t.kicker.kick();
+                // SAFETY: the thread is not joined: joining happens only in `Machine::stop`,
+                // which needs `&mut Machine`, while pausing borrows it shared (see above); a
+                // thread that has already left its loop is still a valid, unjoined pthread.
+                let rc = unsafe { libc::pthread_kill(t.thread, kick_signal()) };
+                if rc != 0 && rc != libc::ESRCH {
+                    tracing::warn!(errno = rc, "could not signal a vCPU thread to pause");
+                }
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        let mut pause = self.pause_state();
+        loop {
+            if self.stopping() {
+                drop(pause);
+                self.resume();
+                return Err(PauseError::NotRunning);
+            }
+            if pause.saved.iter().all(Option::is_some) {
+                break;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                drop(pause);
+                self.resume();
+                return Err(PauseError::Timeout(timeout));
+            }
+            pause = self
+                .pause_changed
+                .wait_timeout(pause, left.min(Duration::from_millis(50)))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        let saved = std::mem::take(&mut pause.saved);
+        drop(pause);
+        let mut states = Vec::with_capacity(saved.len());
+        for (vcpu, state) in saved.into_iter().enumerate() {
+            // Every slot is filled (checked above, under the same lock).
+            match state.unwrap_or_else(|| Err("did not report".into())) {
+                Ok(state) => states.push(state),
+                Err(message) => {
+                    self.resume();
+                    return Err(PauseError::Save { vcpu, message });
+                }
+            }
+        }
+        Ok(states)
+    }
+
+    /// Lets paused vCPUs run again.
+    pub(crate) fn resume(&self) {
+        let mut pause = self.pause_state();
+        pause.requested = false;
+        pause.saved.clear();
+        self.pause_requested.store(false, Ordering::SeqCst);
+        self.pause_changed.notify_all();
+    }
+
+    /// Called by a vCPU thread that noticed a pause: saves its state, reports it and waits
+    /// until the pause ends.
+    fn park(&self, vcpu: &mut dyn HvVcpu) {
+        let state = vcpu.save_state().map_err(|e| e.to_string());
+        let mut pause = self.pause_state();
+        if let Some(slot) = pause.saved.get_mut(vcpu.id() as usize) {
+            *slot = Some(state);
+        }
+        self.pause_changed.notify_all();
+        while pause.requested && !self.stopping() {
+            pause = self
+                .pause_changed
+                .wait(pause)
+                .unwrap_or_else(|p| p.into_inner());
+        }
     }
 
     /// Registers the threads to kick, after they were spawned. Kicks them at once if a stop
@@ -272,9 +414,22 @@ fn dispatch_exits(
 ) -> ExitReason {
     let id = vcpu.id();
     let mut unhandled = UnhandledLog::default();
+    // Whether the last run ended without an MMIO/PIO exit waiting to be completed: only then is
+    // the vCPU state complete enough to save (KVM finishes an I/O exit on the next run).
+    let mut settled = true;
+    let own_kicker = vcpu.kicker();
     loop {
         if ctx.control.stopping() {
             return ExitReason::Stopped;
+        }
+        if ctx.control.pause_requested.load(Ordering::SeqCst) {
+            if settled {
+                ctx.control.park(vcpu.as_mut());
+                continue;
+            }
+            // Enter once with the immediate exit armed: KVM completes the pending I/O and
+            // returns at once (Interrupted), after which the state is settled.
+            own_kicker.kick();
         }
         let exit = match vcpu.run() {
             Ok(exit) => exit,
@@ -285,6 +440,7 @@ fn dispatch_exits(
                 })
             }
         };
+        settled = matches!(exit, VcpuExit::Interrupted);
         match &exit {
             VcpuExit::MmioRead { .. } | VcpuExit::MmioWrite { .. } => counts.mmio += 1,
             VcpuExit::IoIn { port, .. } | VcpuExit::IoOut { port, .. } => {

@@ -101,6 +101,27 @@ impl Agent {
         Ok(())
     }
 
+    /// Tells a just-restored guest to reseed its RNG from `entropy` and set its clock to the
+    /// host's. The time is read once the connection is up, so the handshake does not age it;
+    /// if the exchange itself took long (a loaded host), the clock is set once more, so the
+    /// guest is off by at most one quick one-way trip.
+    pub(crate) async fn restored(&self, entropy: Vec<u8>) -> Result<(), Error> {
+        let sent = std::time::Instant::now();
+        self.control_with("restored", Bytes::from(entropy), || {
+            ControlAction::Restored {
+                unix_nanos: unix_nanos_now(),
+            }
+        })
+        .await?;
+        if sent.elapsed() > CLOCK_RESYNC_AFTER {
+            self.control_with("set_clock", Bytes::new(), || ControlAction::SetClock {
+                unix_nanos: unix_nanos_now(),
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
     pub(crate) async fn connect(&self) -> Result<BoxedStream, Error> {
         self.connector
             .connect()
@@ -121,10 +142,20 @@ impl Agent {
         action: ControlAction,
         data: Bytes,
     ) -> Result<(ControlAck, Bytes), Error> {
+        self.control_with(name, data, || action).await
+    }
+
+    /// [`control`](Self::control) with the action made once connected.
+    async fn control_with(
+        &self,
+        name: &'static str,
+        data: Bytes,
+        action: impl FnOnce() -> ControlAction,
+    ) -> Result<(ControlAck, Bytes), Error> {
         let stream = self.connect().await?;
         let mut framed = Framed::new(stream, ExecCodec::new());
         let request = Frame::Control {
-            message: ControlMessage::Action(action),
+            message: ControlMessage::Action(action()),
             data,
         };
         framed
@@ -164,4 +195,14 @@ impl Agent {
             }
         }
     }
+}
+
+/// A `restored` exchange slower than this is followed by a second clock setting.
+const CLOCK_RESYNC_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
+
+fn unix_nanos_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }

@@ -94,6 +94,10 @@ pub enum Error {
     /// was pending, or before it.
     #[error("{0}")]
     VmExited(VmExit),
+    /// A snapshot could not be taken, opened or restored; the inner error names the problem
+    /// (corrupt file, other format version, truncated memory, mismatched VM, ...).
+    #[error("snapshot: {0}")]
+    Snapshot(#[source] crate::vm::SnapshotError),
     /// The on-disk cache could not be used.
     #[error("cannot write {what} to the cache (see SUPERMACHINE_CACHE_DIR): {source}")]
     Cache {
@@ -193,6 +197,7 @@ impl Error {
                 console_tail: console_tail.clone(),
             },
             Error::VmExited(exit) => Error::VmExited(exit.clone()),
+            Error::Snapshot(e) => Error::Snapshot(crate::vm::SnapshotError::Vmm(e.to_string())),
             Error::Cache { what, source } => Error::Cache {
                 what,
                 source: io::Error::new(source.kind(), source.to_string()),

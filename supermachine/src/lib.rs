@@ -51,6 +51,6 @@ pub use exec::{
 pub use supermachine_codec::{StagedFile, WindowSize};
 pub use tokio_util::sync::CancellationToken;
 pub use vm::{
-    ConfigError, Vm, VmConfig, VmExit, VmExitReason, AGENT_ENV, KERNEL_ENV, MAX_MEMORY_MIB,
-    MIN_MEMORY_MIB,
+    ConfigError, Snapshot, SnapshotError, StartTimings, Vm, VmConfig, VmExit, VmExitReason,
+    AGENT_ENV, KERNEL_ENV, MAX_MEMORY_MIB, MIN_MEMORY_MIB,
 };

@@ -7,6 +7,8 @@
 //! * [`processes_matching`] / [`wait_until_gone`] look for leaked processes in `/proc` by a unique
 //!   marker in their command line.
 
+pub mod bench;
+
 use std::io::{self, BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -198,6 +200,19 @@ pub fn kill_matching(marker: &str) {
     for pid in processes_matching(marker) {
         let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
     }
+}
+
+/// A multi-threaded runtime shared by every test of a binary that uses VMs: a VM's devices run
+/// on the runtime it was started in, so that runtime must outlive every test using the VM.
+pub fn shared_runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
+    })
 }
 
 /// This process's current and peak resident set size in KiB (`VmRSS`, `VmHWM`).

@@ -30,6 +30,7 @@ pub const KNOWN_ACTIONS: &[&str] = &[
     "set_clock",
     "reseed_rng",
     "crash_guest",
+    "restored",
 ];
 
 /// Every [`ErrorCode`].
@@ -207,6 +208,7 @@ pub fn action() -> impl Strategy<Value = ControlAction> {
         any::<u64>().prop_map(|unix_nanos| ControlAction::SetClock { unix_nanos }),
         Just(ControlAction::ReseedRng),
         Just(ControlAction::CrashGuest),
+        any::<u64>().prop_map(|unix_nanos| ControlAction::Restored { unix_nanos }),
     ]
 }
 

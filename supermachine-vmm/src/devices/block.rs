@@ -38,7 +38,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::virtio::ring::add_used;
-use super::virtio::worker_gate::WorkerGate;
+use super::virtio::worker_gate::{Entry, WorkerGate};
 use super::virtio::{
     ActivateError, IrqTrigger, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING,
     VIRTIO_RING_F_EVENT_IDX,
@@ -227,7 +227,7 @@ impl VirtioDevice for BlockDevice {
                 got: 0,
             });
         };
-        let gate = Arc::new(WorkerGate::new());
+        let gate = Arc::new(WorkerGate::new([&queue]));
         let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?);
         let io = BlockIo {
             file: self.file.clone(),
@@ -263,6 +263,17 @@ impl VirtioDevice for BlockDevice {
 
     fn needs_reset(&self) -> bool {
         self.needs_reset.load(Ordering::SeqCst)
+    }
+
+    fn pause(&mut self) -> Result<Option<Vec<virtio_queue::QueueState>>, String> {
+        // Requests already submitted to the file are complete: each batch finishes its I/O.
+        Ok(self.worker.as_ref().and_then(|w| w.gate.pause()))
+    }
+
+    fn resume(&mut self) {
+        if let Some(w) = &self.worker {
+            w.gate.resume();
+        }
     }
 }
 
@@ -309,16 +320,24 @@ impl BlockIo {
     fn run(mut self, kick: &EventFd, stop: &EventFd, gate: &WorkerGate) {
         debug!("virtio-blk I/O thread started");
         loop {
-            {
-                let Some(_pass) = gate.enter() else { break };
-                if let Err(e) = self.process_queue() {
-                    // A broken ring (e.g. avail index jumping past the queue size): the
-                    // driver is confused or hostile; stop serving rather than guess, and
-                    // report DEVICE_NEEDS_RESET.
-                    error!(%e, "virtio-blk queue error; device needs reset");
-                    self.needs_reset.store(true, Ordering::SeqCst);
-                    break;
+            match gate.enter() {
+                Entry::Pass(mut pass) => {
+                    let result = self.process_queue();
+                    pass.record([&self.queue]);
+                    if let Err(e) = result {
+                        // A broken ring (e.g. avail index jumping past the queue size): the
+                        // driver is confused or hostile; stop serving rather than guess, and
+                        // report DEVICE_NEEDS_RESET.
+                        error!(%e, "virtio-blk queue error; device needs reset");
+                        self.needs_reset.store(true, Ordering::SeqCst);
+                        break;
+                    }
                 }
+                Entry::Paused => {
+                    gate.wait_resumed();
+                    continue;
+                }
+                Entry::Closed => break,
             }
             if !wait_readable(kick, stop) {
                 break;

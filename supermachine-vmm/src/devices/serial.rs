@@ -170,6 +170,23 @@ impl Trigger for IrqFdTrigger {
 /// The UART as a port-I/O bus device.
 pub struct Serial {
     uart: Uart<IrqFdTrigger, vm_superio::serial::NoEvents, LogWriter>,
+    /// Kept to rebuild the UART from a snapshot.
+    log: ConsoleLog,
+}
+
+/// The UART registers, for snapshots (vm-superio's `SerialState`, which has no serde).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSaved {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
 }
 
 impl Serial {
@@ -177,8 +194,51 @@ impl Serial {
     /// as the irqfd of [`COM1_GSI`]).
     pub fn new(log: ConsoleLog, irq: EventFd) -> Self {
         Serial {
-            uart: Uart::new(IrqFdTrigger(irq), LogWriter(log)),
+            uart: Uart::new(IrqFdTrigger(irq), LogWriter(log.clone())),
+            log,
         }
+    }
+
+    /// The register state.
+    pub fn save(&self) -> SerialSaved {
+        let s = self.uart.state();
+        SerialSaved {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// Loads saved registers, keeping this UART's output and interrupt.
+    pub fn restore(&mut self, saved: &SerialSaved) -> io::Result<()> {
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: saved.baud_divisor_low,
+            baud_divisor_high: saved.baud_divisor_high,
+            interrupt_enable: saved.interrupt_enable,
+            interrupt_identification: saved.interrupt_identification,
+            line_control: saved.line_control,
+            line_status: saved.line_status,
+            modem_control: saved.modem_control,
+            modem_status: saved.modem_status,
+            scratch: saved.scratch,
+            in_buffer: saved.in_buffer.clone(),
+        };
+        let irq = self.uart.interrupt_evt().0.try_clone()?;
+        self.uart = Uart::from_state(
+            &state,
+            IrqFdTrigger(irq),
+            vm_superio::serial::NoEvents,
+            LogWriter(self.log.clone()),
+        )
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{e:?}")))?;
+        Ok(())
     }
 }
 

@@ -14,11 +14,14 @@ use kvm_ioctls::{Cap, Kvm, NoDatamatch, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::kvm_state;
 use super::x86_64::{
     CpuidEntry, DescriptorTable, FpuControl, LapicState, MsrEntry, Regs, Segment, SpecialRegs,
     LAPIC_REGS_SIZE,
 };
-use super::{HvError, HvVcpu, HvVm, Hypervisor, IoEventAddress, SystemEvent, VcpuExit, VcpuKicker};
+use super::{
+    HvError, HvState, HvVcpu, HvVm, Hypervisor, IoEventAddress, SystemEvent, VcpuExit, VcpuKicker,
+};
 
 const KVM_PATH: &str = "/dev/kvm";
 
@@ -40,6 +43,8 @@ fn call_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> HvError {
 /// `/dev/kvm`.
 pub(super) struct KvmHypervisor {
     kvm: Kvm,
+    /// The MSRs a snapshot saves: every MSR KVM can save or emulate (KVM_GET_MSR_INDEX_LIST).
+    msr_index: Arc<[u32]>,
 }
 
 impl KvmHypervisor {
@@ -64,7 +69,12 @@ impl KvmHypervisor {
                 return Err(HvError::Unsupported { what: name.into() });
             }
         }
-        Ok(KvmHypervisor { kvm })
+        let msr_index = kvm
+            .get_msr_index_list()
+            .map_err(call_err("KVM_GET_MSR_INDEX_LIST"))?
+            .as_slice()
+            .into();
+        Ok(KvmHypervisor { kvm, msr_index })
     }
 }
 
@@ -144,6 +154,7 @@ impl Hypervisor for KvmHypervisor {
         Ok(Box::new(KvmVm {
             fd,
             run_size,
+            msr_index: self.msr_index.clone(),
             memory: Mutex::new(Vec::new()),
         }))
     }
@@ -152,6 +163,7 @@ impl Hypervisor for KvmHypervisor {
 struct KvmVm {
     fd: VmFd,
     run_size: usize,
+    msr_index: Arc<[u32]>,
     /// Keeps every mapped `GuestMemoryMmap` alive as long as KVM may touch it (until this VM's fd
     /// is closed, which happens before these are dropped: fields drop in declaration order).
     memory: Mutex<Vec<Arc<GuestMemoryMmap>>>,
@@ -224,7 +236,20 @@ impl HvVm for KvmVm {
             .create_vcpu(u64::from(id))
             .map_err(call_err("KVM_CREATE_VCPU"))?;
         let run = Arc::new(RunPage::map(&fd, self.run_size)?);
-        Ok(Box::new(KvmVcpu { id, fd, run }))
+        Ok(Box::new(KvmVcpu {
+            id,
+            fd,
+            run,
+            msr_index: self.msr_index.clone(),
+        }))
+    }
+
+    fn save_state(&self) -> Result<HvState, HvError> {
+        kvm_state::save_vm(&self.fd)
+    }
+
+    fn restore_state(&self, state: &HvState) -> Result<(), HvError> {
+        kvm_state::restore_vm(&self.fd, state)
     }
 }
 
@@ -309,6 +334,7 @@ struct KvmVcpu {
     id: u32,
     fd: VcpuFd,
     run: Arc<RunPage>,
+    msr_index: Arc<[u32]>,
 }
 
 impl HvVcpu for KvmVcpu {
@@ -541,6 +567,14 @@ impl HvVcpu for KvmVcpu {
             *dst = *src as std::os::raw::c_char;
         }
         self.fd.set_lapic(&k).map_err(call_err("KVM_SET_LAPIC"))
+    }
+
+    fn save_state(&mut self) -> Result<HvState, HvError> {
+        kvm_state::save_vcpu(&self.fd, &self.msr_index)
+    }
+
+    fn restore_state(&mut self, state: &HvState) -> Result<(), HvError> {
+        kvm_state::restore_vcpu(&self.fd, state)
     }
 }
 

@@ -8,6 +8,7 @@
 //! module, so HVF or WHP can be added beside it.
 
 mod kvm;
+mod kvm_state;
 pub mod x86_64;
 
 use std::sync::Arc;
@@ -74,6 +75,24 @@ pub trait HvVm: Send + Sync {
 
     /// Creates vCPU `id` (also its local APIC id on x86).
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn HvVcpu>, HvError>;
+
+    /// Saves the VM-wide state the hypervisor holds (x86: PIC, IOAPIC, PIT, kvmclock). Call
+    /// only while every vCPU is out of `run`.
+    fn save_state(&self) -> Result<HvState, HvError>;
+
+    /// Loads state saved by [`save_state`](Self::save_state) into this (fresh) VM, after
+    /// [`create_irqchip`](Self::create_irqchip) and before any vCPU runs.
+    fn restore_state(&self, state: &HvState) -> Result<(), HvError>;
+}
+
+/// Hypervisor state saved for a snapshot: opaque bytes only the backend that wrote them can
+/// read (snapshots do not move between hypervisors; `backend` says whose they are).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HvState {
+    /// The backend that produced the bytes ([`Hypervisor::name`]).
+    pub backend: String,
+    /// The backend's own encoding.
+    pub bytes: Vec<u8>,
 }
 
 /// Why [`HvVcpu::run`] returned.
@@ -189,6 +208,15 @@ pub trait HvVcpu: Send {
     fn lapic(&self) -> Result<LapicState, HvError>;
     /// Sets the local APIC register page.
     fn set_lapic(&self, lapic: &LapicState) -> Result<(), HvError>;
+
+    /// Saves everything the hypervisor holds for this vCPU (registers, FPU/XSAVE, MSRs, local
+    /// APIC, pending events, CPUID, ...). Call on the vCPU's thread, between two `run`s, after
+    /// any pending MMIO/PIO exit was completed by a `run` that returned
+    /// [`VcpuExit::Interrupted`].
+    fn save_state(&mut self) -> Result<HvState, HvError>;
+
+    /// Loads state saved by [`save_state`](Self::save_state) into this fresh vCPU.
+    fn restore_state(&mut self, state: &HvState) -> Result<(), HvError>;
 }
 
 /// Errors from the hypervisor backend.
@@ -219,6 +247,9 @@ pub enum HvError {
         #[source]
         source: std::io::Error,
     },
+    /// Saved state could not be used by this backend.
+    #[error("saved hypervisor state is unusable: {0}")]
+    BadState(String),
     /// Some MSRs were refused.
     #[error("the hypervisor accepted {set} of {total} MSRs; MSR {refused:#x} was refused")]
     MsrRefused {

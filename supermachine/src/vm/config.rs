@@ -39,6 +39,7 @@ pub struct VmConfig {
     pub(crate) verbose_console: bool,
     pub(crate) console_to_stderr: bool,
     pub(crate) test_hooks: bool,
+    pub(crate) snapshot_cache: bool,
 }
 
 /// An extra initramfs entry.
@@ -77,6 +78,7 @@ impl VmConfig {
             verbose_console: false,
             console_to_stderr: false,
             test_hooks: false,
+            snapshot_cache: true,
         }
     }
 
@@ -147,6 +149,16 @@ impl VmConfig {
     /// Copy the guest console to this process's stderr as it arrives.
     pub fn console_to_stderr(mut self, tee: bool) -> Self {
         self.console_to_stderr = tee;
+        self
+    }
+
+    /// Whether [`Vm::start`](crate::Vm::start) uses the snapshot cache (on by default): the
+    /// first start of a configuration boots the guest and snapshots it under
+    /// `~/.cache/supermachine/snapshots/<key>/` (the key hashes the kernel, agent, extra
+    /// files, size and command line); every later start restores that snapshot in
+    /// milliseconds. Off: every start cold-boots and nothing is written.
+    pub fn snapshot_cache(mut self, enabled: bool) -> Self {
+        self.snapshot_cache = enabled;
         self
     }
 

@@ -123,17 +123,17 @@ impl Initramfs {
 
     /// Writes the archive into the cache under its content hash (once; concurrent writers race
     /// harmlessly through a temp file and rename) and returns its path.
-    pub(crate) fn cached(&self) -> io::Result<PathBuf> {
+    /// The archive's path in the cache (written if missing) and its SHA-256 in hex.
+    pub(crate) fn cached(&self) -> io::Result<(PathBuf, String)> {
         let bytes = self.to_bytes();
         let digest = Sha256::digest(&bytes);
         let name = format!("{}.cpio", hex(&digest[..16]));
         let dir = cache::dir("initramfs")?;
         let path = dir.join(name);
-        if path.metadata().is_ok_and(|m| m.len() == bytes.len() as u64) {
-            return Ok(path);
+        if !path.metadata().is_ok_and(|m| m.len() == bytes.len() as u64) {
+            cache::write_atomically(&path, &bytes)?;
         }
-        cache::write_atomically(&path, &bytes)?;
-        Ok(path)
+        Ok((path, hex(&digest)))
     }
 }
 

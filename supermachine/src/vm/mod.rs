@@ -9,20 +9,23 @@
 //! every pending exec and control call fails with [`Error::VmExited`], which carries the
 //! reason and, for crashes, the console tail.
 
+mod cache_lock;
 mod config;
 mod connector;
 mod exit;
 mod initramfs;
+mod snapshot;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use supermachine_vmm::devices::vsock::VsockConfig;
 use supermachine_vmm::{Machine, MachineBuilder, MachineConfig};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 pub use config::{ConfigError, VmConfig, AGENT_ENV, KERNEL_ENV, MAX_MEMORY_MIB, MIN_MEMORY_MIB};
 pub use exit::{VmExit, VmExitReason};
+pub use snapshot::{Snapshot, SnapshotError};
 
 use crate::agent::Agent;
 use crate::error::Error;
@@ -31,6 +34,7 @@ use config::GuestFile;
 pub(crate) use connector::VmGone;
 use connector::{Liveness, VsockConnector};
 use initramfs::{Entry, Initramfs};
+use snapshot::Identity;
 
 /// The guest's vsock context ID. Every VM has its own device, so one fixed CID is enough.
 const GUEST_CID: u64 = 3;
@@ -71,11 +75,38 @@ pub struct Vm {
     agent: Agent,
     liveness: Arc<Liveness>,
     machine: Mutex<Machine>,
-    boot_time: Duration,
+    identity: Identity,
+    timings: StartTimings,
 }
 
+/// Where the time of [`Vm::start`] / [`Vm::restore`] went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StartTimings {
+    /// Whether the VM was restored from a snapshot (otherwise it cold-booted).
+    pub restored: bool,
+    /// From the call until the vCPUs ran (config checks, initramfs or snapshot checks, VMM
+    /// set-up: memory mapped, state loaded).
+    pub vcpus_running: Duration,
+    /// From the call until the agent answered over vsock (after a restore: its RNG reseeded
+    /// and clock set). This is when the VM was handed over.
+    pub agent_ready: Duration,
+}
+
+/// How long a snapshot waits for closing vsock connections to finish (see
+/// `Vm::settle_connections`).
+const SNAPSHOT_SETTLE: Duration = Duration::from_secs(1);
+
+/// How long a restored guest has to answer the host's first message.
+const RESTORE_AGENT_TIMEOUT: Duration = Duration::from_secs(60);
+
 impl Vm {
-    /// Boots a VM and waits until its agent answers.
+    /// Starts a VM and waits until its agent answers.
+    ///
+    /// With the snapshot cache on (the default, see [`VmConfig::snapshot_cache`]), the first
+    /// start of a configuration cold-boots the guest and snapshots it once the agent answers;
+    /// later starts restore that snapshot instead of booting. Concurrent first starts of one
+    /// configuration take turns (a file lock), so only one boots and snapshots.
     ///
     /// Fails with [`Error::InvalidConfig`] before anything is created when the config is
     /// unusable, [`Error::HypervisorUnavailable`] when `/dev/kvm` cannot be used (the message
@@ -85,20 +116,136 @@ impl Vm {
         let started = Instant::now();
         let resolved = config.resolve()?;
         let initramfs = build_initramfs(&config, &resolved.agent)?;
+        let identity = identity_from(&config, &resolved, &initramfs)?;
+        if !config.snapshot_cache {
+            return Self::boot(&config, &resolved, &initramfs.path, identity, started).await;
+        }
+        let dir = crate::cache::dir("snapshots")
+            .map_err(|source| Error::Cache {
+                what: "snapshots",
+                source,
+            })?
+            .join(identity.key());
+        let _turn = cache_lock::lock(&dir)
+            .await
+            .map_err(|source| Error::Cache {
+                what: "the snapshot lock",
+                source,
+            })?;
+        if dir.join(snapshot::META_FILE).exists() {
+            match Snapshot::open(&dir) {
+                Ok(snap) if snap.identity() == &identity => {
+                    match Self::restore_inner(&snap, &config, started).await {
+                        Ok(vm) => return Ok(vm),
+                        Err(e) => warn!(
+                            dir = %dir.display(),
+                            "restoring the cached snapshot failed, booting instead: {e}"
+                        ),
+                    }
+                }
+                Ok(_) => {
+                    warn!(dir = %dir.display(), "cached snapshot is of another VM; replacing it")
+                }
+                Err(e) => {
+                    warn!(dir = %dir.display(), "cached snapshot unusable, replacing it: {e}")
+                }
+            }
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                warn!(dir = %dir.display(), "cannot remove the old snapshot: {e}");
+            }
+        }
+        let vm = Self::boot(&config, &resolved, &initramfs.path, identity, started).await?;
+        match vm.snapshot(&dir).await {
+            Ok(_) => info!(dir = %dir.display(), "VM snapshot cached; later starts restore it"),
+            // The VM itself is fine; only later starts lose the shortcut.
+            Err(e) => warn!(dir = %dir.display(), "could not cache a snapshot of the VM: {e}"),
+        }
+        Ok(vm)
+    }
 
+    /// Cold-boots the kernel and waits for the agent.
+    async fn boot(
+        config: &VmConfig,
+        resolved: &config::Resolved,
+        initramfs: &std::path::Path,
+        identity: Identity,
+        started: Instant,
+    ) -> Result<Vm, Error> {
         let mut machine_config = MachineConfig::new(&resolved.kernel);
         machine_config.vcpus = config.vcpus;
         machine_config.memory_mib = config.memory_mib;
-        machine_config.initramfs = Some(initramfs);
-        machine_config.cmdline = guest_cmdline(&config);
+        machine_config.initramfs = Some(initramfs.to_owned());
+        machine_config.cmdline = identity.cmdline.clone();
         machine_config.console_to_stderr = config.console_to_stderr;
-        machine_config.vsock = Some(VsockConfig {
-            guest_cid: GUEST_CID,
-            ..VsockConfig::default()
-        });
+        machine_config.vsock = Some(vsock_config());
 
         let builder = MachineBuilder::new(machine_config).map_err(Error::from_vmm)?;
         let machine = builder.start().map_err(Error::from_vmm)?;
+        let vm = Self::attach(machine, identity, false, started.elapsed())?;
+        // On any error below, dropping `vm` stops the machine.
+        let agent_ready = vm.wait_for_agent(started, config.boot_timeout).await?;
+        info!(
+            boot_ms = agent_ready.as_millis() as u64,
+            "VM agent is answering"
+        );
+        Ok(vm.ready(agent_ready))
+    }
+
+    /// Restores `snapshot` into a new VM and returns once its agent has reseeded the guest's
+    /// RNG from fresh host entropy and set the guest clock (so no two VMs restored from one
+    /// snapshot share randomness, and none runs on a stale clock).
+    ///
+    /// Guest RAM is the snapshot's memory file mapped copy-on-write: nothing is read up front,
+    /// and VMs restored from one snapshot share its clean pages. The VM is independent of the
+    /// one the snapshot was taken from. Must be called inside a tokio runtime, which must
+    /// outlive the VM.
+    pub async fn restore(snapshot: &Snapshot) -> Result<Vm, Error> {
+        Self::restore_inner(snapshot, &VmConfig::new(), Instant::now()).await
+    }
+
+    async fn restore_inner(
+        snapshot: &Snapshot,
+        config: &VmConfig,
+        started: Instant,
+    ) -> Result<Vm, Error> {
+        let identity = snapshot.identity().clone();
+        // The machine's shape comes from the snapshot; the kernel path is not used.
+        let mut machine_config = MachineConfig::new("/");
+        machine_config.vcpus = identity.vcpus;
+        machine_config.memory_mib = identity.memory_mib;
+        machine_config.console_to_stderr = config.console_to_stderr;
+        machine_config.vsock = Some(vsock_config());
+        let machine = Machine::restore(machine_config, snapshot.dir()).map_err(|e| match e {
+            supermachine_vmm::Error::Snapshot(e) => Error::Snapshot(SnapshotError::from_vmm(e)),
+            other => Error::from_vmm(other),
+        })?;
+        let vm = Self::attach(machine, identity, true, started.elapsed())?;
+        let entropy = host_entropy()?;
+        match tokio::time::timeout(RESTORE_AGENT_TIMEOUT, vm.agent.restored(entropy)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(Error::BootTimeout {
+                    after: RESTORE_AGENT_TIMEOUT,
+                    console_tail: vm.console_tail(),
+                })
+            }
+        }
+        let agent_ready = started.elapsed();
+        debug!(
+            restore_ms = agent_ready.as_secs_f64() * 1e3,
+            "restored VM agent is answering"
+        );
+        Ok(vm.ready(agent_ready))
+    }
+
+    /// Wraps a started machine: liveness watch and the agent over its vsock.
+    fn attach(
+        machine: Machine,
+        identity: Identity,
+        restored: bool,
+        vcpus_running: Duration,
+    ) -> Result<Vm, Error> {
         let Some(handle) = machine.vsock().cloned() else {
             return Err(Error::Protocol("the machine has no vsock device".into()));
         };
@@ -108,19 +255,113 @@ impl Vm {
             handle,
             liveness: liveness.clone(),
         });
-        let vm = Vm {
+        Ok(Vm {
             agent,
             liveness,
             machine: Mutex::new(machine),
-            boot_time: Duration::ZERO,
+            identity,
+            timings: StartTimings {
+                restored,
+                vcpus_running,
+                agent_ready: Duration::ZERO,
+            },
+        })
+    }
+
+    fn ready(mut self, agent_ready: Duration) -> Vm {
+        self.timings.agent_ready = agent_ready;
+        self
+    }
+
+    /// Saves this VM into the new directory `dir` (created; it must not exist or be empty)
+    /// and returns the snapshot, ready for [`Vm::restore`]. The VM is paused while its state
+    /// and RAM are written (a sparse file: only pages the guest touched), then carries on; its
+    /// running execs and connections are not disturbed.
+    ///
+    /// First it waits up to a second for vsock connections that are still open or closing
+    /// (a finished exec's connection needs one guest round trip to close): a snapshot without
+    /// connections restores faster, as the restored guest then needs no transport reset.
+    /// Connections still open are fine too; their guest sockets are reset in restored VMs.
+    ///
+    /// Blocks the calling thread while the state is written (a few hundred milliseconds for
+    /// a few hundred MiB of touched RAM).
+    pub async fn snapshot(&self, dir: impl AsRef<std::path::Path>) -> Result<Snapshot, Error> {
+        let dir = dir.as_ref();
+        let parent = match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+            _ => std::path::PathBuf::from("."),
         };
-        // On any error below, dropping `vm` stops the machine.
-        let boot_time = vm.wait_for_agent(started, config.boot_timeout).await?;
-        info!(
-            boot_ms = boot_time.as_millis() as u64,
-            "VM agent is answering"
+        if std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some()) {
+            return Err(SnapshotError::Exists(dir.to_owned()).into());
+        }
+        std::fs::create_dir_all(&parent).map_err(|source| SnapshotError::Io {
+            path: parent.clone(),
+            source,
+        })?;
+        // Written under a temporary name and renamed into place, so no reader ever sees a
+        // half-written snapshot.
+        let tmp = tempfile::Builder::new()
+            .prefix(".snapshot-")
+            .tempdir_in(&parent)
+            .map_err(|source| SnapshotError::Io {
+                path: parent.clone(),
+                source,
+            })?;
+        self.settle_connections(SNAPSHOT_SETTLE).await;
+        let info = self.machine().snapshot(tmp.path()).map_err(|e| match e {
+            supermachine_vmm::Error::Snapshot(
+                supermachine_vmm::snapshot::SnapshotError::NotRunning,
+            ) => match self.exit_status() {
+                Some(exit) => Error::VmExited(exit),
+                None => Error::Snapshot(SnapshotError::Vmm("the VM is not running".into())),
+            },
+            supermachine_vmm::Error::Snapshot(e) => Error::Snapshot(SnapshotError::from_vmm(e)),
+            other => Error::Snapshot(SnapshotError::Vmm(other.to_string())),
+        })?;
+        snapshot::write_meta(tmp.path(), &self.identity, &info.memory_sha256)?;
+        // An empty directory left at `dir` (checked above) is replaced; a non-empty one makes
+        // the rename fail, and the temporary directory is removed on drop.
+        let _ = std::fs::remove_dir(dir);
+        let tmp_path = tmp.keep();
+        if let Err(source) = std::fs::rename(&tmp_path, dir) {
+            let _ = std::fs::remove_dir_all(&tmp_path);
+            return Err(if dir.exists() {
+                SnapshotError::Exists(dir.to_owned())
+            } else {
+                SnapshotError::Io {
+                    path: dir.to_owned(),
+                    source,
+                }
+            }
+            .into());
+        }
+        debug!(
+            dir = %dir.display(),
+            paused_ms = info.paused_for.as_secs_f64() * 1e3,
+            memory_bytes = info.memory_bytes_written,
+            "snapshot written"
         );
-        Ok(Vm { boot_time, ..vm })
+        Snapshot::open(dir)
+    }
+
+    /// Waits (at most `limit`) until the vsock device tracks no connection: a snapshot taken
+    /// then restores without a transport reset, saving the guest a round trip on every
+    /// restore. Connections that just closed need one guest round trip to go away.
+    async fn settle_connections(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let open = self.machine().vsock().map_or(0, |v| v.connection_count());
+            if open == 0 || Instant::now() >= deadline {
+                debug!(open, "vsock connections before the snapshot");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Where the time of starting this VM went.
+    pub fn start_timings(&self) -> StartTimings {
+        self.timings
     }
 
     async fn wait_for_agent(&self, started: Instant, timeout: Duration) -> Result<Duration, Error> {
@@ -167,9 +408,10 @@ impl Vm {
         self.agent.crash_guest().await
     }
 
-    /// How long [`Vm::start`] took, from the call to the agent's first answer.
+    /// How long [`Vm::start`] (or [`Vm::restore`]) took, from the call to the agent's first
+    /// answer.
     pub fn boot_time(&self) -> Duration {
-        self.boot_time
+        self.timings.agent_ready
     }
 
     /// The machine, even if a panicking thread poisoned the lock: `Machine`'s methods keep it
@@ -227,13 +469,65 @@ fn guest_cmdline(config: &VmConfig) -> String {
     parts.join(" ")
 }
 
-/// Builds (or finds in the cache) the initramfs for `config`.
-fn build_initramfs(
+/// The vsock device every VM has.
+fn vsock_config() -> VsockConfig {
+    VsockConfig {
+        guest_cid: GUEST_CID,
+        ..VsockConfig::default()
+    }
+}
+
+/// Fresh host entropy for a restored guest.
+fn host_entropy() -> Result<Vec<u8>, Error> {
+    use std::io::Read;
+    let mut seed = vec![0u8; 64];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut seed))
+        .map_err(|source| Error::VmSetup(Box::new(source)))?;
+    Ok(seed)
+}
+
+/// The initramfs of a config, in the cache.
+struct BuiltInitramfs {
+    path: std::path::PathBuf,
+    sha256: String,
+    agent_sha256: String,
+}
+
+/// The identity (snapshot cache key material) of the VM `config` describes.
+pub(crate) fn identity_of(config: &VmConfig) -> Result<Identity, Error> {
+    let resolved = config.resolve()?;
+    let initramfs = build_initramfs(config, &resolved.agent)?;
+    identity_from(config, &resolved, &initramfs)
+}
+
+fn identity_from(
     config: &VmConfig,
-    agent: &std::path::Path,
-) -> Result<std::path::PathBuf, Error> {
+    resolved: &config::Resolved,
+    initramfs: &BuiltInitramfs,
+) -> Result<Identity, Error> {
+    let kernel_sha256 = snapshot::sha256_file_cached(&resolved.kernel).map_err(|e| {
+        ConfigError::KernelUnreadable {
+            path: resolved.kernel.clone(),
+            reason: e.to_string(),
+        }
+    })?;
+    Ok(Identity {
+        kernel_sha256,
+        agent_sha256: initramfs.agent_sha256.clone(),
+        initramfs_sha256: initramfs.sha256.clone(),
+        vcpus: config.vcpus,
+        memory_mib: config.memory_mib,
+        cmdline: guest_cmdline(config),
+        platform_cmdline: supermachine_vmm::platform_cmdline(),
+    })
+}
+
+/// Builds (or finds in the cache) the initramfs for `config`.
+fn build_initramfs(config: &VmConfig, agent: &std::path::Path) -> Result<BuiltInitramfs, Error> {
     let invalid = |e: initramfs::InitramfsError| Error::from(ConfigError::Initramfs(e.to_string()));
     let agent_bytes = initramfs::read_host_file(agent).map_err(invalid)?;
+    let agent_sha256 = snapshot::sha256_hex(&agent_bytes);
     let mut fs = Initramfs::with_agent(agent_bytes);
     for file in &config.files {
         match file {
@@ -259,8 +553,13 @@ fn build_initramfs(
             }
         }
     }
-    fs.cached().map_err(|source| Error::Cache {
+    let (path, sha256) = fs.cached().map_err(|source| Error::Cache {
         what: "the initramfs",
         source,
+    })?;
+    Ok(BuiltInitramfs {
+        path,
+        sha256,
+        agent_sha256,
     })
 }

@@ -570,5 +570,8 @@ impl BusDevice for MmioTransport {
 /// QueueNotify's offset must match what the machine registers its ioeventfds on.
 const _: () = assert!(QUEUE_NOTIFY_OFFSET == reg::VIRTIO_MMIO_QUEUE_NOTIFY as u64);
 
+mod snapshot;
 #[cfg(test)]
 mod tests;
+
+pub use snapshot::TransportState;

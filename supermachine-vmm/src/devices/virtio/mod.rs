@@ -15,7 +15,7 @@ pub use mmio::MmioTransport;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueState};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -152,4 +152,17 @@ pub trait VirtioDevice: Send {
     fn config_generation(&self) -> u32 {
         0
     }
+
+    /// Holds the device's worker back between two batches (for a snapshot) and returns where
+    /// its queues stand, or `None` when it is not active. Until [`resume`](Self::resume) the
+    /// device does not touch guest memory. Devices that cannot be snapshotted say why.
+    fn pause(&mut self) -> Result<Option<Vec<QueueState>>, String> {
+        Err(format!(
+            "virtio device type {} does not support snapshots",
+            self.device_type()
+        ))
+    }
+
+    /// Ends a [`pause`](Self::pause): the worker carries on where it stopped.
+    fn resume(&mut self) {}
 }

@@ -127,7 +127,7 @@ impl VirtioDevice for VsockDevice {
                 got: notify.len(),
             });
         }
-        let gate = Arc::new(WorkerGate::new());
+        let gate = Arc::new(WorkerGate::new(&queues));
         let generation = {
             let mut inner = self.shared.lock();
             let generation = inner.next_gen;
@@ -158,6 +158,17 @@ impl VirtioDevice for VsockDevice {
         self.shared
             .needs_reset
             .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn pause(&mut self) -> Result<Option<Vec<virtio_queue::QueueState>>, String> {
+        // Connections stay as they are: a paused worker only stops touching the rings.
+        Ok(self.worker.as_ref().and_then(|(gate, _)| gate.pause()))
+    }
+
+    fn resume(&mut self) {
+        if let Some((gate, _)) = &self.worker {
+            gate.resume();
+        }
     }
 }
 

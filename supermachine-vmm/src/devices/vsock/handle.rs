@@ -46,6 +46,12 @@ impl VsockHandle {
         self.shared.config.guest_cid
     }
 
+    /// Connections the device tracks (open, connecting or closing). Zero means the guest has
+    /// no connected vsock socket that this host side knows of.
+    pub fn connection_count(&self) -> usize {
+        self.shared.lock().conns.len()
+    }
+
     /// Connects to `port` in the guest.
     ///
     /// Fails with [`io::ErrorKind::ConnectionRefused`] when nothing listens there (the guest

@@ -14,9 +14,25 @@ use tokio::sync::Notify;
 use super::conn::{Conn, ConnKey};
 use super::VsockConfig;
 
-/// Host ports we allocate start here (far from the guest's well-known ports, to keep logs
-/// readable; any value is valid).
+/// Host ports we allocate are at or above this (far from the guest's well-known ports, to keep
+/// logs readable; any value is valid).
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
+
+/// Where a new device starts allocating host ports: a random point in `[2^30, 2^31)`.
+///
+/// A guest restored from a snapshot may still send packets (RST, SHUTDOWN) for connections of
+/// the machine the snapshot was taken from; had the new device started at the same port as
+/// that one, those stale packets would hit its first connections ("connection refused" on
+/// the first connect after a restore, seen in practice).
+fn first_port() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState is seeded from the OS per process and differs per instance: enough to make
+    // a collision with a previous incarnation's ports unlikely, without a dependency.
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    FIRST_LOCAL_PORT + (random as u32 & (FIRST_LOCAL_PORT - 1))
+}
 
 /// See the module docs.
 #[derive(Debug)]
@@ -55,7 +71,7 @@ impl Shared {
     pub fn new(config: VsockConfig) -> Self {
         Shared {
             inner: Mutex::new(Inner {
-                next_port: FIRST_LOCAL_PORT,
+                next_port: first_port(),
                 ..Inner::default()
             }),
             wake: Notify::new(),

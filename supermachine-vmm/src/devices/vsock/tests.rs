@@ -1020,7 +1020,7 @@ async fn garbage_rings_never_panic() {
         Arc::new(std::sync::atomic::AtomicU32::new(0)),
         Arc::new(vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap()),
     );
-    let gate = Arc::new(WorkerGate::new());
+    let gate = Arc::new(WorkerGate::new(&queues()));
     let mut worker = Worker::new(
         mem.clone(),
         queues(),

@@ -41,7 +41,7 @@ use super::packet::{
 };
 use super::shared::Shared;
 use crate::devices::virtio::ring::add_used;
-use crate::devices::virtio::worker_gate::WorkerGate;
+use crate::devices::virtio::worker_gate::{Entry, WorkerGate};
 use crate::devices::virtio::{IrqTrigger, VIRTIO_MMIO_INT_VRING};
 
 /// Queue indices (virtio 1.2 §5.10.2).
@@ -91,7 +91,14 @@ pub struct Worker {
     /// Tx chains returned since the last interrupt. Past a quarter of the ring the guest may
     /// be about to run out of tx descriptors, so the interrupt is not held back any longer.
     tx_unannounced: u16,
+    /// A transport reset went out and the guest has not handled it yet (until then, nothing is
+    /// sent on rx: see [`Worker::reset_handled`]); with the time it went out and the event
+    /// queue's avail index at that moment.
+    reset_unhandled: Option<(Instant, u16)>,
 }
+
+/// How long rx waits for the guest to handle a transport reset before going on regardless.
+const RESET_HANDLING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// On exit for any reason other than a reset (runtime shutdown, panic, broken ring), fail the
 /// host's streams instead of leaving them hanging.
@@ -139,6 +146,7 @@ impl Worker {
             irq_due: false,
             tx_irq_deadline: None,
             tx_unannounced: 0,
+            reset_unhandled: None,
         }
     }
 
@@ -166,13 +174,24 @@ impl Worker {
         debug!(cid = self.guest_cid, "vsock worker started");
         let gate = self.gate.clone();
         loop {
-            {
-                let Some(_pass) = gate.enter() else { return };
-                if let Err(e) = self.pass() {
-                    error!(%e, "vsock virtqueue error; device needs reset");
-                    self.shared.needs_reset.store(true, Ordering::SeqCst);
-                    return;
+            // The gate's lock must not be held across an await (the future must stay Send).
+            let paused = match gate.enter() {
+                Entry::Pass(mut pass) => {
+                    let result = self.pass();
+                    pass.record(&self.queues);
+                    if let Err(e) = result {
+                        error!(%e, "vsock virtqueue error; device needs reset");
+                        self.shared.needs_reset.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                    false
                 }
+                Entry::Paused => true,
+                Entry::Closed => return,
+            };
+            if paused {
+                gate.resumed().await;
+                continue;
             }
             let deadline = self.next_deadline();
             let far = Instant::now() + Duration::from_secs(3600);
@@ -191,9 +210,12 @@ impl Worker {
         self.collect_shared();
         self.expire_closing();
         let tx_irq = self.process_tx()?;
-        // A pending transport reset goes out before new connection requests.
+        // A pending transport reset goes out before new connection requests, and those wait
+        // until the guest has handled it.
         self.process_events()?;
-        self.process_rx()?;
+        if self.reset_handled()? {
+            self.process_rx()?;
+        }
         self.forget_finished();
         if tx_irq && self.tx_irq_deadline.is_none() {
             self.tx_irq_deadline = Some(Instant::now() + self.shared.config.tx_interrupt_delay);
@@ -302,7 +324,37 @@ impl Worker {
             .iter()
             .filter_map(|c| c.lock().close_deadline.map(Instant::from_std))
             .chain(self.tx_irq_deadline)
+            .chain(
+                self.reset_unhandled
+                    .map(|(t, _)| t + RESET_HANDLING_TIMEOUT),
+            )
             .min()
+    }
+
+    /// Whether the guest has handled the last transport reset we sent.
+    ///
+    /// Linux handles the event queue and the rx queue in separate work items, in no fixed
+    /// order: a connection request delivered together with a reset can be accepted first and
+    /// then reset with every other connection (seen right after restoring a snapshot: the
+    /// host's first connection died). Its event handler re-posts the event buffer once it has
+    /// reset its sockets, so a moved avail index on the event queue (we asked for a kick) says
+    /// the reset is done.
+    fn reset_handled(&mut self) -> Result<bool, virtio_queue::Error> {
+        let Some((sent, avail_then)) = self.reset_unhandled else {
+            return Ok(true);
+        };
+        let reposted = self.queues[EVENT]
+            .avail_idx(&*self.mem, Ordering::Acquire)?
+            .0
+            != avail_then;
+        if reposted || sent.elapsed() >= RESET_HANDLING_TIMEOUT {
+            if !reposted {
+                warn!("the guest did not acknowledge a vsock transport reset; going on");
+            }
+            self.reset_unhandled = None;
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     /// Removes finished connections from the shared table.
@@ -585,8 +637,14 @@ impl Worker {
                 break;
             }
         }
-        if used && self.queues[EVENT].needs_notification(&*mem)? {
-            self.irq_due = true;
+        if used {
+            if self.queues[EVENT].needs_notification(&*mem)? {
+                self.irq_due = true;
+            }
+            // Ask for a kick when the guest re-posts the buffer: that is its "handled".
+            self.queues[EVENT].enable_notification(&*mem)?;
+            let avail = self.queues[EVENT].avail_idx(&*mem, Ordering::Acquire)?.0;
+            self.reset_unhandled = Some((Instant::now(), avail));
         }
         Ok(())
     }

@@ -1,0 +1,474 @@
+//! [`Snapshot`]: a booted VM saved to a directory, and what makes a snapshot trustworthy.
+//!
+//! A snapshot directory holds the VMM's `vmstate` and `memory` files (see
+//! `supermachine_vmm::snapshot`) and this crate's `meta.json`: the format version and the
+//! VM's identity — hashes of the kernel, the agent and the initramfs, vCPU count, memory size
+//! and guest command line. [`Snapshot::open`] checks everything that is cheap to check
+//! (metadata, the state's checksum and format version, the memory file's size) and never reads
+//! the memory file, which restores map lazily; [`Snapshot::verify_memory`] is the explicit,
+//! slow check of the memory file's contents.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use supermachine_vmm::snapshot::{format, MEMORY_FILE, VMSTATE_FILE};
+
+use super::config::VmConfig;
+use crate::error::Error;
+
+/// The metadata file's name in a snapshot directory.
+pub const META_FILE: &str = "meta.json";
+/// Version of `meta.json`'s layout and of what a snapshot directory contains.
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 1;
+
+/// What a snapshot was made from. Two VMs with the same identity boot to the same state, so
+/// the identity is also the snapshot cache key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Identity {
+    pub(crate) kernel_sha256: String,
+    pub(crate) agent_sha256: String,
+    pub(crate) initramfs_sha256: String,
+    pub(crate) vcpus: u32,
+    pub(crate) memory_mib: u32,
+    /// What the VM adds to the kernel command line (passed to the VMM).
+    pub(crate) cmdline: String,
+    /// What the VMM always adds on this host (base parameters, PVM workarounds).
+    pub(crate) platform_cmdline: String,
+}
+
+impl Identity {
+    /// The cache key: a hash over every field and the format versions.
+    pub(crate) fn key(&self) -> String {
+        let mut h = Sha256::new();
+        h.update(format!(
+            "supermachine-snapshot meta={SNAPSHOT_FORMAT_VERSION} vmstate={}\n",
+            format::FORMAT_VERSION
+        ));
+        for field in [
+            &self.kernel_sha256,
+            &self.agent_sha256,
+            &self.initramfs_sha256,
+            &self.vcpus.to_string(),
+            &self.memory_mib.to_string(),
+            &self.cmdline,
+            &self.platform_cmdline,
+        ] {
+            h.update((field.len() as u64).to_le_bytes());
+            h.update(field.as_bytes());
+        }
+        hex(&h.finalize()[..16])
+    }
+
+    /// The first field in which `self` (the snapshot) differs from `wanted`.
+    fn mismatch(&self, wanted: &Identity) -> Option<SnapshotError> {
+        let diff = |what: &'static str, snapshot: String, requested: String| {
+            Some(SnapshotError::Mismatch {
+                what,
+                snapshot,
+                requested,
+            })
+        };
+        if self.kernel_sha256 != wanted.kernel_sha256 {
+            return diff(
+                "kernel (sha256)",
+                self.kernel_sha256.clone(),
+                wanted.kernel_sha256.clone(),
+            );
+        }
+        if self.agent_sha256 != wanted.agent_sha256 {
+            return diff(
+                "agent (sha256)",
+                self.agent_sha256.clone(),
+                wanted.agent_sha256.clone(),
+            );
+        }
+        if self.vcpus != wanted.vcpus {
+            return diff("vCPUs", self.vcpus.to_string(), wanted.vcpus.to_string());
+        }
+        if self.memory_mib != wanted.memory_mib {
+            return diff(
+                "memory (MiB)",
+                self.memory_mib.to_string(),
+                wanted.memory_mib.to_string(),
+            );
+        }
+        if self.initramfs_sha256 != wanted.initramfs_sha256 {
+            return diff(
+                "initramfs contents (sha256; extra files)",
+                self.initramfs_sha256.clone(),
+                wanted.initramfs_sha256.clone(),
+            );
+        }
+        if self.platform_cmdline != wanted.platform_cmdline {
+            return diff(
+                "host kernel parameters (VMM base and PVM workarounds)",
+                self.platform_cmdline.clone(),
+                wanted.platform_cmdline.clone(),
+            );
+        }
+        if self.cmdline != wanted.cmdline {
+            return diff(
+                "guest kernel command line",
+                self.cmdline.clone(),
+                wanted.cmdline.clone(),
+            );
+        }
+        None
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Meta {
+    format_version: u32,
+    supermachine_version: String,
+    created_unix: u64,
+    /// Digest of the memory file as written (SHA-256 over its non-zero pages and their
+    /// offsets), for [`Snapshot::verify_memory`].
+    memory_sha256: String,
+    #[serde(flatten)]
+    identity: Identity,
+}
+
+/// A snapshot could not be used (or written). Each variant names what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SnapshotError {
+    /// A snapshot file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file is damaged (bad checksum, bad magic, undecodable) or missing pieces.
+    #[error("{path} is corrupt: {why}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// The snapshot was written by an incompatible version.
+    #[error("snapshot format version {found}, this build reads version {supported}; take the snapshot again")]
+    FormatVersion {
+        /// The snapshot's version.
+        found: u32,
+        /// The version this build reads.
+        supported: u32,
+    },
+    /// The memory file is shorter or longer than the VM's RAM (truncated or replaced).
+    #[error(
+        "{path} is {found} bytes but the VM has {expected} bytes of RAM: truncated or replaced"
+    )]
+    MemoryTruncated {
+        /// The memory file.
+        path: PathBuf,
+        /// Bytes it must have.
+        expected: u64,
+        /// Bytes it has.
+        found: u64,
+    },
+    /// The memory file's contents differ from what was written ([`Snapshot::verify_memory`]).
+    #[error("{path}: contents changed since the snapshot was taken (sha256 mismatch)")]
+    MemoryChanged {
+        /// The memory file.
+        path: PathBuf,
+    },
+    /// The snapshot is of another VM than the one asked for.
+    #[error("snapshot does not match the configuration: {what} is {snapshot} in the snapshot, {requested} requested")]
+    Mismatch {
+        /// Which property differs.
+        what: &'static str,
+        /// The snapshot's value.
+        snapshot: String,
+        /// The requested value.
+        requested: String,
+    },
+    /// The target directory already exists and is not empty.
+    #[error("{0} already exists; snapshots are written to a new directory")]
+    Exists(PathBuf),
+    /// The VMM could not take or restore the snapshot.
+    #[error("{0}")]
+    Vmm(String),
+}
+
+impl SnapshotError {
+    fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| SnapshotError::Io { path, source }
+    }
+
+    /// Translates the VMM's snapshot errors into this crate's.
+    pub(crate) fn from_vmm(error: supermachine_vmm::snapshot::SnapshotError) -> Self {
+        use supermachine_vmm::snapshot::SnapshotError as V;
+        match error {
+            V::Io { path, source } => SnapshotError::Io { path, source },
+            V::Corrupt { path, why } => SnapshotError::Corrupt { path, why },
+            V::FormatVersion { found, supported } => {
+                SnapshotError::FormatVersion { found, supported }
+            }
+            V::MemorySize {
+                path,
+                expected,
+                found,
+            } => SnapshotError::MemoryTruncated {
+                path,
+                expected,
+                found,
+            },
+            other => SnapshotError::Vmm(other.to_string()),
+        }
+    }
+}
+
+impl From<SnapshotError> for Error {
+    fn from(e: SnapshotError) -> Self {
+        Error::Snapshot(e)
+    }
+}
+
+/// A snapshot directory that passed [`Snapshot::open`]'s checks; restore it with
+/// [`Vm::restore`](crate::Vm::restore).
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    dir: PathBuf,
+    meta: Meta,
+}
+
+impl Snapshot {
+    /// Opens the snapshot in `dir` and checks it: `meta.json` readable and of this format
+    /// version, `vmstate` intact (magic, version, checksum) and consistent with the metadata,
+    /// and `memory` exactly the VM's RAM size. The memory file's contents are not read (see
+    /// [`verify_memory`](Self::verify_memory)).
+    pub fn open(dir: impl AsRef<Path>) -> Result<Snapshot, Error> {
+        Ok(Self::open_inner(dir.as_ref())?)
+    }
+
+    fn open_inner(dir: &Path) -> Result<Snapshot, SnapshotError> {
+        let meta_path = dir.join(META_FILE);
+        let bytes = std::fs::read(&meta_path).map_err(SnapshotError::io(&meta_path))?;
+        #[derive(Deserialize)]
+        struct Version {
+            format_version: u32,
+        }
+        let version: Version =
+            serde_json::from_slice(&bytes).map_err(|e| SnapshotError::Corrupt {
+                path: meta_path.clone(),
+                why: e.to_string(),
+            })?;
+        if version.format_version != SNAPSHOT_FORMAT_VERSION {
+            return Err(SnapshotError::FormatVersion {
+                found: version.format_version,
+                supported: SNAPSHOT_FORMAT_VERSION,
+            });
+        }
+        let meta: Meta = serde_json::from_slice(&bytes).map_err(|e| SnapshotError::Corrupt {
+            path: meta_path.clone(),
+            why: e.to_string(),
+        })?;
+
+        let state_path = dir.join(VMSTATE_FILE);
+        let state_bytes = std::fs::read(&state_path).map_err(SnapshotError::io(&state_path))?;
+        let state = format::decode(&state_bytes, &state_path).map_err(SnapshotError::from_vmm)?;
+        if state.config.vcpus != meta.identity.vcpus
+            || state.config.memory_mib != meta.identity.memory_mib
+        {
+            return Err(SnapshotError::Corrupt {
+                path: state_path,
+                why: format!(
+                    "it describes {} vCPUs and {} MiB, {META_FILE} {} vCPUs and {} MiB",
+                    state.config.vcpus,
+                    state.config.memory_mib,
+                    meta.identity.vcpus,
+                    meta.identity.memory_mib
+                ),
+            });
+        }
+
+        let memory_path = dir.join(MEMORY_FILE);
+        let found = std::fs::metadata(&memory_path)
+            .map_err(SnapshotError::io(&memory_path))?
+            .len();
+        let expected = u64::from(meta.identity.memory_mib) << 20;
+        if found != expected {
+            return Err(SnapshotError::MemoryTruncated {
+                path: memory_path,
+                expected,
+                found,
+            });
+        }
+        Ok(Snapshot {
+            dir: dir.to_owned(),
+            meta,
+        })
+    }
+
+    /// The snapshot directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The VM's vCPU count.
+    pub fn vcpus(&self) -> u32 {
+        self.meta.identity.vcpus
+    }
+
+    /// The VM's RAM in MiB.
+    pub fn memory_mib(&self) -> u32 {
+        self.meta.identity.memory_mib
+    }
+
+    pub(crate) fn identity(&self) -> &Identity {
+        &self.meta.identity
+    }
+
+    /// Checks that this snapshot is of the VM `config` describes: same kernel and agent
+    /// (by content hash), vCPUs, memory, extra files and guest command line. Fails with
+    /// [`SnapshotError::Mismatch`] naming the first difference. Reads the kernel and agent
+    /// (hashes are cached per process).
+    pub fn check_matches(&self, config: &VmConfig) -> Result<(), Error> {
+        let wanted = super::identity_of(config)?;
+        match self.meta.identity.mismatch(&wanted) {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
+    }
+
+    /// Reads the whole memory file and checks it against the hash taken when the snapshot was
+    /// written ([`SnapshotError::MemoryChanged`] otherwise). Slow (it reads all of RAM), so
+    /// restores never do it.
+    pub fn verify_memory(&self) -> Result<(), Error> {
+        let path = self.dir.join(MEMORY_FILE);
+        let digest =
+            supermachine_vmm::memory::sparse_digest(&path).map_err(SnapshotError::io(&path))?;
+        if hex(&digest) != self.meta.memory_sha256 {
+            return Err(SnapshotError::MemoryChanged { path }.into());
+        }
+        Ok(())
+    }
+}
+
+/// Writes `meta.json` for a snapshot just taken into `dir`, whose memory file has the digest
+/// `memory_sha256`.
+pub(crate) fn write_meta(
+    dir: &Path,
+    identity: &Identity,
+    memory_sha256: &[u8; 32],
+) -> Result<(), SnapshotError> {
+    let memory_sha256 = hex(memory_sha256);
+    let meta = Meta {
+        format_version: SNAPSHOT_FORMAT_VERSION,
+        supermachine_version: env!("CARGO_PKG_VERSION").to_owned(),
+        created_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        memory_sha256,
+        identity: identity.clone(),
+    };
+    let path = dir.join(META_FILE);
+    let json = serde_json::to_vec_pretty(&meta).map_err(|e| SnapshotError::Vmm(e.to_string()))?;
+    std::fs::write(&path, json).map_err(SnapshotError::io(&path))
+}
+
+/// SHA-256 of a file's contents, in hex.
+fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut file = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex(&h.finalize()))
+}
+
+/// SHA-256 of a file, remembered per process by (path, size, mtime, inode): the kernel is
+/// tens of MiB, and every `Vm::start` needs its hash for the snapshot cache key.
+pub(crate) fn sha256_file_cached(path: &Path) -> std::io::Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    type Key = (PathBuf, u64, i64, i64, u64);
+    static HASHES: Mutex<Option<HashMap<Key, String>>> = Mutex::new(None);
+    let m = std::fs::metadata(path)?;
+    let key = (path.to_owned(), m.len(), m.mtime(), m.mtime_nsec(), m.ino());
+    if let Some(hash) = HASHES
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .and_then(|h| h.get(&key))
+    {
+        return Ok(hash.clone());
+    }
+    let hash = sha256_file(path)?;
+    HASHES
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_or_insert_with(HashMap::new)
+        .insert(key, hash.clone());
+    Ok(hash)
+}
+
+/// SHA-256 of bytes, in hex.
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity() -> Identity {
+        Identity {
+            kernel_sha256: "k".into(),
+            agent_sha256: "a".into(),
+            initramfs_sha256: "i".into(),
+            vcpus: 1,
+            memory_mib: 256,
+            cmdline: "quiet".into(),
+            platform_cmdline: "console=ttyS0".into(),
+        }
+    }
+
+    #[test]
+    fn key_covers_every_field() {
+        let base = identity();
+        let mut keys = vec![base.key()];
+        let mut changed = base.clone();
+        changed.kernel_sha256 = "k2".into();
+        keys.push(changed.key());
+        let mut changed = base.clone();
+        changed.agent_sha256 = "a2".into();
+        keys.push(changed.key());
+        let mut changed = base.clone();
+        changed.memory_mib = 512;
+        keys.push(changed.key());
+        let mut changed = base.clone();
+        changed.cmdline = "quiet x".into();
+        keys.push(changed.key());
+        keys.sort();
+        keys.dedup();
+        assert_eq!(keys.len(), 5);
+    }
+
+    #[test]
+    fn mismatch_names_the_field() {
+        let mut other = identity();
+        other.agent_sha256 = "b".into();
+        let err = identity().mismatch(&other).expect("differs");
+        assert!(err.to_string().contains("agent"), "{err}");
+        assert!(identity().mismatch(&identity()).is_none());
+    }
+}

@@ -1,0 +1,395 @@
+//! Snapshot and restore against real microVMs: exec after restore, independence of VMs restored
+//! from one snapshot (RNG, clock, memory), every class of damaged or mismatched snapshot
+//! refused with its error, no leaks over many restore cycles, and the zero-flag snapshot cache
+//! under concurrent first starts.
+//!
+//! One VM is started per test binary (from the snapshot cache when warm) and snapshotted into
+//! a temp dir that every test restores from. The tests take turns (a lock), since the leak test
+//! counts this process's threads, fds and mappings. Needs `/dev/kvm`; skips without it only
+//! when `SUPERMACHINE_REQUIRE_KVM` is unset.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use supermachine::{Error, Snapshot, SnapshotError, Vm};
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    supermachine_e2e::shared_runtime()
+}
+
+fn one_at_a_time() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The snapshot every test restores from (taken once per binary), and the dir holding it.
+async fn source() -> &'static (tempfile::TempDir, Snapshot) {
+    static SOURCE: tokio::sync::OnceCell<(tempfile::TempDir, Snapshot)> =
+        tokio::sync::OnceCell::const_new();
+    SOURCE
+        .get_or_init(|| async {
+            let config = supermachine_e2e::test_vm_config().expect("test VM config");
+            let vm = Vm::start(config).await.expect("source VM starts");
+            let dir = tempfile::tempdir().expect("temp dir");
+            let snapshot = vm
+                .snapshot(dir.path().join("snap"))
+                .await
+                .expect("snapshot");
+            // Snapshotting leaves the VM running.
+            let out = vm
+                .exec(["echo", "still here"])
+                .output()
+                .await
+                .expect("exec");
+            assert_eq!(&out.stdout[..], b"still here\n");
+            (dir, snapshot)
+        })
+        .await
+}
+
+fn run(test: &str, body: impl std::future::Future<Output = ()>) {
+    if !supermachine_e2e::kvm_available_or_skip(test) {
+        return;
+    }
+    let _turn = one_at_a_time();
+    runtime().block_on(body);
+}
+
+async fn sh(vm: &Vm, script: &str) -> (i32, String) {
+    let out = vm
+        .exec(["sh", "-c", script])
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("exec {script:?}: {e}"));
+    (
+        out.status.code() as i32,
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+    )
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[test]
+fn restored_vms_run_execs_and_share_nothing() {
+    run("restored_vms_run_execs_and_share_nothing", async {
+        let (_, snapshot) = source().await;
+        let (a, b) = tokio::join!(Vm::restore(snapshot), Vm::restore(snapshot));
+        let (a, b) = (a.expect("restore a"), b.expect("restore b"));
+        assert!(a.start_timings().restored && b.start_timings().restored);
+
+        let script = "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s";
+        let before = unix_now();
+        let ((code_a, out_a), (code_b, out_b)) = tokio::join!(sh(&a, script), sh(&b, script));
+        let after = unix_now();
+        assert_eq!((code_a, code_b), (0, 0), "{out_a} / {out_b}");
+        let (rand_a, date_a) = out_a.split_once('\n').expect("two lines");
+        let (rand_b, date_b) = out_b.split_once('\n').expect("two lines");
+        assert_eq!(rand_a.len(), 64, "{out_a}");
+        assert_ne!(
+            rand_a, rand_b,
+            "two restored VMs read the same random bytes"
+        );
+        for date in [date_a, date_b] {
+            let t: u64 = date.trim().parse().expect("date +%s");
+            assert!(
+                t + 2 >= before && t <= after + 2,
+                "guest clock {t} not within 2 s of the host ({before}..{after})"
+            );
+        }
+
+        // Copy-on-write: what one VM writes, the other never sees.
+        assert_eq!(
+            sh(&a, "echo mine > /tmp/cow-marker && cat /tmp/cow-marker").await,
+            (0, "mine".into())
+        );
+        assert_eq!(sh(&b, "test -e /tmp/cow-marker").await.0, 1);
+    });
+}
+
+/// A sparse copy of the source snapshot to damage.
+fn copy_snapshot(src: &Path, dst: &Path) {
+    let status = Command::new("cp")
+        .args(["-a", "--sparse=always"])
+        .arg(src)
+        .arg(dst)
+        .status()
+        .expect("cp");
+    assert!(status.success());
+}
+
+fn snapshot_error(result: Result<Snapshot, Error>) -> SnapshotError {
+    match result {
+        Err(Error::Snapshot(e)) => e,
+        Err(other) => panic!("expected a snapshot error, got {other}"),
+        Ok(_) => panic!("a damaged snapshot was accepted"),
+    }
+}
+
+fn patch(path: &Path, offset: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open");
+    file.write_all_at(bytes, offset).expect("patch");
+}
+
+#[test]
+fn damaged_and_mismatched_snapshots_are_refused() {
+    run("damaged_and_mismatched_snapshots_are_refused", async {
+        let (_, snapshot) = source().await;
+        let work = tempfile::tempdir().expect("temp dir");
+        let case = |name: &str| -> PathBuf {
+            let dir = work.path().join(name);
+            copy_snapshot(snapshot.dir(), &dir);
+            dir
+        };
+
+        let dir = case("truncated");
+        let memory = dir.join("memory");
+        let len = std::fs::metadata(&memory).expect("memory").len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&memory)
+            .and_then(|f| f.set_len(len - 4096))
+            .expect("truncate");
+        assert!(matches!(
+            snapshot_error(Snapshot::open(&dir)),
+            SnapshotError::MemoryTruncated { found, expected, .. } if found + 4096 == expected
+        ));
+
+        let dir = case("checksum");
+        patch(&dir.join("vmstate"), 200, b"\xde\xad");
+        let err = snapshot_error(Snapshot::open(&dir));
+        assert!(
+            matches!(&err, SnapshotError::Corrupt { why, .. } if why.contains("checksum")),
+            "{err}"
+        );
+
+        let dir = case("vmstate-version");
+        patch(&dir.join("vmstate"), 8, &99u32.to_le_bytes());
+        assert!(matches!(
+            snapshot_error(Snapshot::open(&dir)),
+            SnapshotError::FormatVersion { found: 99, .. }
+        ));
+
+        let dir = case("meta-version");
+        let meta = std::fs::read_to_string(dir.join("meta.json")).expect("meta");
+        let meta = meta.replacen("\"format_version\": 1", "\"format_version\": 7", 1);
+        std::fs::write(dir.join("meta.json"), meta).expect("write meta");
+        assert!(matches!(
+            snapshot_error(Snapshot::open(&dir)),
+            SnapshotError::FormatVersion { found: 7, .. }
+        ));
+
+        let dir = case("no-meta");
+        std::fs::remove_file(dir.join("meta.json")).expect("rm meta");
+        assert!(matches!(
+            snapshot_error(Snapshot::open(&dir)),
+            SnapshotError::Io { .. }
+        ));
+
+        // Damage after `open` is caught by the restore itself, and leaves nothing running.
+        let dir = case("truncated-after-open");
+        let opened = Snapshot::open(&dir).expect("intact copy opens");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("memory"))
+            .and_then(|f| f.set_len(1 << 20))
+            .expect("truncate");
+        match Vm::restore(&opened).await {
+            Err(Error::Snapshot(SnapshotError::MemoryTruncated { .. })) => {}
+            Err(other) => panic!("expected MemoryTruncated, got {other}"),
+            Ok(_) => panic!("restored a truncated snapshot"),
+        }
+
+        // Changed memory contents: only the explicit (slow) verification reads them.
+        let dir = case("changed-memory");
+        let intact = Snapshot::open(&dir).expect("intact copy opens");
+        intact.verify_memory().expect("intact memory verifies");
+        patch(&dir.join("memory"), 0x10_0000, b"garbage");
+        let changed = Snapshot::open(&dir).expect("size still right");
+        assert!(matches!(
+            changed.verify_memory(),
+            Err(Error::Snapshot(SnapshotError::MemoryChanged { .. }))
+        ));
+
+        // Another VM than the configuration describes.
+        let config = supermachine_e2e::test_vm_config().expect("config");
+        snapshot
+            .check_matches(&config)
+            .expect("the source config matches");
+        let what = |config: supermachine::VmConfig| match snapshot.check_matches(&config) {
+            Err(Error::Snapshot(SnapshotError::Mismatch { what, .. })) => what,
+            Err(other) => panic!("expected a mismatch, got {other}"),
+            Ok(()) => panic!("a different VM matched"),
+        };
+        assert!(what(config.clone().memory_mib(512)).starts_with("memory"));
+        assert!(what(config.clone().vcpus(2)).starts_with("vCPUs"));
+        let other_agent = work.path().join("agent");
+        let mut bytes =
+            std::fs::read(supermachine_e2e::agent_binary().expect("agent")).expect("read");
+        bytes.push(0);
+        std::fs::write(&other_agent, bytes).expect("write agent");
+        assert!(what(config.clone().agent(&other_agent)).starts_with("agent"));
+        let other_kernel = work.path().join("vmlinux");
+        let mut bytes =
+            std::fs::read(supermachine_e2e::guest_kernel().expect("kernel")).expect("read");
+        bytes.push(0);
+        std::fs::write(&other_kernel, bytes).expect("write kernel");
+        assert!(what(config.kernel(&other_kernel)).starts_with("kernel"));
+    });
+}
+
+fn count_dir(path: impl AsRef<Path>) -> usize {
+    std::fs::read_dir(path).map(|d| d.count()).unwrap_or(0)
+}
+
+/// Threads of this process, without the kernel's per-VM `kvm-nx-lpage-recovery` workers
+/// (created and reaped by KVM with each VM fd, asynchronously).
+fn own_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|t| {
+                    std::fs::read_to_string(t.path().join("comm"))
+                        .map(|c| !c.starts_with("kvm-nx-lpage"))
+                        .unwrap_or(false)
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+fn mappings() -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .map(|m| m.lines().count())
+        .unwrap_or(0)
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct Footprint {
+    fds: usize,
+    threads: usize,
+    mappings: usize,
+    temp_entries: usize,
+    snapshot_entries: usize,
+}
+
+fn footprint(snapshot: &Snapshot) -> Footprint {
+    Footprint {
+        fds: count_dir("/proc/self/fd"),
+        threads: own_threads(),
+        mappings: mappings(),
+        temp_entries: count_dir(std::env::temp_dir()),
+        snapshot_entries: count_dir(snapshot.dir()),
+    }
+}
+
+#[test]
+fn fifty_restore_cycles_leak_nothing() {
+    run("fifty_restore_cycles_leak_nothing", async {
+        let (_, snapshot) = source().await;
+        let cycle = || async {
+            let vm = Vm::restore(snapshot).await.expect("restore");
+            let out = vm.exec(["true"]).output().await.expect("exec");
+            assert!(out.status.success());
+            drop(vm);
+        };
+        // One cycle first: lazily created process-wide things (signal handler, runtime
+        // threads, tracing) are not leaks.
+        cycle().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let before = footprint(snapshot);
+        for _ in 0..50 {
+            cycle().await;
+        }
+        // KVM reaps VM resources shortly after the last fd closes.
+        let mut after = footprint(snapshot);
+        for _ in 0..50 {
+            if after == before {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            after = footprint(snapshot);
+        }
+        assert_eq!(
+            after, before,
+            "50 restore→exec→drop cycles left something behind"
+        );
+    });
+}
+
+#[test]
+fn snapshot_refuses_a_used_directory_and_an_ended_vm() {
+    run("snapshot_refuses_a_used_directory_and_an_ended_vm", async {
+        let (_, snapshot) = source().await;
+        let vm = Vm::restore(snapshot).await.expect("restore");
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("something"), b"x").expect("write");
+        match vm.snapshot(dir.path()).await {
+            Err(Error::Snapshot(SnapshotError::Exists(_))) => {}
+            other => panic!("expected Exists, got {other:?}"),
+        }
+        vm.stop();
+        match vm.snapshot(dir.path().join("new")).await {
+            Err(Error::VmExited(_)) => {}
+            other => panic!("expected VmExited, got {other:?}"),
+        }
+        assert_eq!(
+            count_dir(dir.path()),
+            1,
+            "nothing written for failed snapshots"
+        );
+    });
+}
+
+/// Two first starts of one configuration at once: exactly one boots (and writes the cache),
+/// the other waits for it and restores; neither sees a half-written snapshot.
+#[test]
+fn concurrent_first_starts_boot_once() {
+    run("concurrent_first_starts_boot_once", async {
+        // A configuration nobody started before: a unique, inert kernel parameter.
+        let marker = format!(
+            "supermachine.test_key={}",
+            unix_now() ^ u64::from(std::process::id())
+        );
+        let config = supermachine_e2e::test_vm_config()
+            .expect("config")
+            .kernel_cmdline(marker);
+        let cache = supermachine::cache::root()
+            .expect("cache root")
+            .join("snapshots");
+        let entries = |dir: &Path| -> Vec<PathBuf> {
+            std::fs::read_dir(dir)
+                .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
+                .unwrap_or_default()
+        };
+        let old = entries(&cache);
+        let (a, b) = tokio::join!(Vm::start(config.clone()), Vm::start(config.clone()));
+        let (a, b) = (a.expect("start a"), b.expect("start b"));
+        let restored = [a.start_timings().restored, b.start_timings().restored];
+        assert_eq!(
+            restored.iter().filter(|r| **r).count(),
+            1,
+            "exactly one start restores: {restored:?}"
+        );
+        let (code, _) = sh(&b, "true").await;
+        assert_eq!(code, 0);
+        // The cache entry is complete, and a third start restores it.
+        let c = Vm::start(config).await.expect("start c");
+        assert!(c.start_timings().restored);
+        drop((a, b, c));
+        // This configuration will never be started again: do not let CI caches grow.
+        for new in entries(&cache).into_iter().filter(|e| !old.contains(e)) {
+            let _ = std::fs::remove_dir_all(&new).or_else(|_| std::fs::remove_file(&new));
+        }
+    });
+}

@@ -1,0 +1,35 @@
+//! Small statistics helpers for the bench examples: percentiles and one-line reports.
+
+use std::time::Duration;
+
+/// The `p` quantile (0..=1) of `sorted` (nearest rank). `sorted` must not be empty.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Prints `name: p50 .., p99 .., min .., max .. (n=..)` in milliseconds.
+pub fn report(name: &str, mut samples: Vec<Duration>) {
+    if samples.is_empty() {
+        println!("{name}: no samples");
+        return;
+    }
+    samples.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "{name}: p50 {:.2} ms, p99 {:.2} ms, min {:.2} ms, max {:.2} ms (n={})",
+        ms(percentile(&samples, 0.5)),
+        ms(percentile(&samples, 0.99)),
+        ms(samples[0]),
+        ms(samples[samples.len() - 1]),
+        samples.len()
+    );
+}
+
+/// The `n`th command-line argument parsed, or `default`.
+pub fn arg(n: usize, default: usize) -> usize {
+    std::env::args()
+        .nth(n)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(default)
+}
