@@ -351,6 +351,89 @@ fn snapshot_refuses_a_used_directory_and_an_ended_vm() {
     });
 }
 
+/// A snapshot taken while an exec runs: in VMs restored from it, that exec's connection belongs
+/// to a host process that is gone, so the restore resets the guest's vsock transport; the
+/// agent's listener survives it (new execs work) and the orphaned exec is killed.
+#[test]
+fn snapshot_with_an_exec_in_flight_restores_cleanly() {
+    run("snapshot_with_an_exec_in_flight_restores_cleanly", async {
+        let (_, snapshot) = source().await;
+        let vm = Vm::restore(snapshot).await.expect("restore");
+        let mut child = vm
+            .exec(["sh", "-c", "echo started; exec sleep 1000"])
+            .spawn()
+            .await
+            .expect("spawn");
+        let mut stdout = child.take_stdout().expect("stdout");
+        let mut line = [0u8; 8];
+        tokio::io::AsyncReadExt::read_exact(&mut stdout, &mut line)
+            .await
+            .expect("the exec started");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let busy = vm
+            .snapshot(dir.path().join("busy"))
+            .await
+            .expect("snapshot");
+        let restored = Vm::restore(&busy).await.expect("restore the busy snapshot");
+        assert_eq!(sh(&restored, "echo fine").await, (0, "fine".into()));
+        // The orphaned `sleep 1000` dies once the agent sees its connection reset.
+        let mut left = String::new();
+        for _ in 0..50 {
+            left = sh(&restored, "ps -o args | grep -c '^sleep 1000' || true")
+                .await
+                .1;
+            if left == "0" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert_eq!(left, "0", "the exec of the old host process still runs");
+        // Meanwhile the source VM's exec is still there.
+        assert_eq!(sh(&vm, "ps -o args | grep -c '^sleep 1000'").await.1, "1");
+        drop(child);
+    });
+}
+
+/// Set in the child process of `restore_works_in_a_fresh_process`: the snapshot to restore.
+const CHILD_SNAPSHOT_ENV: &str = "SUPERMACHINE_TEST_SNAPSHOT_DIR";
+
+/// A snapshot restores in a process that never ran the VM: the test re-runs this binary with
+/// only `fresh_process_child` selected and the snapshot's path in the environment.
+#[test]
+fn restore_works_in_a_fresh_process() {
+    run("restore_works_in_a_fresh_process", async {
+        let (_, snapshot) = source().await;
+        let exe = std::env::current_exe().expect("test binary");
+        let out = tokio::process::Command::new(exe)
+            .args(["--exact", "fresh_process_child", "--nocapture"])
+            .env(CHILD_SNAPSHOT_ENV, snapshot.dir())
+            .output()
+            .await
+            .expect("run the child");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("child restored: hello from a fresh process"),
+            "child failed: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+}
+
+/// The child half of `restore_works_in_a_fresh_process`; does nothing when run on its own.
+#[test]
+fn fresh_process_child() {
+    let Some(dir) = std::env::var_os(CHILD_SNAPSHOT_ENV) else {
+        return;
+    };
+    runtime().block_on(async {
+        let snapshot = Snapshot::open(&dir).expect("open in the child");
+        let vm = Vm::restore(&snapshot).await.expect("restore in the child");
+        let (code, out) = sh(&vm, "echo hello from a fresh process").await;
+        assert_eq!(code, 0);
+        println!("child restored: {out}");
+    });
+}
+
 /// Two first starts of one configuration at once: exactly one boots (and writes the cache),
 /// the other waits for it and restores; neither sees a half-written snapshot.
 #[test]

@@ -4,7 +4,9 @@
 //! its stdin), so it cannot see EOF then. A host that gives up on such an exec and closes the
 //! connection must still get its processes killed, so the exec also watches a duplicate of the
 //! connection's fd for read-hangup (`EPOLLRDHUP`), which the kernel reports without anything
-//! being read.
+//! being read, and for errors (`EPOLLERR`): a connection the transport reset (the host's vsock
+//! device after a snapshot restore) reports only that — no hangup, nothing to read — so a
+//! watch for readability alone would never wake and the orphaned exec would run forever.
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -24,17 +26,19 @@ impl HangupWatch {
         let fd = socket.as_fd().try_clone_to_owned()?;
         // SAFETY: the OwnedFd is owned by the AsyncFd and stays open, unchanged, until the
         // AsyncFd is dropped; nothing else closes or replaces it.
-        let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
-            .map_err(io::Error::from)?;
+        let fd =
+            unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE.add(Interest::ERROR)) }
+                .map_err(io::Error::from)?;
         Ok(HangupWatch { fd })
     }
 
-    /// Completes once the peer has closed (or on an error watching it). Cancel-safe.
+    /// Completes once the peer has closed, the connection failed (reset), or watching it
+    /// failed. Cancel-safe.
     pub async fn closed(&self) {
         loop {
-            match self.fd.readable().await {
+            match self.fd.ready(Interest::READABLE.add(Interest::ERROR)).await {
                 Ok(mut ready) => {
-                    if ready.ready().is_read_closed() {
+                    if ready.ready().is_read_closed() || ready.ready().is_error() {
                         return;
                     }
                     // Plain data arrived; that is the reader's business. Wait for the next
