@@ -5,6 +5,9 @@
 //!   advertises AVX that does not work (GUEST-KERNEL.md): every exec gets
 //!   [`PVM_GLIBC_TUNABLES`] so glibc programs do not pick AVX string functions.
 //! * `supermachine.test_hooks=1` — allows test-only control actions (`crash_guest`).
+//! * `supermachine.rootfs=1` — the first virtio-blk disk (`/dev/vda`) is an image's root
+//!   filesystem: init mounts it read-only under a tmpfs overlay and makes that the root every
+//!   exec runs in (see `init::enter_image_rootfs`).
 //!
 //! Only read in guest mode: in host mode the host's own command line means nothing to us, so the
 //! flags are all off.
@@ -20,6 +23,8 @@ pub struct BootFlags {
     pub pvm: bool,
     /// `supermachine.test_hooks=1`.
     pub test_hooks: bool,
+    /// `supermachine.rootfs=1`.
+    pub rootfs: bool,
 }
 
 impl BootFlags {
@@ -31,6 +36,7 @@ impl BootFlags {
             match token {
                 "supermachine.pvm=1" => flags.pvm = true,
                 "supermachine.test_hooks=1" => flags.test_hooks = true,
+                "supermachine.rootfs=1" => flags.rootfs = true,
                 _ => {}
             }
         }
@@ -61,14 +67,17 @@ mod tests {
             BootFlags::parse("console=ttyS0 supermachine.pvm=1 quiet"),
             BootFlags {
                 pvm: true,
-                test_hooks: false
+                ..BootFlags::default()
             }
         );
         assert_eq!(
-            BootFlags::parse("supermachine.test_hooks=1\tsupermachine.pvm=1\n"),
+            BootFlags::parse(
+                "supermachine.test_hooks=1\tsupermachine.pvm=1 supermachine.rootfs=1\n"
+            ),
             BootFlags {
                 pvm: true,
-                test_hooks: true
+                test_hooks: true,
+                rootfs: true,
             }
         );
         for near_miss in [

@@ -17,6 +17,7 @@ mod exec;
 mod hangup;
 mod init;
 mod reaper;
+mod rootfs;
 mod server;
 mod staging;
 mod state;
@@ -132,6 +133,14 @@ fn main() -> ExitCode {
     }
     if pid1 {
         init::mount_early_filesystems();
+        if boot_flags::read().rootfs {
+            // Without its image the VM cannot do what it was started for; say why on the
+            // console (the host shows its tail) and power off rather than serve the initramfs.
+            if let Err(e) = rootfs::enter_image_rootfs() {
+                tracing::error!("cannot enter the image rootfs: {e}");
+                init::power_off();
+            }
+        }
     }
     raise_fd_limit();
     if pid1 {

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use supermachine_vmm::devices::vsock::VsockConfig;
-use supermachine_vmm::{Machine, MachineBuilder, MachineConfig};
+use supermachine_vmm::{DiskConfig, Machine, MachineBuilder, MachineConfig};
 use tracing::{debug, info, warn};
 
 pub use config::{ConfigError, VmConfig, AGENT_ENV, KERNEL_ENV, MAX_MEMORY_MIB, MIN_MEMORY_MIB};
@@ -53,6 +53,8 @@ const QUIET_CMDLINE: &str = "quiet";
 const PVM_AGENT_FLAG: &str = "supermachine.pvm=1";
 /// Enables the agent's test-only actions.
 const TEST_HOOKS_FLAG: &str = "supermachine.test_hooks=1";
+/// Tells the agent that `/dev/vda` is the image root filesystem to run execs in.
+const ROOTFS_FLAG: &str = "supermachine.rootfs=1";
 
 /// A running microVM with the supermachine agent as PID 1.
 ///
@@ -178,6 +180,7 @@ impl Vm {
         machine_config.cmdline = identity.cmdline.clone();
         machine_config.console_to_stderr = config.console_to_stderr;
         machine_config.vsock = Some(vsock_config());
+        machine_config.disks = rootfs_disks(&identity);
 
         let builder = MachineBuilder::new(machine_config).map_err(Error::from_vmm)?;
         let machine = builder.start().map_err(Error::from_vmm)?;
@@ -215,6 +218,11 @@ impl Vm {
         machine_config.memory_mib = identity.memory_mib;
         machine_config.console_to_stderr = config.console_to_stderr;
         machine_config.vsock = Some(vsock_config());
+        if let Some(rootfs) = &identity.rootfs {
+            // The guest's page cache holds pieces of this image: it must be the same bytes.
+            rootfs.check_unchanged()?;
+        }
+        machine_config.disks = rootfs_disks(&identity);
         let machine = Machine::restore(machine_config, snapshot.dir()).map_err(|e| match e {
             supermachine_vmm::Error::Snapshot(e) => Error::Snapshot(SnapshotError::from_vmm(e)),
             other => Error::from_vmm(other),
@@ -463,10 +471,25 @@ fn guest_cmdline(config: &VmConfig) -> String {
     if config.test_hooks {
         parts.push(TEST_HOOKS_FLAG);
     }
+    if config.rootfs.is_some() {
+        parts.push(ROOTFS_FLAG);
+    }
     if !config.kernel_cmdline.trim().is_empty() {
         parts.push(config.kernel_cmdline.trim());
     }
     parts.join(" ")
+}
+
+/// The disks of a VM: its rootfs image, read-only, as `/dev/vda`.
+fn rootfs_disks(identity: &Identity) -> Vec<DiskConfig> {
+    identity
+        .rootfs
+        .iter()
+        .map(|r| DiskConfig {
+            path: r.path.clone(),
+            read_only: true,
+        })
+        .collect()
 }
 
 /// The vsock device every VM has.
@@ -520,6 +543,15 @@ fn identity_from(
         memory_mib: config.memory_mib,
         cmdline: guest_cmdline(config),
         platform_cmdline: supermachine_vmm::platform_cmdline(),
+        rootfs: match &config.rootfs {
+            Some(path) => Some(snapshot::RootfsIdentity::of(path).map_err(|e| {
+                ConfigError::RootfsUnreadable {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                }
+            })?),
+            None => None,
+        },
     })
 }
 

@@ -38,6 +38,69 @@ pub(crate) struct Identity {
     pub(crate) cmdline: String,
     /// What the VMM always adds on this host (base parameters, PVM workarounds).
     pub(crate) platform_cmdline: String,
+    /// The root filesystem image, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) rootfs: Option<RootfsIdentity>,
+}
+
+/// A root filesystem image: where it is, its content hash, and the file metadata that lets a
+/// restore skip re-hashing it when nothing changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct RootfsIdentity {
+    pub(crate) path: PathBuf,
+    pub(crate) sha256: String,
+    pub(crate) len: u64,
+    pub(crate) mtime_ns: i64,
+    pub(crate) ino: u64,
+}
+
+impl RootfsIdentity {
+    /// Hashes the image at `path` (cached per process by file metadata).
+    pub(crate) fn of(path: &Path) -> std::io::Result<RootfsIdentity> {
+        use std::os::unix::fs::MetadataExt;
+        let path = std::fs::canonicalize(path)?;
+        let m = std::fs::metadata(&path)?;
+        Ok(RootfsIdentity {
+            sha256: sha256_file_cached(&path)?,
+            len: m.len(),
+            mtime_ns: m
+                .mtime()
+                .saturating_mul(1_000_000_000)
+                .saturating_add(m.mtime_nsec()),
+            ino: m.ino(),
+            path,
+        })
+    }
+
+    /// Checks that the image is still the one hashed: by metadata when that is unchanged,
+    /// else by hashing it again.
+    pub(crate) fn check_unchanged(&self) -> Result<(), SnapshotError> {
+        let now = Self::of_metadata(&self.path).map_err(SnapshotError::io(&self.path))?;
+        if (now.0, now.1, now.2) == (self.len, self.mtime_ns, self.ino) {
+            return Ok(());
+        }
+        let sha256 = sha256_file(&self.path).map_err(SnapshotError::io(&self.path))?;
+        if sha256 == self.sha256 {
+            return Ok(());
+        }
+        Err(SnapshotError::Mismatch {
+            what: "root filesystem image (sha256)",
+            snapshot: self.sha256.clone(),
+            requested: sha256,
+        })
+    }
+
+    fn of_metadata(path: &Path) -> std::io::Result<(u64, i64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)?;
+        Ok((
+            m.len(),
+            m.mtime()
+                .saturating_mul(1_000_000_000)
+                .saturating_add(m.mtime_nsec()),
+            m.ino(),
+        ))
+    }
 }
 
 impl Identity {
@@ -56,6 +119,10 @@ impl Identity {
             &self.memory_mib.to_string(),
             &self.cmdline,
             &self.platform_cmdline,
+            &self
+                .rootfs
+                .as_ref()
+                .map_or_else(String::new, |r| r.sha256.clone()),
         ] {
             h.update((field.len() as u64).to_le_bytes());
             h.update(field.as_bytes());
@@ -101,6 +168,17 @@ impl Identity {
                 "initramfs contents (sha256; extra files)",
                 self.initramfs_sha256.clone(),
                 wanted.initramfs_sha256.clone(),
+            );
+        }
+        let rootfs_hash = |r: &Option<RootfsIdentity>| {
+            r.as_ref()
+                .map_or_else(|| "none".to_owned(), |r| r.sha256.clone())
+        };
+        if rootfs_hash(&self.rootfs) != rootfs_hash(&wanted.rootfs) {
+            return diff(
+                "root filesystem image (sha256)",
+                rootfs_hash(&self.rootfs),
+                rootfs_hash(&wanted.rootfs),
             );
         }
         if self.platform_cmdline != wanted.platform_cmdline {
@@ -439,6 +517,7 @@ mod tests {
             memory_mib: 256,
             cmdline: "quiet".into(),
             platform_cmdline: "console=ttyS0".into(),
+            rootfs: None,
         }
     }
 
