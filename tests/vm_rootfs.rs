@@ -61,15 +61,7 @@ fn config(image: &Path) -> VmConfig {
 }
 
 async fn sh(vm: &Vm, script: &str) -> (u32, String) {
-    let out = vm
-        .exec(["sh", "-c", script])
-        .output()
-        .await
-        .unwrap_or_else(|e| panic!("exec {script:?}: {e}"));
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
-    )
+    supermachine_e2e::exec_output(vm.exec(["sh", "-c", script])).await
 }
 
 fn sha256sum(path: &Path) -> String {

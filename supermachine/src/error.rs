@@ -98,6 +98,10 @@ pub enum Error {
     /// (corrupt file, other format version, truncated memory, mismatched VM, ...).
     #[error("snapshot: {0}")]
     Snapshot(#[source] crate::vm::SnapshotError),
+    /// An image could not be pulled, imported or turned into a rootfs; the inner error says which
+    /// (not found, unauthorized, digest mismatch, ...).
+    #[error("image: {0}")]
+    Image(#[from] crate::image::ImageError),
     /// The on-disk cache could not be used.
     #[error("cannot write {what} to the cache (see SUPERMACHINE_CACHE_DIR): {source}")]
     Cache {
@@ -198,6 +202,7 @@ impl Error {
             },
             Error::VmExited(exit) => Error::VmExited(exit.clone()),
             Error::Snapshot(e) => Error::Snapshot(crate::vm::SnapshotError::Vmm(e.to_string())),
+            Error::Image(e) => Error::Image(e.duplicate()),
             Error::Cache { what, source } => Error::Cache {
                 what,
                 source: io::Error::new(source.kind(), source.to_string()),

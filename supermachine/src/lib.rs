@@ -39,6 +39,7 @@ pub mod cache;
 mod connector;
 mod error;
 mod exec;
+pub mod image;
 mod vm;
 
 pub use agent::{Agent, AgentInfo};
@@ -47,6 +48,10 @@ pub use error::Error;
 pub use exec::{
     ExecBuilder, ExecChild, ExecOutcome, ExecSignaler, ExecStderr, ExecStdin, ExecStdout,
     ExitStatus, Stdio,
+};
+pub use image::{
+    Credentials, Image, ImageConfig, ImageError, ImageReference, ImportOptions, LayerInfo,
+    Platform, PullEvent, PullOptions, Rootfs,
 };
 pub use supermachine_codec::{StagedFile, WindowSize};
 pub use tokio_util::sync::CancellationToken;

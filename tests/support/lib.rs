@@ -6,8 +6,12 @@
 //!   drop.
 //! * [`processes_matching`] / [`wait_until_gone`] look for leaked processes in `/proc` by a unique
 //!   marker in their command line.
+//! * [`registry::Registry`] runs a real `docker-registry` (optionally with basic auth) and
+//!   [`images`] builds the OCI test images the image tests push to it.
 
 pub mod bench;
+pub mod images;
+pub mod registry;
 
 use std::io::{self, BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -200,6 +204,16 @@ pub fn kill_matching(marker: &str) {
     for pid in processes_matching(marker) {
         let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
     }
+}
+
+/// Runs `exec` to completion: its exit code and its stdout, trimmed. Panics on failure (for
+/// tests).
+pub async fn exec_output(exec: supermachine::ExecBuilder) -> (u32, String) {
+    let out = exec.output().await.unwrap_or_else(|e| panic!("exec: {e}"));
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+    )
 }
 
 /// A multi-threaded runtime shared by every test of a binary that uses VMs: a VM's devices run

@@ -41,6 +41,7 @@ pub struct VmConfig {
     pub(crate) test_hooks: bool,
     pub(crate) snapshot_cache: bool,
     pub(crate) rootfs: Option<PathBuf>,
+    pub(crate) image: Option<crate::image::Image>,
 }
 
 /// An extra initramfs entry.
@@ -81,6 +82,7 @@ impl VmConfig {
             test_hooks: false,
             snapshot_cache: true,
             rootfs: None,
+            image: None,
         }
     }
 
@@ -162,8 +164,22 @@ impl VmConfig {
     /// [`add_file`](Self::add_file)).
     ///
     /// The image must not change while VMs or snapshots use it: snapshots record its hash.
+    /// Replaces an [`image`](Self::image) set before.
     pub fn rootfs(mut self, image: impl Into<PathBuf>) -> Self {
         self.rootfs = Some(image.into());
+        self.image = None;
+        self
+    }
+
+    /// Runs the VM on an OCI image: its root filesystem (built from the layers on first use
+    /// and cached, see [`Image::rootfs`](crate::Image::rootfs)) as with [`rootfs`](Self::rootfs),
+    /// and its config's `Env`, `WorkingDir` and `User` as the defaults of every
+    /// [`Vm::exec`](crate::Vm::exec) (a request's own settings win), with `Entrypoint` + `Cmd`
+    /// as the command of [`Vm::run`](crate::Vm::run). Replaces a [`rootfs`](Self::rootfs) set
+    /// before.
+    pub fn image(mut self, image: crate::image::Image) -> Self {
+        self.image = Some(image);
+        self.rootfs = None;
         self
     }
 

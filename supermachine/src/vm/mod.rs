@@ -79,6 +79,8 @@ pub struct Vm {
     machine: Mutex<Machine>,
     identity: Identity,
     timings: StartTimings,
+    /// The OCI image config whose Env / WorkingDir / User every exec defaults to.
+    image: Option<crate::image::ImageConfig>,
 }
 
 /// Where the time of [`Vm::start`] / [`Vm::restore`] went.
@@ -116,6 +118,20 @@ impl Vm {
     /// [`Error::BootTimeout`] if the agent does not answer in time; nothing is left running.
     pub async fn start(config: VmConfig) -> Result<Vm, Error> {
         let started = Instant::now();
+        let (config, image) = match config.image.clone() {
+            Some(image) => {
+                let rootfs = image.rootfs().await?;
+                let mut config = config;
+                config.rootfs = Some(rootfs.path);
+                (config, Some(image.config().clone()))
+            }
+            None => (config, None),
+        };
+        let vm = Self::start_with_rootfs(config, started).await?;
+        Ok(vm.with_image(image))
+    }
+
+    async fn start_with_rootfs(config: VmConfig, started: Instant) -> Result<Vm, Error> {
         let resolved = config.resolve()?;
         let initramfs = build_initramfs(&config, &resolved.agent)?;
         let identity = identity_from(&config, &resolved, &initramfs)?;
@@ -203,7 +219,8 @@ impl Vm {
     /// one the snapshot was taken from. Must be called inside a tokio runtime, which must
     /// outlive the VM.
     pub async fn restore(snapshot: &Snapshot) -> Result<Vm, Error> {
-        Self::restore_inner(snapshot, &VmConfig::new(), Instant::now()).await
+        let vm = Self::restore_inner(snapshot, &VmConfig::new(), Instant::now()).await?;
+        Ok(vm.with_image(snapshot.image_config().cloned()))
     }
 
     async fn restore_inner(
@@ -273,12 +290,47 @@ impl Vm {
                 vcpus_running,
                 agent_ready: Duration::ZERO,
             },
+            image: None,
         })
     }
 
     fn ready(mut self, agent_ready: Duration) -> Vm {
         self.timings.agent_ready = agent_ready;
         self
+    }
+
+    fn with_image(mut self, image: Option<crate::image::ImageConfig>) -> Vm {
+        self.image = image;
+        self
+    }
+
+    /// The config of the OCI image this VM runs, if any.
+    pub fn image_config(&self) -> Option<&crate::image::ImageConfig> {
+        self.image.as_ref()
+    }
+
+    /// Starts building the image's own command, as `docker run IMAGE [ARGS...]` would: its
+    /// `Entrypoint` followed by `args`, or by its `Cmd` when `args` is empty. Fails with
+    /// [`Error::InvalidRequest`] when the VM runs no image or the result is empty.
+    pub fn run<I, S>(&self, args: I) -> Result<ExecBuilder, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let Some(image) = &self.image else {
+            return Err(Error::InvalidRequest(
+                "Vm::run needs a VM started on an image (VmConfig::image); use Vm::exec".into(),
+            ));
+        };
+        let args: Vec<String> = args.into_iter().map(Into::into).collect();
+        let tail = if args.is_empty() { &image.cmd } else { &args };
+        let argv: Vec<String> = image.entrypoint.iter().chain(tail).cloned().collect();
+        if argv.is_empty() {
+            return Err(Error::InvalidRequest(
+                "the image has no Entrypoint or Cmd; give a command".into(),
+            ));
+        }
+        Ok(self.exec(argv))
     }
 
     /// Saves this VM into the new directory `dir` (created; it must not exist or be empty)
@@ -326,7 +378,12 @@ impl Vm {
             supermachine_vmm::Error::Snapshot(e) => Error::Snapshot(SnapshotError::from_vmm(e)),
             other => Error::Snapshot(SnapshotError::Vmm(other.to_string())),
         })?;
-        snapshot::write_meta(tmp.path(), &self.identity, &info.memory_sha256)?;
+        snapshot::write_meta(
+            tmp.path(),
+            &self.identity,
+            self.image.as_ref(),
+            &info.memory_sha256,
+        )?;
         // An empty directory left at `dir` (checked above) is replaced; a non-empty one makes
         // the rename fail, and the temporary directory is removed on drop.
         let _ = std::fs::remove_dir(dir);
@@ -401,13 +458,19 @@ impl Vm {
         &self.agent
     }
 
-    /// Starts building an exec of `argv` in the guest; see [`Agent::exec`].
+    /// Starts building an exec of `argv` in the guest; see [`Agent::exec`]. In a VM that
+    /// runs an image, the image's `Env`, `WorkingDir` and `User` are the defaults (the
+    /// builder's own `env`, `cwd` and `user` override them).
     pub fn exec<I, S>(&self, argv: I) -> ExecBuilder
     where
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        self.agent.exec(argv)
+        let builder = self.agent.exec(argv);
+        match &self.image {
+            Some(image) => apply_image_defaults(builder, image),
+            None => builder,
+        }
     }
 
     /// Test hook: makes the guest kernel panic (see [`VmConfig::test_hooks`]).
@@ -478,6 +541,22 @@ fn guest_cmdline(config: &VmConfig) -> String {
         parts.push(config.kernel_cmdline.trim());
     }
     parts.join(" ")
+}
+
+/// An image's `Env` (`NAME=value`; entries without `=` are ignored, as Docker does),
+/// `WorkingDir` and `User` as an exec's starting point.
+fn apply_image_defaults(
+    mut builder: ExecBuilder,
+    image: &crate::image::ImageConfig,
+) -> ExecBuilder {
+    builder = builder.envs(image.env.iter().filter_map(|kv| kv.split_once('=')));
+    if let Some(dir) = image.working_dir.as_deref().filter(|d| !d.is_empty()) {
+        builder = builder.cwd(dir);
+    }
+    if let Some(user) = image.user.as_deref().filter(|u| !u.is_empty()) {
+        builder = builder.user(user);
+    }
+    builder
 }
 
 /// The disks of a VM: its rootfs image, read-only, as `/dev/vda`.

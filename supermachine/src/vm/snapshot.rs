@@ -19,6 +19,7 @@ use supermachine_vmm::snapshot::{format, MEMORY_FILE, VMSTATE_FILE};
 
 use super::config::VmConfig;
 use crate::error::Error;
+use crate::image::ImageConfig;
 
 /// The metadata file's name in a snapshot directory.
 pub const META_FILE: &str = "meta.json";
@@ -209,6 +210,9 @@ struct Meta {
     memory_sha256: String,
     #[serde(flatten)]
     identity: Identity,
+    /// The OCI image config the VM runs (its exec defaults), when it runs an image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    image: Option<ImageConfig>,
 }
 
 /// A snapshot could not be used (or written). Each variant names what is wrong.
@@ -406,6 +410,12 @@ impl Snapshot {
         &self.meta.identity
     }
 
+    /// The config of the OCI image the VM runs, if it runs one (digest, `Env`, `WorkingDir`,
+    /// `User`, `Entrypoint`, `Cmd`, ...); restored VMs keep using it as their exec defaults.
+    pub fn image_config(&self) -> Option<&ImageConfig> {
+        self.meta.image.as_ref()
+    }
+
     /// Checks that this snapshot is of the VM `config` describes: same kernel and agent
     /// (by content hash), vCPUs, memory, extra files and guest command line. Fails with
     /// [`SnapshotError::Mismatch`] naming the first difference. Reads the kernel and agent
@@ -437,6 +447,7 @@ impl Snapshot {
 pub(crate) fn write_meta(
     dir: &Path,
     identity: &Identity,
+    image: Option<&ImageConfig>,
     memory_sha256: &[u8; 32],
 ) -> Result<(), SnapshotError> {
     let memory_sha256 = hex(memory_sha256);
@@ -449,6 +460,7 @@ pub(crate) fn write_meta(
             .unwrap_or(0),
         memory_sha256,
         identity: identity.clone(),
+        image: image.cloned(),
     };
     let path = dir.join(META_FILE);
     let json = serde_json::to_vec_pretty(&meta).map_err(|e| SnapshotError::Vmm(e.to_string()))?;

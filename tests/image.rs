@@ -1,0 +1,702 @@
+//! The image pipeline against a real registry (`docker-registry` on 127.0.0.1, started by the
+//! tests, with and without basic auth) and real images pushed with `skopeo`: pull by tag and by
+//! digest, auth failures, missing tags, tampered blobs, resumed downloads, whiteouts and metadata
+//! in the built ext4 rootfs (mounted read-only to check), OCI layout and docker-archive imports,
+//! and the Debian minbase figures.
+//!
+//! Needs root (rootfs builds keep owners and device nodes; the checks loop-mount the image), and
+//! `docker-registry skopeo apache2-utils debootstrap busybox-static e2fsprogs`. Each test uses
+//! its own cache dir; the Debian rootfs tarball is made once under `cache::root()/test-images`.
+
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use supermachine::{Credentials, Image, ImageError, ImportOptions, PullEvent, PullOptions};
+use supermachine_e2e::images::{self, LAYERED_TREE};
+use supermachine_e2e::registry::{docker_archive_from_layout, Registry};
+
+fn options(cache: &Path) -> PullOptions {
+    PullOptions::new()
+        .cache_dir(cache)
+        // Never read the developer's own ~/.docker/config.json.
+        .docker_config(cache.join("no-docker-config.json"))
+}
+
+/// The ext4 image mounted read-only on a temp dir; unmounted on drop.
+struct Mounted {
+    dir: tempfile::TempDir,
+}
+
+impl Mounted {
+    fn new(image: &Path) -> Mounted {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new("mount")
+            .args(["-o", "loop,ro", "-t", "ext4"])
+            .arg(image)
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mount failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Mounted { dir }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+/// Every path under `root` with its kind, sorted (`lost+found` left out).
+fn tree(root: &Path) -> Vec<(String, char)> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, char)>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let entry = entry.unwrap();
+            let ft = entry.file_type().unwrap();
+            let rel = entry
+                .path()
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            if rel == "lost+found" {
+                continue;
+            }
+            let kind = if ft.is_dir() {
+                'd'
+            } else if ft.is_symlink() {
+                'l'
+            } else if ft.is_char_device() {
+                'c'
+            } else if ft.is_block_device() {
+                'b'
+            } else if ft.is_fifo() {
+                'p'
+            } else {
+                'f'
+            };
+            out.push((rel, kind));
+            if ft.is_dir() {
+                walk(root, &entry.path(), out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(root, root, &mut out);
+    out.sort();
+    out
+}
+
+fn layer_progress_recorder() -> (PullOptions, Arc<Mutex<Vec<PullEvent>>>) {
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let sink = events.clone();
+    let opts = PullOptions::new().on_progress(move |e| sink.lock().unwrap().push(e.clone()));
+    (opts, events)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_by_tag_and_digest_then_build_rootfs() {
+    let registry = Registry::start().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let layout = images::busybox_layout(&work.path().join("layout"), "v1").unwrap();
+    registry
+        .push_layout(&layout.dir, "v1", "test/busybox:oci", false)
+        .unwrap();
+    registry
+        .push_layout(&layout.dir, "v1", "test/busybox:v2s2", true)
+        .unwrap();
+    let cache = work.path().join("cache");
+
+    // Two pulls of one image into one empty cache at the same time: both succeed, one copy.
+    let shared = work.path().join("shared-cache");
+    let reference = registry.reference("test/busybox:oci");
+    let (a, b) = tokio::join!(
+        Image::pull_with(&reference, options(&shared)),
+        Image::pull_with(&reference, options(&shared)),
+    );
+    assert_eq!(a.unwrap().digest(), b.unwrap().digest());
+    assert!(std::fs::read_dir(shared.join("blobs/tmp"))
+        .unwrap()
+        .next()
+        .is_none());
+
+    // OCI media types, by tag, with progress events.
+    let (opts, events) = layer_progress_recorder();
+    let opts = opts
+        .cache_dir(&cache)
+        .docker_config(cache.join("none.json"));
+    let image = Image::pull_with(&registry.reference("test/busybox:oci"), opts)
+        .await
+        .unwrap();
+    assert_eq!(image.digest(), layout.config_digest);
+    assert_eq!(image.layers().len(), 1);
+    assert_eq!(image.config().env, ["PATH=/bin", "GREETING=hello"]);
+    assert_eq!(image.config().working_dir.as_deref(), Some("/root"));
+    assert_eq!(image.config().default_command(), ["sh"]);
+    {
+        let events = events.lock().unwrap();
+        assert!(
+            matches!(events.first(), Some(PullEvent::Resolved { layers: 1, .. })),
+            "{events:?}"
+        );
+        assert!(events.iter().any(|e| matches!(
+            e,
+            PullEvent::LayerStarted {
+                resumed_from: 0,
+                ..
+            }
+        )));
+        assert!(
+            matches!(
+                events.last(),
+                Some(PullEvent::LayerDone { cached: false, .. })
+            ),
+            "{events:?}"
+        );
+    }
+
+    // By digest: the same manifest.
+    let pinned = format!(
+        "{}@{}",
+        registry.reference("test/busybox"),
+        image.manifest_digest()
+    );
+    let by_digest = Image::pull_with(&pinned, options(&cache)).await.unwrap();
+    assert_eq!(by_digest.manifest_digest(), image.manifest_digest());
+
+    // Docker v2s2 media types: other manifest, same config, blobs already cached.
+    let (opts, events) = layer_progress_recorder();
+    let v2s2 = Image::pull_with(
+        &registry.reference("test/busybox:v2s2"),
+        opts.cache_dir(&cache)
+            .docker_config(cache.join("none.json")),
+    )
+    .await
+    .unwrap();
+    assert_ne!(v2s2.manifest_digest(), image.manifest_digest());
+    assert_eq!(v2s2.digest(), image.digest());
+    assert!(
+        v2s2.layers()[0].media_type.contains("docker"),
+        "{:?}",
+        v2s2.layers()
+    );
+    assert!(events
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|e| matches!(e, PullEvent::LayerDone { cached: true, .. })));
+    let v2s2_by_digest = Image::pull_with(
+        &format!(
+            "{}@{}",
+            registry.reference("test/busybox"),
+            v2s2.manifest_digest()
+        ),
+        options(&cache),
+    )
+    .await
+    .unwrap();
+    assert_eq!(v2s2_by_digest.digest(), image.digest());
+
+    // Rootfs: built once, then reused for the other manifest of the same image.
+    assert!(image.cached_rootfs().is_none());
+    let rootfs = image.rootfs().await.unwrap();
+    assert!(!rootfs.reused);
+    assert!(rootfs.path.ends_with(format!(
+        "rootfs/{}.ext4",
+        image.digest().trim_start_matches("sha256:")
+    )));
+    let again = v2s2.rootfs().await.unwrap();
+    assert!(again.reused);
+    assert_eq!(again.path, rootfs.path);
+    let saved: supermachine::ImageConfig =
+        serde_json::from_slice(&std::fs::read(&rootfs.config_path).unwrap()).unwrap();
+    assert_eq!(&saved, image.config());
+
+    let mnt = Mounted::new(&rootfs.path);
+    let busybox = std::fs::metadata(mnt.path("bin/busybox")).unwrap();
+    assert_eq!(
+        busybox.len(),
+        std::fs::metadata("/bin/busybox").unwrap().len()
+    );
+    assert_eq!(busybox.mode() & 0o7777, 0o755);
+    assert_eq!(
+        std::fs::read_link(mnt.path("bin/sh")).unwrap(),
+        Path::new("busybox")
+    );
+    assert_eq!(
+        std::fs::metadata(mnt.path("tmp")).unwrap().mode() & 0o7777,
+        0o1777
+    );
+    assert_eq!(
+        std::fs::metadata(mnt.path("")).unwrap().mode() & 0o7777,
+        0o755
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basic_auth_registry() {
+    let registry = Registry::start_with_auth("alice", "s3cret-pw").unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let layout = images::busybox_layout(&work.path().join("layout"), "v1").unwrap();
+    registry
+        .push_layout(&layout.dir, "v1", "private/busybox:v1", false)
+        .unwrap();
+    let cache = work.path().join("cache");
+    let reference = registry.reference("private/busybox:v1");
+
+    // Explicit credentials, by tag and by digest.
+    let image = Image::pull_with(
+        &reference,
+        options(&cache).credentials(Credentials::basic("alice", "s3cret-pw")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(image.digest(), layout.config_digest);
+    let pinned = format!(
+        "{}@{}",
+        registry.reference("private/busybox"),
+        image.manifest_digest()
+    );
+    let by_digest = Image::pull_with(
+        &pinned,
+        options(&cache).credentials(Credentials::basic("alice", "s3cret-pw")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(by_digest.digest(), image.digest());
+
+    // From a Docker config.json (`auths` with base64 user:password), into an empty cache.
+    let docker_config = work.path().join("config.json");
+    let auth = base64_encode(b"alice:s3cret-pw");
+    std::fs::write(
+        &docker_config,
+        format!(
+            r#"{{"auths": {{"{}": {{"auth": "{auth}"}}}}}}"#,
+            registry.addr()
+        ),
+    )
+    .unwrap();
+    let from_config = Image::pull_with(
+        &reference,
+        PullOptions::new()
+            .cache_dir(work.path().join("cache2"))
+            .docker_config(&docker_config),
+    )
+    .await
+    .unwrap();
+    assert_eq!(from_config.digest(), image.digest());
+
+    // Wrong password, and none at all.
+    let wrong = Image::pull_with(
+        &reference,
+        options(&work.path().join("cache3")).credentials(Credentials::basic("alice", "wrong")),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(wrong, ImageError::Unauthorized { .. }), "{wrong}");
+    let anonymous = Image::pull_with(&reference, options(&work.path().join("cache3")))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(anonymous, ImageError::Unauthorized { .. }),
+        "{anonymous}"
+    );
+    // The error converts into the crate's error type.
+    let top: supermachine::Error = anonymous.into();
+    assert!(matches!(
+        top,
+        supermachine::Error::Image(ImageError::Unauthorized { .. })
+    ));
+}
+
+fn base64_encode(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_tag_or_repository_is_not_found() {
+    let registry = Registry::start().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let layout = images::busybox_layout(&work.path().join("layout"), "v1").unwrap();
+    registry
+        .push_layout(&layout.dir, "v1", "test/busybox:v1", false)
+        .unwrap();
+    let cache = work.path().join("cache");
+    for reference in ["test/busybox:nope", "test/nothing:v1"] {
+        let err = Image::pull_with(&registry.reference(reference), options(&cache))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ImageError::NotFound { .. }),
+            "{reference}: {err}"
+        );
+    }
+    let missing_digest = format!(
+        "{}@sha256:{}",
+        registry.reference("test/busybox"),
+        "0".repeat(64)
+    );
+    let err = Image::pull_with(&missing_digest, options(&cache))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ImageError::NotFound { .. }), "{err}");
+    let err = Image::pull_with("not a reference!", options(&cache))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ImageError::InvalidReference { .. }), "{err}");
+}
+
+/// Blob files in the cache (verified ones and partial downloads).
+fn cached_files(cache: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for sub in ["blobs/sha256", "blobs/tmp"] {
+        if let Ok(dir) = std::fs::read_dir(cache.join(sub)) {
+            for entry in dir {
+                out.push(format!(
+                    "{sub}/{}",
+                    entry.unwrap().file_name().to_string_lossy()
+                ));
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_blob_is_a_digest_mismatch_and_not_cached() {
+    let registry = Registry::start().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let layout = images::busybox_layout(&work.path().join("layout"), "v1").unwrap();
+    registry
+        .push_layout(&layout.dir, "v1", "test/busybox:v1", false)
+        .unwrap();
+    // Same length, one byte flipped, in the registry's own storage.
+    let layer = &layout.layer_digests[0];
+    let data = registry.blob_data_path(layer);
+    let mut bytes = std::fs::read(&data).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&data, &bytes).unwrap();
+
+    let cache = work.path().join("cache");
+    let err = Image::pull_with(&registry.reference("test/busybox:v1"), options(&cache))
+        .await
+        .unwrap_err();
+    match &err {
+        ImageError::DigestMismatch { expected, .. } => assert_eq!(expected, layer),
+        other => panic!("expected a digest mismatch, got {other}"),
+    }
+    let hex = layer.trim_start_matches("sha256:");
+    let files = cached_files(&cache);
+    assert!(
+        !files.iter().any(|f| f.contains(hex)),
+        "tampered blob left in the cache: {files:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_download_resumes_and_bad_partials_are_not_trusted() {
+    let registry = Registry::start().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let layout = images::busybox_layout(&work.path().join("layout"), "v1").unwrap();
+    registry
+        .push_layout(&layout.dir, "v1", "test/busybox:v1", false)
+        .unwrap();
+    let layer = &layout.layer_digests[0];
+    let hex = layer.trim_start_matches("sha256:");
+    let blob = std::fs::read(layout.dir.join("blobs/sha256").join(hex)).unwrap();
+    let half = blob.len() / 2;
+
+    for (name, partial, expect_resume) in [
+        ("good prefix", blob[..half].to_vec(), true),
+        ("garbage prefix", vec![0x55; half], true),
+    ] {
+        let cache = work.path().join(name.replace(' ', "-"));
+        std::fs::create_dir_all(cache.join("blobs/tmp")).unwrap();
+        std::fs::write(cache.join(format!("blobs/tmp/{hex}.partial")), &partial).unwrap();
+        let (opts, events) = layer_progress_recorder();
+        let image = Image::pull_with(
+            &registry.reference("test/busybox:v1"),
+            opts.cache_dir(&cache)
+                .docker_config(cache.join("none.json")),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(image.layers()[0].digest, *layer);
+        let events = events.lock().unwrap();
+        let resumed = events.iter().any(
+            |e| matches!(e, PullEvent::LayerStarted { resumed_from, .. } if *resumed_from == half as u64),
+        );
+        assert_eq!(resumed, expect_resume, "{name}: {events:?}");
+        assert_eq!(
+            std::fs::read(cache.join("blobs/sha256").join(hex)).unwrap(),
+            blob,
+            "{name}"
+        );
+        assert!(
+            !cache.join(format!("blobs/tmp/{hex}.partial")).exists(),
+            "{name}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whiteouts_hardlinks_and_metadata_survive_into_the_rootfs() {
+    let registry = Registry::start().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let layout = images::layered_layout(&work.path().join("layout"), "v1").unwrap();
+    registry
+        .push_layout(&layout.dir, "v1", "test/layered:v1", false)
+        .unwrap();
+    let cache = work.path().join("cache");
+    let image = Image::pull_with(&registry.reference("test/layered:v1"), options(&cache))
+        .await
+        .unwrap();
+    let media: Vec<_> = image
+        .layers()
+        .iter()
+        .map(|l| l.media_type.as_str())
+        .collect();
+    assert_eq!(
+        media,
+        [
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+            "application/vnd.oci.image.layer.v1.tar",
+            "application/vnd.oci.image.layer.v1.tar+zstd"
+        ]
+    );
+    let rootfs = image.rootfs().await.unwrap();
+    let mnt = Mounted::new(&rootfs.path);
+
+    let expected: Vec<(String, char)> = LAYERED_TREE
+        .iter()
+        .map(|(p, k)| (p.to_string(), *k))
+        .collect();
+    assert_eq!(tree(mnt.dir.path()), expected);
+
+    let meta = |p: &str| std::fs::symlink_metadata(mnt.path(p)).unwrap();
+    assert_eq!(std::fs::read(mnt.path("a/keep")).unwrap(), b"v3");
+    assert_eq!(std::fs::read(mnt.path("x")).unwrap(), b"now a file");
+    // Owners and modes.
+    let data = meta("data");
+    assert_eq!(
+        (data.uid(), data.gid(), data.mode() & 0o7777),
+        (1000, 1000, 0o750)
+    );
+    let owned = meta("data/owned");
+    assert_eq!(
+        (owned.uid(), owned.gid(), owned.mode() & 0o7777),
+        (1000, 1001, 0o640)
+    );
+    assert_eq!(meta("bin/suid").mode() & 0o7777, 0o4755);
+    // Hardlinks: one inode, across three layers, with the first layer's owner and mode.
+    let target = meta("links/target");
+    assert_eq!(target.nlink(), 3);
+    assert_eq!(
+        (target.uid(), target.gid(), target.mode() & 0o7777),
+        (1002, 1003, 0o604)
+    );
+    assert_eq!(meta("links/hard").ino(), target.ino());
+    assert_eq!(meta("links/hard2").ino(), target.ino());
+    // A symlink with its own owner.
+    let sym = meta("links/sym");
+    assert!(sym.file_type().is_symlink());
+    assert_eq!((sym.uid(), sym.gid()), (1001, 1001));
+    assert_eq!(
+        std::fs::read_link(mnt.path("links/sym")).unwrap(),
+        Path::new("target")
+    );
+    assert_eq!(std::fs::read(mnt.path("links/sym")).unwrap(), b"shared");
+    // Device node and fifo.
+    let chr = meta("dev/testchr");
+    assert!(chr.file_type().is_char_device());
+    assert_eq!(chr.rdev(), (1 << 8) | 3);
+    assert_eq!(chr.mode() & 0o7777, 0o666);
+    assert!(meta("dev/fifo").file_type().is_fifo());
+    // The xattr from the PAX header.
+    let out = Command::new("getfattr")
+        .args(["--only-values", "-n", "user.test"])
+        .arg(mnt.path("data/xattr"))
+        .output();
+    match out {
+        Ok(out) if out.status.success() => assert_eq!(out.stdout, b"hello"),
+        // getfattr (package attr) is optional; debugfs is part of e2fsprogs.
+        _ => {
+            let out = Command::new("debugfs")
+                .arg("-R")
+                .arg("ea_get /data/xattr user.test")
+                .arg(&rootfs.path)
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(text.contains("hello"), "debugfs ea_get: {text}");
+        }
+    }
+    drop(mnt);
+
+    // The same image from the OCI layout: same image ID, so the same rootfs.
+    let imported = Image::from_oci_layout_with(
+        &layout.dir,
+        Some("v1"),
+        &ImportOptions::new().cache_dir(&cache),
+    )
+    .await
+    .unwrap();
+    assert_eq!(imported.digest(), image.digest());
+    assert_eq!(imported.manifest_digest(), layout.manifest_digest);
+    assert!(imported.rootfs().await.unwrap().reused);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imports_oci_layout_and_docker_archive() {
+    let work = tempfile::tempdir().unwrap();
+    let layout = images::busybox_layout(&work.path().join("layout"), "v1").unwrap();
+    let cache = work.path().join("cache");
+    let opts = ImportOptions::new().cache_dir(&cache);
+
+    let from_layout = Image::from_oci_layout_with(&layout.dir, Some("v1"), &opts)
+        .await
+        .unwrap();
+    assert_eq!(from_layout.digest(), layout.config_digest);
+    assert_eq!(from_layout.manifest_digest(), layout.manifest_digest);
+    assert_eq!(from_layout.config().default_command(), ["sh"]);
+    // Without a tag: the only image.
+    let untagged = Image::from_oci_layout_with(&layout.dir, None, &opts)
+        .await
+        .unwrap();
+    assert_eq!(untagged.digest(), from_layout.digest());
+    let missing = Image::from_oci_layout_with(&layout.dir, Some("nope"), &opts)
+        .await
+        .unwrap_err();
+    assert!(matches!(missing, ImageError::NotFound { .. }), "{missing}");
+
+    // A tampered layout blob is refused and not stored.
+    let tampered_dir = work.path().join("tampered");
+    let tampered = images::busybox_layout(&tampered_dir, "v1").unwrap();
+    let layer_hex = tampered.layer_digests[0].trim_start_matches("sha256:");
+    let blob_path = tampered_dir.join("blobs/sha256").join(layer_hex);
+    let mut bytes = std::fs::read(&blob_path).unwrap();
+    bytes[10] ^= 1;
+    std::fs::write(&blob_path, bytes).unwrap();
+    let tampered_cache = work.path().join("tampered-cache");
+    let err = Image::from_oci_layout_with(
+        &tampered_dir,
+        Some("v1"),
+        &ImportOptions::new().cache_dir(&tampered_cache),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, ImageError::DigestMismatch { .. }), "{err}");
+    assert!(!cached_files(&tampered_cache)
+        .iter()
+        .any(|f| f.contains(layer_hex)));
+
+    // docker-archive (uncompressed layers): same config, so the same image ID and rootfs.
+    let archive = work.path().join("busybox.tar");
+    docker_archive_from_layout(&layout.dir, "v1", &archive, "test/busybox:v1").unwrap();
+    let from_archive = Image::from_docker_archive_with(&archive, &opts)
+        .await
+        .unwrap();
+    assert_eq!(from_archive.digest(), from_layout.digest());
+    assert_eq!(from_archive.config(), from_layout.config());
+    assert!(
+        from_archive.source().ends_with("test/busybox:v1"),
+        "{}",
+        from_archive.source()
+    );
+    assert_eq!(
+        from_archive.layers()[0].media_type,
+        "application/vnd.docker.image.rootfs.diff.tar"
+    );
+    let rootfs = from_archive.rootfs().await.unwrap();
+    assert!(!rootfs.reused);
+    let mnt = Mounted::new(&rootfs.path);
+    assert!(mnt.path("bin/busybox").is_file());
+    drop(mnt);
+    assert!(from_layout.rootfs().await.unwrap().reused);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debian_minbase_pull_and_convert_figures() {
+    let work = tempfile::tempdir().unwrap();
+    let layout = tokio::task::spawn_blocking({
+        let dir = work.path().join("layout");
+        move || images::debian_layout(&dir, "bookworm")
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let registry = Registry::start().unwrap();
+    registry
+        .push_layout(&layout.dir, "bookworm", "debian/minbase:bookworm", false)
+        .unwrap();
+    let cache = work.path().join("cache");
+    let reference = registry.reference("debian/minbase:bookworm");
+
+    let started = Instant::now();
+    let image = Image::pull_with(&reference, options(&cache)).await.unwrap();
+    let pulled = started.elapsed();
+    let rootfs = image.rootfs().await.unwrap();
+    let cold = started.elapsed();
+    assert!(!rootfs.reused);
+
+    let started = Instant::now();
+    let again = Image::pull_with(&reference, options(&cache)).await.unwrap();
+    let cached_rootfs = again.rootfs().await.unwrap();
+    let warm = started.elapsed();
+    assert!(cached_rootfs.reused);
+
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    println!(
+        "debian bookworm minbase: pull {:.2}s + convert {:.2}s = cold {:.2}s; cached pull+rootfs {:.3}s; \
+         compressed layers {:.1} MiB, rootfs image {:.1} MiB ({:.1} MiB allocated)",
+        pulled.as_secs_f64(),
+        (cold - pulled).as_secs_f64(),
+        cold.as_secs_f64(),
+        warm.as_secs_f64(),
+        mib(image.compressed_size()),
+        mib(rootfs.size),
+        mib(rootfs.allocated),
+    );
+    assert_eq!(image.compressed_size(), layout.layers_bytes);
+    assert!(image.config().env.iter().any(|e| e == "HOME=/root"));
+
+    let mnt = Mounted::new(&rootfs.path);
+    assert!(mnt.path("usr/bin/apt-get").is_file());
+    assert!(mnt.path("bin/bash").exists()); // through the merged-/usr symlink
+    assert!(std::fs::read_to_string(mnt.path("etc/debian_version"))
+        .unwrap()
+        .starts_with("12"));
+    let null = std::fs::symlink_metadata(mnt.path("dev/null"));
+    if let Ok(null) = null {
+        assert!(null.file_type().is_char_device());
+    }
+}
