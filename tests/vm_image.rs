@@ -7,7 +7,6 @@
 //! and, for the Debian test, `debootstrap` with a Debian mirror (once; the result is cached).
 
 use std::path::Path;
-use std::process::Command;
 
 use supermachine::{Image, Vm, VmConfig};
 use supermachine_e2e::exec_output as out;
@@ -21,22 +20,17 @@ fn vm_config(image: Image) -> VmConfig {
         .image(image)
 }
 
-fn sha256sum(path: &Path) -> String {
-    let out = Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .expect("sha256sum");
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
-/// busybox with a non-root user `app` (1234:5678) whose home is the working dir.
+/// busybox with a non-root user `app` (1234:5678) whose home is the working dir, and `/data`
+/// with an owned setuid file, links and a whiteout across two layers.
 fn app_image(dir: &Path) -> images::WrittenImage {
     let busybox =
         std::fs::read(supermachine_e2e::static_busybox().expect("busybox")).expect("read");
     let mut tar = TarBuilder::new();
     tar.dir("bin", 0o755, 0, 0)
         .file("bin/busybox", &busybox, 0o755, 0, 0);
-    for applet in ["sh", "echo", "id", "pwd", "cat", "touch", "ls"] {
+    for applet in [
+        "sh", "echo", "id", "pwd", "cat", "touch", "ls", "stat", "readlink", "test", "uniq", "wc",
+    ] {
         tar.symlink(&format!("bin/{applet}"), "busybox", 0, 0);
     }
     tar.dir("etc", 0o755, 0, 0)
@@ -51,12 +45,22 @@ fn app_image(dir: &Path) -> images::WrittenImage {
         .dir("home", 0o755, 0, 0)
         .dir("home/app", 0o755, 1234, 5678)
         .dir("root", 0o700, 0, 0)
-        .dir("tmp", 0o1777, 0, 0);
-    let layer = LayerBlob::gzip(tar.finish()).expect("gzip");
+        .dir("tmp", 0o1777, 0, 0)
+        .dir("data", 0o755, 0, 0)
+        .file("data/owned", b"owned\n", 0o4750, 1234, 5678)
+        .hardlink("data/hardlink", "data/owned")
+        .symlink("data/symlink", "owned", 1234, 5678)
+        .file("data/gone", b"deleted by the next layer\n", 0o644, 0, 0);
+    let base = LayerBlob::gzip(tar.finish()).expect("gzip");
+    let mut tar = TarBuilder::new();
+    tar.dir("data", 0o755, 0, 0)
+        .file("data/.wh.gone", b"", 0o644, 0, 0)
+        .hardlink("data/hardlink2", "data/owned");
+    let top = LayerBlob::tar(tar.finish());
     images::write_oci_layout(
         dir,
         "v1",
-        &[layer],
+        &[base, top],
         serde_json::json!({
             "Env": ["PATH=/bin", "GREETING=hello"],
             "WorkingDir": "/home/app",
@@ -86,9 +90,24 @@ fn an_image_runs_with_its_env_workdir_user_and_command() {
             .await
             .expect("pull");
         let rootfs = image.rootfs().await.expect("rootfs");
-        let before = sha256sum(&rootfs.path);
+        let before = supermachine_e2e::sha256sum(&rootfs.path);
 
         let vm = Vm::start(vm_config(image)).await.expect("start");
+        // The layers' owners, modes, links and whiteouts, as `stat` in the guest sees them.
+        assert_eq!(
+            out(vm.exec([
+                "sh",
+                "-c",
+                "stat -c '%u:%g %a %h' /data/owned; readlink /data/symlink; \
+                 stat -c '%u:%g' /data/symlink; test -e /data/gone || echo whited-out; \
+                 stat -c %i /data/owned /data/hardlink /data/hardlink2 | uniq | wc -l",
+            ]))
+            .await,
+            (
+                0,
+                "1234:5678 4750 3\nowned\n1234:5678\nwhited-out\n1".into()
+            )
+        );
         assert_eq!(
             out(vm.exec(["sh", "-c", "echo $GREETING; pwd; id -u; id -g"])).await,
             (0, "hello\n/home/app\n1234\n5678".into())
@@ -118,7 +137,11 @@ fn an_image_runs_with_its_env_workdir_user_and_command() {
             (0, "mine".into())
         );
         drop(vm);
-        assert_eq!(sha256sum(&rootfs.path), before, "a VM wrote to the image");
+        assert_eq!(
+            supermachine_e2e::sha256sum(&rootfs.path),
+            before,
+            "a VM wrote to the image"
+        );
     });
 }
 

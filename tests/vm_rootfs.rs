@@ -64,14 +64,6 @@ async fn sh(vm: &Vm, script: &str) -> (u32, String) {
     supermachine_e2e::exec_output(vm.exec(["sh", "-c", script])).await
 }
 
-fn sha256sum(path: &Path) -> String {
-    let out = Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .expect("sha256sum");
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
 #[test]
 fn execs_run_in_the_image_and_writes_stay_in_the_vm() {
     if !supermachine_e2e::kvm_available_or_skip("execs_run_in_the_image_and_writes_stay_in_the_vm")
@@ -85,7 +77,7 @@ fn execs_run_in_the_image_and_writes_stay_in_the_vm() {
     supermachine_e2e::shared_runtime().block_on(async {
         let dir = tempfile::tempdir().expect("temp dir");
         let image = build_image(dir.path());
-        let before = sha256sum(&image);
+        let before = supermachine_e2e::sha256sum(&image);
         // Every run makes a new image (mkfs stamps UUIDs and times), hence a new snapshot
         // cache entry; remove it at the end so CI caches do not grow.
         let cache = supermachine::cache::root()
@@ -136,7 +128,11 @@ fn execs_run_in_the_image_and_writes_stay_in_the_vm() {
             (0, "owned".into())
         );
         drop((vm, other));
-        assert_eq!(sha256sum(&image), before, "the image was modified");
+        assert_eq!(
+            supermachine_e2e::sha256sum(&image),
+            before,
+            "the image was modified"
+        );
         for new in entries().into_iter().filter(|e| !old.contains(e)) {
             let _ = std::fs::remove_dir_all(&new).or_else(|_| std::fs::remove_file(&new));
         }

@@ -206,6 +206,15 @@ pub fn kill_matching(marker: &str) {
     }
 }
 
+/// The `sha256sum` line of a host file (to check that VMs never wrote to a shared image).
+pub fn sha256sum(path: &Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .unwrap_or_else(|e| panic!("sha256sum {}: {e}", path.display()));
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
 /// Runs `exec` to completion: its exit code and its stdout, trimmed. Panics on failure (for
 /// tests).
 pub async fn exec_output(exec: supermachine::ExecBuilder) -> (u32, String) {
