@@ -820,11 +820,22 @@ impl Machine {
     /// [`Error::Snapshot`] on a damaged, truncated, foreign or mismatched snapshot; nothing is
     /// left running then. Must be called inside a tokio runtime.
     pub fn restore(config: MachineConfig, dir: &Path) -> Result<Machine, Error> {
-        config.validate_shape()?;
         let state_path = dir.join(VMSTATE_FILE);
         let bytes = std::fs::read(&state_path).map_err(SnapshotError::io(&state_path))?;
         let state = format::decode(&bytes, &state_path)?;
-        check_shape(&config, &state)?;
+        Self::restore_state(config, dir, &state)
+    }
+
+    /// [`restore`](Self::restore) with the `vmstate` already read and checked (by
+    /// [`format::decode`]), so a caller that validated the snapshot up front does not read and
+    /// hash it again; the memory file is still taken from `dir` and its size checked.
+    pub fn restore_state(
+        config: MachineConfig,
+        dir: &Path,
+        state: &MachineState,
+    ) -> Result<Machine, Error> {
+        config.validate_shape()?;
+        check_shape(&config, state)?;
         let memory_path = dir.join(MEMORY_FILE);
         let file = std::fs::File::open(&memory_path).map_err(SnapshotError::io(&memory_path))?;
         let found = file
@@ -840,7 +851,7 @@ impl Machine {
             }
             .into());
         }
-        MachineBuilder::assemble(config, RamBacking::SnapshotFile(file))?.restore(&state)
+        MachineBuilder::assemble(config, RamBacking::SnapshotFile(file))?.restore(state)
     }
 
     /// Saves the machine's complete state into `dir` (which must exist): `vmstate` and a

@@ -152,22 +152,27 @@ pub fn write_sparse(mem: &GuestMemoryMmap, out: &std::fs::File) -> std::io::Resu
             let chunk = &mut buf[..n];
             mem.read_slice(chunk, GuestAddress(start + off))
                 .map_err(|e| std::io::Error::other(format!("reading guest memory: {e}")))?;
-            // Write maximal runs of non-zero pages.
-            let mut page = 0;
-            while page < n {
-                if is_zero(&chunk[page..(page + PAGE).min(n)]) {
-                    page += PAGE;
-                    continue;
+            // One zero check per page: non-zero pages go into the digest (as `digest_chunk`
+            // would) and are written in maximal runs.
+            let base = start + off;
+            let mut run: Option<usize> = None;
+            for (i, page) in chunk.chunks(PAGE).enumerate() {
+                let at = i * PAGE;
+                if is_zero(page) {
+                    if let Some(from) = run.take() {
+                        out.write_all_at(&chunk[from..at], base + from as u64)?;
+                        written += (at - from) as u64;
+                    }
+                } else {
+                    digest.update((base + at as u64).to_le_bytes());
+                    digest.update(page);
+                    run.get_or_insert(at);
                 }
-                let run_start = page;
-                while page < n && !is_zero(&chunk[page..(page + PAGE).min(n)]) {
-                    page += PAGE;
-                }
-                let run = &chunk[run_start..page.min(n)];
-                out.write_all_at(run, start + off + run_start as u64)?;
-                written += run.len() as u64;
             }
-            digest_chunk(&mut digest, start + off, chunk);
+            if let Some(from) = run {
+                out.write_all_at(&chunk[from..], base + from as u64)?;
+                written += (n - from) as u64;
+            }
             off += n as u64;
         }
     }
@@ -237,5 +242,27 @@ mod tests {
         mem.write_obj(0xdead_beef_u64, GuestAddress(0x1ffff8))
             .unwrap();
         assert!(mem.read_obj::<u8>(GuestAddress(2 << 20)).is_err());
+    }
+
+    #[test]
+    fn sparse_write_matches_memory_and_its_digest() {
+        let mem = create(4, RamBacking::Anonymous).unwrap();
+        // Non-zero pages: a run of two at 0x1000, one at a chunk boundary, the very last.
+        mem.write_slice(&[1; 2 * PAGE], GuestAddress(0x1000))
+            .unwrap();
+        mem.write_obj(7u8, GuestAddress((1 << 20) - 1)).unwrap();
+        mem.write_obj(9u8, GuestAddress((4 << 20) - 1)).unwrap();
+        let file = tempfile::tempfile().unwrap();
+        let wrote = write_sparse(&mem, &file).unwrap();
+        assert_eq!(wrote.bytes_written, 4 * PAGE as u64);
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut &file, &mut bytes).unwrap();
+        let mut ram = vec![0u8; 4 << 20];
+        mem.read_slice(&mut ram, GuestAddress(0)).unwrap();
+        assert!(bytes == ram, "the file must hold exactly guest RAM");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("memory");
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(sparse_digest(&path).unwrap(), wrote.sha256);
     }
 }

@@ -23,7 +23,7 @@
 
 mod archive;
 mod auth;
-mod digest;
+pub(crate) mod digest;
 mod error;
 mod layers;
 mod layout;

@@ -127,13 +127,13 @@ impl Initramfs {
     pub(crate) fn cached(&self) -> io::Result<(PathBuf, String)> {
         let bytes = self.to_bytes();
         let digest = Sha256::digest(&bytes);
-        let name = format!("{}.cpio", hex(&digest[..16]));
+        let name = format!("{}.cpio", crate::image::digest::hex(&digest[..16]));
         let dir = cache::dir("initramfs")?;
         let path = dir.join(name);
         if !path.metadata().is_ok_and(|m| m.len() == bytes.len() as u64) {
             cache::write_atomically(&path, &bytes)?;
         }
-        Ok((path, hex(&digest)))
+        Ok((path, crate::image::digest::hex(&digest)))
     }
 }
 
@@ -190,10 +190,6 @@ fn pad4(out: &mut Vec<u8>) {
     while out.len() % 4 != 0 {
         out.push(0);
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

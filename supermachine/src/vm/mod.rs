@@ -240,10 +240,11 @@ impl Vm {
             rootfs.check_unchanged()?;
         }
         machine_config.disks = rootfs_disks(&identity);
-        let machine = Machine::restore(machine_config, snapshot.dir()).map_err(|e| match e {
-            supermachine_vmm::Error::Snapshot(e) => Error::Snapshot(SnapshotError::from_vmm(e)),
-            other => Error::from_vmm(other),
-        })?;
+        let machine = Machine::restore_state(machine_config, snapshot.dir(), snapshot.state())
+            .map_err(|e| match e {
+                supermachine_vmm::Error::Snapshot(e) => Error::Snapshot(SnapshotError::from_vmm(e)),
+                other => Error::from_vmm(other),
+            })?;
         let vm = Self::attach(machine, identity, true, started.elapsed())?;
         let entropy = host_entropy()?;
         match tokio::time::timeout(RESTORE_AGENT_TIMEOUT, vm.agent.restored(entropy)).await {

@@ -15,10 +15,11 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use supermachine_vmm::snapshot::{format, MEMORY_FILE, VMSTATE_FILE};
+use supermachine_vmm::snapshot::{format, MachineState, MEMORY_FILE, VMSTATE_FILE};
 
 use super::config::VmConfig;
 use crate::error::Error;
+use crate::image::digest::hex;
 use crate::image::ImageConfig;
 
 /// The metadata file's name in a snapshot directory.
@@ -321,6 +322,8 @@ impl From<SnapshotError> for Error {
 pub struct Snapshot {
     dir: PathBuf,
     meta: Meta,
+    /// The checked `vmstate`, kept so a restore does not read and hash it again.
+    state: std::sync::Arc<MachineState>,
 }
 
 impl Snapshot {
@@ -388,6 +391,7 @@ impl Snapshot {
         Ok(Snapshot {
             dir: dir.to_owned(),
             meta,
+            state: std::sync::Arc::new(state),
         })
     }
 
@@ -404,6 +408,10 @@ impl Snapshot {
     /// The VM's RAM in MiB.
     pub fn memory_mib(&self) -> u32 {
         self.meta.identity.memory_mib
+    }
+
+    pub(crate) fn state(&self) -> &MachineState {
+        &self.state
     }
 
     pub(crate) fn identity(&self) -> &Identity {
@@ -510,10 +518,6 @@ pub(crate) fn sha256_file_cached(path: &Path) -> std::io::Result<String> {
 /// SHA-256 of bytes, in hex.
 pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
