@@ -47,6 +47,7 @@ host_cases! {
     empty_argv_is_rejected;
     control_actions(100_000);
     null_stdio_and_abort;
+    connect_tcp_reaches_a_loopback_server_with_half_close;
 }
 
 #[tokio::test]

@@ -67,4 +67,5 @@ vm_cases! {
     empty_argv_is_rejected;
     control_actions(64 * 1024);
     null_stdio_and_abort;
+    connect_tcp_reaches_a_loopback_server_with_half_close;
 }

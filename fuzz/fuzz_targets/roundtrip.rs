@@ -72,6 +72,7 @@ enum FuzzControl {
     ReseedRng,
     CrashGuest,
     Restored(u64),
+    ConnectTcp(u16),
     Unknown(String),
     Ack(bool, Option<String>, Option<String>, Option<String>),
 }
@@ -133,6 +134,7 @@ fn control(c: FuzzControl) -> ControlMessage {
         FuzzControl::ReseedRng => Action(ControlAction::ReseedRng),
         FuzzControl::CrashGuest => Action(ControlAction::CrashGuest),
         FuzzControl::Restored(unix_nanos) => Action(ControlAction::Restored { unix_nanos }),
+        FuzzControl::ConnectTcp(port) => Action(ControlAction::ConnectTcp { port }),
         FuzzControl::Unknown(name) => ControlMessage::UnknownAction(name),
         FuzzControl::Ack(ok, error, version, boot_id) => ControlMessage::Ack(ControlAck {
             ok,

@@ -44,6 +44,10 @@ pub async fn respond(agent: &Agent, message: ControlMessage, data: Bytes) -> (Co
         ControlAction::ReseedRng => reseed_rng(agent.mode, &data),
         ControlAction::CrashGuest => crash_guest(agent.mode, agent.boot_flags),
         ControlAction::Restored { unix_nanos } => restored(agent.mode, unix_nanos, &data),
+        // The server hands these to `forward` before they get here.
+        ControlAction::ConnectTcp { port } => Err(format!(
+            "connect_tcp {port}: must be the first frame of its own connection"
+        )),
     };
     match result {
         Ok(reply) => reply,

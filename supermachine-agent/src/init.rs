@@ -104,6 +104,15 @@ fn ptmx() {
     }
 }
 
+/// Brings the loopback interface up, so guest servers can listen on 127.0.0.1 and published
+/// ports (`connect_tcp`) reach them.
+pub fn loopback_up() {
+    match crate::sys::interface_up("lo") {
+        Ok(()) => tracing::debug!("loopback interface up"),
+        Err(e) => tracing::error!("bringing the loopback interface up: {e}"),
+    }
+}
+
 /// Flushes filesystems and powers the VM off. Never returns: should the reboot call fail, PID 1
 /// sleeps forever rather than exit.
 pub fn power_off() -> ! {

@@ -14,6 +14,7 @@ mod boot_flags;
 mod control;
 mod error;
 mod exec;
+mod forward;
 mod hangup;
 mod init;
 mod reaper;
@@ -133,6 +134,7 @@ fn main() -> ExitCode {
     }
     if pid1 {
         init::mount_early_filesystems();
+        init::loopback_up();
         if boot_flags::read().rootfs {
             // Without its image the VM cannot do what it was started for; say why on the
             // console (the host shows its tail) and power off rather than serve the initramfs.

@@ -1,5 +1,5 @@
 //! Listening, accepting, and dispatching each connection on its first frame: REQUEST → exec,
-//! CONTROL → control, anything else → `ERROR invalid-request` and close.
+//! CONTROL → control (`connect_tcp` → a TCP splice), anything else → `ERROR invalid-request` and close.
 
 use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd};
@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, VsockAddr};
 use supermachine_codec::{
-    AgentError, CodecError, ControlAck, ControlMessage, ErrorCode, ExecCodec, Frame,
+    AgentError, CodecError, ControlAck, ControlAction, ControlMessage, ErrorCode, ExecCodec, Frame,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixListener;
@@ -21,6 +21,7 @@ use tokio_vsock::VsockListener;
 use crate::control;
 use crate::error::ServeError;
 use crate::exec;
+use crate::forward;
 use crate::hangup::HangupWatch;
 use crate::state::Agent;
 
@@ -209,7 +210,7 @@ fn is_transient(error: &io::Error) -> bool {
 /// Serves one connection: reads the first frame and hands over to exec or control.
 pub async fn handle_connection<S>(stream: S, agent: Arc<Agent>)
 where
-    S: AsyncRead + AsyncWrite + AsFd + Send + 'static,
+    S: AsyncRead + AsyncWrite + AsFd + Send + Unpin + 'static,
 {
     let hangup = match HangupWatch::new(&stream) {
         Ok(watch) => Some(watch),
@@ -231,6 +232,10 @@ where
     };
     match first {
         Ok(Frame::Request(request)) => exec::run(agent, request, frames, sink, hangup).await,
+        Ok(Frame::Control {
+            message: ControlMessage::Action(ControlAction::ConnectTcp { port }),
+            ..
+        }) => forward::run(port, frames, sink).await,
         Ok(Frame::Control { message, data }) => {
             let (ack, data) = control::respond(&agent, message, data).await;
             let reply = Frame::Control {
@@ -268,7 +273,7 @@ where
 
 /// Sends `frame` as the last frame, closes our side, and gives the host a moment to close its
 /// side first (see [`exec::LINGER`]).
-async fn reply_and_close<R, W>(
+pub(crate) async fn reply_and_close<R, W>(
     mut frames: FramedRead<R, ExecCodec>,
     mut sink: FramedWrite<W, ExecCodec>,
     frame: Frame,

@@ -164,6 +164,37 @@ pub fn reseed_crng(random: impl AsFd) -> io::Result<()> {
     Errno::result(rc).map(drop).map_err(io::Error::from)
 }
 
+/// Sets `IFF_UP` on the network interface `name` (`SIOCGIFFLAGS` then `SIOCSIFFLAGS` on a
+/// throwaway `AF_INET` socket), as `ip link set NAME up` does. No netlink crate for one flag.
+pub fn interface_up(name: &str) -> io::Result<()> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+
+    // SAFETY: `ifreq` is a plain C struct (a name array and a union of integers) for which
+    // all-zero is a valid value.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.is_empty() || name.len() >= request.ifr_name.len() {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    for (dst, src) in request.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: socket takes integers only; the returned fd is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    Errno::result(fd).map_err(io::Error::from)?;
+    // SAFETY: `fd` is a fresh, valid descriptor nothing else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    // The request number's type differs between glibc (c_ulong) and musl (c_int), hence `as _`.
+    // SAFETY: `request` is a valid ifreq that outlives the call; SIOCGIFFLAGS writes only its
+    // flags member.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut request) };
+    Errno::result(rc).map_err(io::Error::from)?;
+    // SAFETY: SIOCGIFFLAGS just filled the `ifru_flags` member of the union.
+    unsafe { request.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+    // SAFETY: as above; SIOCSIFFLAGS reads the request.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS as _, &request) };
+    Errno::result(rc).map(drop).map_err(io::Error::from)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,6 +224,12 @@ mod tests {
             max_rss_kib: 0,
         };
         assert_eq!(killed.code(), 137);
+    }
+
+    #[test]
+    fn interface_up_rejects_bad_names() {
+        assert!(interface_up("").is_err());
+        assert!(interface_up("a-name-longer-than-ifnamsiz").is_err());
     }
 
     #[test]

@@ -44,6 +44,14 @@ pub enum ControlAction {
         /// The host's time, in nanoseconds since the Unix epoch.
         unix_nanos: u64,
     },
+    /// Connect to TCP `127.0.0.1:port` inside the guest and, after an ok ack, turn this
+    /// connection into that TCP stream: from the byte after the ack frame on, both directions
+    /// carry raw bytes (no frames), and a half-close on either side is passed on. The host
+    /// must not send stream bytes before it has read the ack. This is how ports are published.
+    ConnectTcp {
+        /// The guest TCP port on the loopback address.
+        port: u16,
+    },
 }
 
 /// The agent's answer to a [`ControlAction`]: `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
@@ -133,6 +141,7 @@ const KNOWN_ACTIONS: &[&str] = &[
     "reseed_rng",
     "crash_guest",
     "restored",
+    "connect_tcp",
 ];
 
 pub(crate) fn is_known_action(name: &str) -> bool {

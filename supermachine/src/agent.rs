@@ -9,6 +9,7 @@ use tokio_util::codec::Framed;
 use crate::connector::{BoxedStream, Connector, UnixConnector};
 use crate::error::Error;
 use crate::exec::ExecBuilder;
+use crate::publish::GuestTcpStream;
 
 /// A handle to a guest agent: the place where execs and control actions run.
 ///
@@ -152,6 +153,37 @@ impl Agent {
         data: Bytes,
         action: impl FnOnce() -> ControlAction,
     ) -> Result<(ControlAck, Bytes), Error> {
+        let (ack, data, _) = self.control_exchange(name, data, action).await?;
+        Ok((ack, data))
+    }
+
+    /// Opens a TCP connection to `127.0.0.1:port` inside the guest, carried over this agent's
+    /// transport (vsock for a VM). This is what published ports use; it works for any port
+    /// a guest process listens on, published or not.
+    ///
+    /// Fails with [`Error::Control`] when nothing listens on the port (the message has the
+    /// guest's `Connection refused`). The stream half-closes like TCP: shutting down its write
+    /// side delivers EOF to the guest server, which can still answer.
+    pub async fn connect_tcp(&self, port: u16) -> Result<GuestTcpStream, Error> {
+        let (_, _, framed) = self
+            .control_exchange("connect_tcp", Bytes::new(), || ControlAction::ConnectTcp {
+                port,
+            })
+            .await?;
+        // Bytes the guest server sent right after the ack may already sit in the frame
+        // reader's buffer; they are the start of the stream.
+        let parts = framed.into_parts();
+        Ok(GuestTcpStream::new(parts.read_buf.freeze(), parts.io))
+    }
+
+    /// Sends one control request and reads its ack; returns the connection too, for actions
+    /// after which it carries something else.
+    async fn control_exchange(
+        &self,
+        name: &'static str,
+        data: Bytes,
+        action: impl FnOnce() -> ControlAction,
+    ) -> Result<(ControlAck, Bytes, Framed<BoxedStream, ExecCodec>), Error> {
         let stream = self.connect().await?;
         let mut framed = Framed::new(stream, ExecCodec::new());
         let request = Frame::Control {
@@ -169,7 +201,7 @@ impl Agent {
                     data,
                 })) => {
                     return if ack.ok {
-                        Ok((ack, data))
+                        Ok((ack, data, framed))
                     } else {
                         Err(Error::Control {
                             action: name,

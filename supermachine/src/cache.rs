@@ -26,6 +26,24 @@ pub fn root() -> io::Result<PathBuf> {
     }
 }
 
+/// Environment variable overriding the install directory.
+pub const INSTALL_DIR_ENV: &str = "SUPERMACHINE_INSTALL_DIR";
+
+/// Where `setup.sh` installs the guest kernel (`vmlinux`) and agent (`supermachine-agent`),
+/// which [`VmConfig`](crate::VmConfig) uses when neither a path nor `SUPERMACHINE_KERNEL` /
+/// `SUPERMACHINE_AGENT_BIN` is given: `$SUPERMACHINE_INSTALL_DIR`, else
+/// `$XDG_DATA_HOME/supermachine`, else `$HOME/.local/share/supermachine`.
+pub fn install_dir() -> Option<PathBuf> {
+    let non_empty = |name| std::env::var_os(name).filter(|v| !v.is_empty());
+    if let Some(dir) = non_empty(INSTALL_DIR_ENV) {
+        return Some(PathBuf::from(dir));
+    }
+    if let Some(dir) = non_empty("XDG_DATA_HOME") {
+        return Some(PathBuf::from(dir).join("supermachine"));
+    }
+    non_empty("HOME").map(|home| PathBuf::from(home).join(".local/share/supermachine"))
+}
+
 /// `root()/name`, created if missing.
 pub(crate) fn dir(name: &str) -> io::Result<PathBuf> {
     let dir = root()?.join(name);

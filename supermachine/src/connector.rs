@@ -28,29 +28,95 @@ pub trait Connector: Send + Sync + fmt::Debug + 'static {
     fn describe(&self) -> String;
 }
 
-/// Connects to an agent listening on a Unix socket.
+/// Connects to an agent listening on a Unix socket: directly (host mode), or through a VM's
+/// vsock muxer ([`Vm::serve_vsock_unix`](crate::Vm::serve_vsock_unix); what `supermachine run
+/// -d` workers serve).
 #[derive(Debug, Clone)]
 pub struct UnixConnector {
     path: PathBuf,
+    /// Through a muxer: the vsock port to ask it for.
+    vsock_port: Option<u32>,
 }
 
+/// The longest muxer answer accepted (`OK 4294967295\n` is 14 bytes).
+const MAX_MUXER_REPLY: usize = 64;
+
 impl UnixConnector {
-    /// A connector for the socket at `path`.
+    /// A connector for an agent listening on the socket at `path`.
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        UnixConnector { path: path.into() }
+        UnixConnector {
+            path: path.into(),
+            vsock_port: None,
+        }
+    }
+
+    /// A connector for the agent of a VM whose vsock muxer listens at `path`: each connection
+    /// asks for the agent's vsock port (`CONNECT <port>\n` → `OK <port>\n`).
+    pub fn muxed(path: impl Into<PathBuf>) -> Self {
+        UnixConnector {
+            path: path.into(),
+            vsock_port: Some(supermachine_codec::AGENT_VSOCK_PORT),
+        }
     }
 }
 
 impl Connector for UnixConnector {
     fn connect(&self) -> ConnectFuture {
         let path = self.path.clone();
+        let vsock_port = self.vsock_port;
         Box::pin(async move {
-            let stream = tokio::net::UnixStream::connect(&path).await?;
+            let mut stream = tokio::net::UnixStream::connect(&path).await?;
+            if let Some(port) = vsock_port {
+                muxer_handshake(&mut stream, port).await?;
+            }
             Ok(Box::new(stream) as BoxedStream)
         })
     }
 
     fn describe(&self) -> String {
-        format!("unix socket {}", self.path.display())
+        match self.vsock_port {
+            None => format!("unix socket {}", self.path.display()),
+            Some(port) => format!("vsock port {port} via muxer {}", self.path.display()),
+        }
     }
+}
+
+/// `CONNECT <port>\n` → `OK <port>\n`, read byte by byte so nothing after the reply line (the
+/// agent's first bytes) is consumed.
+async fn muxer_handshake(stream: &mut tokio::net::UnixStream, port: u32) -> io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .await?;
+    let mut line = Vec::with_capacity(16);
+    loop {
+        let byte = stream.read_u8().await.map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                format!("the vsock muxer closed the connection: nothing listens on guest port {port}, or the VM is gone"),
+            ),
+            _ => e,
+        })?;
+        if byte == b'\n' {
+            break;
+        }
+        if line.len() >= MAX_MUXER_REPLY {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the vsock muxer's reply line is too long",
+            ));
+        }
+        line.push(byte);
+    }
+    let expected = format!("OK {port}");
+    if line != expected.as_bytes() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "the vsock muxer answered {:?} instead of {expected:?}",
+                String::from_utf8_lossy(&line)
+            ),
+        ));
+    }
+    Ok(())
 }

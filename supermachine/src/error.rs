@@ -47,6 +47,18 @@ pub enum Error {
         /// The agent's explanation.
         message: String,
     },
+    /// A published port could not be set up (address in use, no permission for a port below
+    /// 1024, an address this host does not have). Nothing was started.
+    #[error("cannot publish guest port {guest_port} on {host}: {source}")]
+    Publish {
+        /// The host address asked for.
+        host: std::net::SocketAddr,
+        /// The guest port it was for.
+        guest_port: u16,
+        /// What `bind` said.
+        #[source]
+        source: io::Error,
+    },
     /// The exec ran longer than its timeout and was killed.
     #[error("exec timed out after {0:?} and was killed")]
     TimedOut(Duration),
@@ -180,6 +192,15 @@ impl Error {
             Error::Control { action, message } => Error::Control {
                 action,
                 message: message.clone(),
+            },
+            Error::Publish {
+                host,
+                guest_port,
+                source,
+            } => Error::Publish {
+                host: *host,
+                guest_port: *guest_port,
+                source: io::Error::new(source.kind(), source.to_string()),
             },
             Error::TimedOut(d) => Error::TimedOut(*d),
             Error::Cancelled => Error::Cancelled,

@@ -40,6 +40,7 @@ mod connector;
 mod error;
 mod exec;
 pub mod image;
+mod publish;
 mod vm;
 
 pub use agent::{Agent, AgentInfo};
@@ -51,8 +52,9 @@ pub use exec::{
 };
 pub use image::{
     Credentials, Image, ImageConfig, ImageError, ImageReference, ImportOptions, LayerInfo,
-    Platform, PullEvent, PullOptions, Rootfs,
+    LocalImage, Platform, PullEvent, PullOptions, RemovedImage, Rootfs,
 };
+pub use publish::{GuestTcpStream, PortMapping, PortMappingError, PublishedPort};
 pub use supermachine_codec::{StagedFile, WindowSize};
 pub use tokio_util::sync::CancellationToken;
 pub use vm::{

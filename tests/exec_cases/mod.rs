@@ -438,3 +438,54 @@ pub async fn null_stdio_and_abort(t: &Target) {
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(matches!(signaler.kill(), Err(Error::NotRunning)));
 }
+
+/// `connect_tcp` reaches a TCP server on the agent side's loopback (the guest's, in a VM)
+/// over the agent transport, both directions, with TCP's half-close: the server reads to EOF
+/// and still answers. A port nothing listens on is a typed, refused error.
+pub async fn connect_tcp_reaches_a_loopback_server_with_half_close(t: &Target) {
+    let agent = t.agent();
+    // Host mode shares the host's ports with parallel test runs; keep them apart.
+    let port = 20_000 + (std::process::id() % 20_000) as u16;
+    let script = r#"n=$(wc -c); echo "got $n bytes""#;
+    let mut server = agent
+        .exec([
+            "busybox",
+            "nc",
+            "-l",
+            "-p",
+            &port.to_string(),
+            "-e",
+            "sh",
+            "-c",
+            script,
+        ])
+        .spawn()
+        .await
+        .unwrap();
+    let deadline = Instant::now() + t.settle();
+    let mut stream = loop {
+        match agent.connect_tcp(port).await {
+            Ok(stream) => break stream,
+            Err(Error::Control { message, .. }) if Instant::now() < deadline => {
+                assert!(message.contains("refused"), "{message}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("connect_tcp {port}: {e}"),
+        }
+    };
+    let payload = vec![b'x'; 3000];
+    stream.write_all(&payload).await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).await.unwrap();
+    assert_eq!(reply.trim(), "got 3000 bytes");
+    assert!(server.wait().await.unwrap().success());
+
+    match agent.connect_tcp(port).await {
+        Err(Error::Control { action, message }) => {
+            assert_eq!(action, "connect_tcp");
+            assert!(message.contains("refused"), "{message}");
+        }
+        other => panic!("connect_tcp to a closed port: {other:?}"),
+    }
+}

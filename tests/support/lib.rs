@@ -46,37 +46,62 @@ pub fn agent_binary() -> Result<PathBuf, String> {
 }
 
 fn build_agent() -> Result<PathBuf, String> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let output = Command::new(cargo)
-        .current_dir(workspace_root())
-        .args([
-            "build",
-            "--quiet",
+    cargo_build(
+        &[
             "-p",
             "supermachine-agent",
             "--release",
             "--target",
             AGENT_TARGET,
-            "--message-format=json-render-diagnostics",
-        ])
+        ],
+        "supermachine-agent",
+    )
+    .map_err(|e| format!("{e}; is the target installed? `rustup target add {AGENT_TARGET}`"))
+}
+
+/// Path to the `supermachine` CLI binary of this workspace, built once per process with
+/// `cargo build -p supermachine --features cli --bin supermachine` (the test profile's).
+pub fn cli_binary() -> Result<PathBuf, String> {
+    static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BINARY
+        .get_or_init(|| {
+            cargo_build(
+                &[
+                    "-p",
+                    "supermachine",
+                    "--features",
+                    "cli",
+                    "--bin",
+                    "supermachine",
+                ],
+                "supermachine",
+            )
+        })
+        .clone()
+}
+
+/// `cargo build --quiet ARGS`, returning the path of the executable named `binary`.
+fn cargo_build(args: &[&str], binary: &str) -> Result<PathBuf, String> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let output = Command::new(cargo)
+        .current_dir(workspace_root())
+        .args(["build", "--quiet"])
+        .args(args)
+        .arg("--message-format=json-render-diagnostics")
         .stderr(Stdio::inherit())
         .output()
-        .map_err(|e| format!("cannot run cargo to build the agent: {e}"))?;
+        .map_err(|e| format!("cannot run cargo to build {binary}: {e}"))?;
     if !output.status.success() {
-        return Err(format!(
-            "building the agent failed ({}); is the target installed? \
-             `rustup target add {AGENT_TARGET}`",
-            output.status
-        ));
+        return Err(format!("building {binary} failed ({})", output.status));
     }
-    // The last compiler-artifact line for the agent binary names the executable.
+    // The last compiler-artifact line for the binary names the executable.
     String::from_utf8_lossy(&output.stdout)
         .lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
         .filter(|msg| msg["reason"] == "compiler-artifact")
         .filter_map(|msg| msg["executable"].as_str().map(PathBuf::from))
-        .rfind(|path| path.file_name().is_some_and(|n| n == "supermachine-agent"))
-        .ok_or_else(|| "cargo built the agent but reported no executable".to_owned())
+        .rfind(|path| path.file_name().is_some_and(|n| n == binary))
+        .ok_or_else(|| format!("cargo built {binary} but reported no executable"))
 }
 
 /// A guest agent running in host mode, listening on a Unix socket in its own temp dir.

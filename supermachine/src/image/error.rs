@@ -131,6 +131,37 @@ pub enum ImageError {
         /// Its stderr.
         stderr: String,
     },
+    /// No image in the local image index has this name or ID.
+    #[error(
+        "no local image named {reference} (see `supermachine images` for the local images, or \
+         pull it)"
+    )]
+    NotLocal {
+        /// The name or ID as given.
+        reference: String,
+    },
+    /// An image ID prefix matches several local images, or an ID to remove is listed under
+    /// several names.
+    #[error(
+        "{reference} matches more than one local image ({candidates}); give a name or a longer ID"
+    )]
+    AmbiguousImage {
+        /// The name or ID as given.
+        reference: String,
+        /// The image IDs or names it matches.
+        candidates: String,
+    },
+    /// The local image index (`<cache>/images/index.json`) cannot be parsed.
+    #[error(
+        "the local image index {path} is corrupt ({reason}); delete it to reset (cached blobs \
+         stay; pull or import images again to list them)"
+    )]
+    CorruptIndex {
+        /// The index file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A file operation in the cache or on a local image source failed.
     #[error("{context}: {source}")]
     Io {
@@ -239,6 +270,20 @@ impl ImageError {
             ImageError::Mkfs { status, stderr } => ImageError::Mkfs {
                 status: status.clone(),
                 stderr: stderr.clone(),
+            },
+            ImageError::NotLocal { reference } => ImageError::NotLocal {
+                reference: reference.clone(),
+            },
+            ImageError::AmbiguousImage {
+                reference,
+                candidates,
+            } => ImageError::AmbiguousImage {
+                reference: reference.clone(),
+                candidates: candidates.clone(),
+            },
+            ImageError::CorruptIndex { path, reason } => ImageError::CorruptIndex {
+                path: path.clone(),
+                reason: reason.clone(),
             },
             ImageError::Io { context, source } => ImageError::Io {
                 context: context.clone(),

@@ -19,12 +19,15 @@
 //!
 //! Cache layout (`supermachine::cache::root()`, `SUPERMACHINE_CACHE_DIR` overrides it):
 //! `blobs/sha256/<hex>` (verified blobs only), `blobs/tmp/` (partial downloads and locks),
-//! `rootfs/<config hex>.ext4` + `rootfs/<config hex>.json` (the [`ImageConfig`]).
+//! `rootfs/<config hex>.ext4` + `rootfs/<config hex>.json` (the [`ImageConfig`]),
+//! `images/index.json` (the local image index: [`Image::local`], [`Image::list_local`],
+//! [`Image::remove_local`]).
 
 mod archive;
 mod auth;
 pub(crate) mod digest;
 mod error;
+mod index;
 mod layers;
 mod layout;
 mod manifest;
@@ -43,6 +46,7 @@ use serde::{Deserialize, Serialize};
 
 pub use auth::{docker_config_path, Credentials};
 pub use error::ImageError;
+pub use index::{LocalImage, RemovedImage};
 pub use reference::ImageReference;
 pub use rootfs::Rootfs;
 
@@ -333,7 +337,17 @@ impl Image {
     pub async fn pull_with(reference: &str, options: PullOptions) -> Result<Image, ImageError> {
         let reference = ImageReference::parse(reference)?;
         let cache_root = resolve_cache_root(&options.cache_root)?;
-        registry::pull(&reference, &options, cache_root).await
+        let image = registry::pull(&reference, &options, cache_root).await?;
+        let recorded = image.clone();
+        if let Err(e) = blocking(move || {
+            index::record_or_warn(&recorded);
+            Ok(())
+        })
+        .await
+        {
+            tracing::warn!("cannot record the image in the local image index: {e}");
+        }
+        Ok(image)
     }
 
     /// Imports the image tagged `tag` from the OCI image layout in `dir` (`oci-layout`,
@@ -355,7 +369,12 @@ impl Image {
         let dir = dir.as_ref().to_owned();
         let tag = tag.map(str::to_owned);
         let platform = options.platform.clone();
-        blocking(move || layout::import(&dir, tag.as_deref(), &platform, cache_root)).await
+        blocking(move || {
+            let image = layout::import(&dir, tag.as_deref(), &platform, cache_root)?;
+            index::record_or_warn(&image);
+            Ok(image)
+        })
+        .await
     }
 
     /// Imports the (first) image of a `docker save` / `skopeo copy docker-archive:` tar file.
@@ -370,7 +389,53 @@ impl Image {
     ) -> Result<Image, ImageError> {
         let cache_root = resolve_cache_root(&options.cache_root)?;
         let path = path.as_ref().to_owned();
-        blocking(move || archive::import(&path, cache_root)).await
+        blocking(move || {
+            let image = archive::import(&path, cache_root)?;
+            index::record_or_warn(&image);
+            Ok(image)
+        })
+        .await
+    }
+
+    /// The image recorded in the local image index under `reference`, rebuilt from the blob
+    /// store without the network; `None` if there is no such entry or its blobs are gone.
+    ///
+    /// Every pull and import records its image, under the normalised reference for a registry
+    /// (`busybox` finds `docker.io/library/busybox:latest`) and under [`Image::source`] for a
+    /// local import (`oci:DIR:TAG`). `reference` may also be an image ID (`sha256:<hex>`, or a
+    /// prefix of at least 12 hex digits). Blocking (small file reads).
+    pub fn local(reference: &str) -> Result<Option<Image>, ImageError> {
+        Self::local_in(reference, &resolve_cache_root(&None)?)
+    }
+
+    /// [`Image::local`] in the cache rooted at `cache_dir`.
+    pub fn local_in(reference: &str, cache_dir: &Path) -> Result<Option<Image>, ImageError> {
+        index::local(reference, cache_dir)
+    }
+
+    /// Every image in the local image index, sorted by name (entries whose blobs are gone
+    /// included). Blocking (small file reads).
+    pub fn list_local() -> Result<Vec<LocalImage>, ImageError> {
+        Self::list_local_in(&resolve_cache_root(&None)?)
+    }
+
+    /// [`Image::list_local`] in the cache rooted at `cache_dir`.
+    pub fn list_local_in(cache_dir: &Path) -> Result<Vec<LocalImage>, ImageError> {
+        index::list(cache_dir)
+    }
+
+    /// Removes the local image named `reference` (a name or ID as for [`Image::local`]) from the
+    /// index, then deletes what no remaining image uses: its blobs, its rootfs, and snapshots
+    /// made from that rootfs. [`ImageError::NotLocal`] if there is no such image;
+    /// [`ImageError::AmbiguousImage`] if an ID names several. Blocking (waits for the index
+    /// lock and for a build of that rootfs in progress).
+    pub fn remove_local(reference: &str) -> Result<RemovedImage, ImageError> {
+        Self::remove_local_in(reference, &resolve_cache_root(&None)?)
+    }
+
+    /// [`Image::remove_local`] in the cache rooted at `cache_dir`.
+    pub fn remove_local_in(reference: &str, cache_dir: &Path) -> Result<RemovedImage, ImageError> {
+        index::remove(reference, cache_dir)
     }
 
     /// Where the image came from (`127.0.0.1:5000/busybox:latest`, `oci:DIR:TAG`,

@@ -42,6 +42,7 @@ pub struct VmConfig {
     pub(crate) snapshot_cache: bool,
     pub(crate) rootfs: Option<PathBuf>,
     pub(crate) image: Option<crate::image::Image>,
+    pub(crate) publish: Vec<crate::publish::PortMapping>,
 }
 
 /// An extra initramfs entry.
@@ -83,6 +84,7 @@ impl VmConfig {
             snapshot_cache: true,
             rootfs: None,
             image: None,
+            publish: Vec::new(),
         }
     }
 
@@ -193,6 +195,24 @@ impl VmConfig {
         self
     }
 
+    /// Publishes a guest TCP port on the host (`docker run -p`): [`Vm::start`](crate::Vm::start)
+    /// listens on `mapping.host` before the VM starts (an address in use fails the start with
+    /// [`Error::Publish`](crate::Error::Publish), and nothing is left running), and every
+    /// connection is carried over vsock to `127.0.0.1:mapping.guest_port` in the guest. Call
+    /// it once per port. Ports are host-side only: they are not part of snapshots or of the
+    /// snapshot cache key.
+    ///
+    /// ```
+    /// # fn demo() -> Result<(), supermachine::PortMappingError> {
+    /// use supermachine::VmConfig;
+    /// let config = VmConfig::new().publish("8080:80".parse()?);
+    /// # Ok(()) }
+    /// ```
+    pub fn publish(mut self, mapping: crate::publish::PortMapping) -> Self {
+        self.publish.push(mapping);
+        self
+    }
+
     /// Enables test-only agent actions such as [`Vm::crash_guest`](crate::Vm::crash_guest).
     #[doc(hidden)]
     pub fn test_hooks(mut self, enabled: bool) -> Self {
@@ -239,12 +259,14 @@ impl VmConfig {
                 "it must be one line without NUL bytes".into(),
             ));
         }
-        let kernel = pick(&self.kernel, KERNEL_ENV).ok_or(ConfigError::KernelNotSet)?;
+        let kernel =
+            pick(&self.kernel, KERNEL_ENV, INSTALLED_KERNEL).ok_or(ConfigError::KernelNotSet)?;
         readable_file(&kernel).map_err(|reason| ConfigError::KernelUnreadable {
             path: kernel.clone(),
             reason,
         })?;
-        let agent = pick(&self.agent, AGENT_ENV).ok_or(ConfigError::AgentNotSet)?;
+        let agent =
+            pick(&self.agent, AGENT_ENV, INSTALLED_AGENT).ok_or(ConfigError::AgentNotSet)?;
         readable_file(&agent).map_err(|reason| ConfigError::AgentUnreadable {
             path: agent.clone(),
             reason,
@@ -265,12 +287,25 @@ pub(crate) struct Resolved {
     pub(crate) agent: PathBuf,
 }
 
-fn pick(explicit: &Option<PathBuf>, env: &str) -> Option<PathBuf> {
-    explicit.clone().or_else(|| {
-        std::env::var_os(env)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    })
+/// The kernel's file name in the install directory ([`crate::cache::install_dir`]).
+const INSTALLED_KERNEL: &str = "vmlinux";
+/// The agent's file name in the install directory.
+const INSTALLED_AGENT: &str = "supermachine-agent";
+
+/// The explicit path, else the environment variable, else the installed file if there is one.
+fn pick(explicit: &Option<PathBuf>, env: &str, installed: &str) -> Option<PathBuf> {
+    explicit
+        .clone()
+        .or_else(|| {
+            std::env::var_os(env)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        })
+        .or_else(|| {
+            crate::cache::install_dir()
+                .map(|dir| dir.join(installed))
+                .filter(|path| path.is_file())
+        })
 }
 
 fn readable_file(path: &Path) -> Result<(), String> {
@@ -315,10 +350,11 @@ pub enum ConfigError {
         /// Maximum.
         max: u32,
     },
-    /// No kernel given and `SUPERMACHINE_KERNEL` unset.
+    /// No kernel given, `SUPERMACHINE_KERNEL` unset, none installed.
     #[error(
-        "no guest kernel: call VmConfig::kernel or set SUPERMACHINE_KERNEL to a vmlinux built by \
-         `supermachine-vmm/guest/build-kernel.sh` (it prints the path)"
+        "no guest kernel: run `./setup.sh` in the supermachine repository (installs one in \
+         ~/.local/share/supermachine), or set SUPERMACHINE_KERNEL to a vmlinux built by \
+         `supermachine-vmm/guest/build-kernel.sh` (it prints the path), or call VmConfig::kernel"
     )]
     KernelNotSet,
     /// The kernel cannot be read.
@@ -329,10 +365,12 @@ pub enum ConfigError {
         /// Why.
         reason: String,
     },
-    /// No agent given and `SUPERMACHINE_AGENT_BIN` unset.
+    /// No agent given, `SUPERMACHINE_AGENT_BIN` unset, none installed.
     #[error(
-        "no guest agent: call VmConfig::agent or set SUPERMACHINE_AGENT_BIN to the static agent \
-         built by `cargo build -p supermachine-agent --release --target x86_64-unknown-linux-musl`"
+        "no guest agent: run `./setup.sh` in the supermachine repository (installs one in \
+         ~/.local/share/supermachine), or set SUPERMACHINE_AGENT_BIN to the static agent built by \
+         `cargo build -p supermachine-agent --release --target x86_64-unknown-linux-musl`, or call \
+         VmConfig::agent"
     )]
     AgentNotSet,
     /// The agent cannot be read.

@@ -30,6 +30,7 @@ pub use snapshot::{Snapshot, SnapshotError};
 use crate::agent::Agent;
 use crate::error::Error;
 use crate::exec::ExecBuilder;
+use crate::publish::{GuestTcpStream, Listeners, PortMapping, PublishedPort, Publisher};
 use config::GuestFile;
 pub(crate) use connector::VmGone;
 use connector::{Liveness, VsockConnector};
@@ -81,6 +82,8 @@ pub struct Vm {
     timings: StartTimings,
     /// The OCI image config whose Env / WorkingDir / User every exec defaults to.
     image: Option<crate::image::ImageConfig>,
+    /// Published ports; dropped (listeners closed, connections cut) with the VM.
+    publisher: Publisher,
 }
 
 /// Where the time of [`Vm::start`] / [`Vm::restore`] went.
@@ -118,6 +121,8 @@ impl Vm {
     /// [`Error::BootTimeout`] if the agent does not answer in time; nothing is left running.
     pub async fn start(config: VmConfig) -> Result<Vm, Error> {
         let started = Instant::now();
+        // Bound first: a port in use must fail the start before anything is built or booted.
+        let listeners = Listeners::bind(&config.publish)?;
         let (config, image) = match config.image.clone() {
             Some(image) => {
                 let rootfs = image.rootfs().await?;
@@ -128,7 +133,9 @@ impl Vm {
             None => (config, None),
         };
         let vm = Self::start_with_rootfs(config, started).await?;
-        Ok(vm.with_image(image))
+        let vm = vm.with_image(image);
+        listeners.serve_on(&vm.publisher, &vm.agent)?;
+        Ok(vm)
     }
 
     async fn start_with_rootfs(config: VmConfig, started: Instant) -> Result<Vm, Error> {
@@ -292,6 +299,7 @@ impl Vm {
                 agent_ready: Duration::ZERO,
             },
             image: None,
+            publisher: Publisher::new(),
         })
     }
 
@@ -471,6 +479,47 @@ impl Vm {
         match &self.image {
             Some(image) => apply_image_defaults(builder, image),
             None => builder,
+        }
+    }
+
+    /// Opens a TCP connection to `127.0.0.1:port` in the guest (published or not); see
+    /// [`Agent::connect_tcp`].
+    pub async fn connect_tcp(&self, port: u16) -> Result<GuestTcpStream, Error> {
+        self.agent.connect_tcp(port).await
+    }
+
+    /// Publishes one more guest port while the VM runs (see [`VmConfig::publish`]); returns
+    /// the bound address (useful with host port 0).
+    pub fn publish(&self, mapping: PortMapping) -> Result<PublishedPort, Error> {
+        let ports = Listeners::bind(std::slice::from_ref(&mapping))?
+            .serve_on(&self.publisher, &self.agent)?;
+        ports
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::Protocol("a bound port was not recorded".into()))
+    }
+
+    /// The ports this VM publishes, as bound (host port 0 resolved to the actual port).
+    pub fn published_ports(&self) -> Vec<PublishedPort> {
+        self.publisher.ports()
+    }
+
+    /// Serves the VM's vsock on the Unix socket `path` (ARCHITECTURE.md decision 2): a client
+    /// connects, writes `CONNECT <port>\n`, reads `OK <port>\n`, and the socket is then that
+    /// guest port's connection ([`UnixConnector::muxed`](crate::UnixConnector::muxed) is the
+    /// client). Runs until the returned future is dropped, which removes the socket file and
+    /// closes its clients; fails only if `path` cannot be bound.
+    pub fn serve_vsock_unix(
+        &self,
+        path: impl Into<std::path::PathBuf>,
+    ) -> impl std::future::Future<Output = std::io::Result<()>> + Send + 'static {
+        let handle = self.machine().vsock().cloned();
+        let path = path.into();
+        async move {
+            match handle {
+                Some(handle) => handle.serve_unix(path).await,
+                None => Err(std::io::Error::other("the machine has no vsock device")),
+            }
         }
     }
 

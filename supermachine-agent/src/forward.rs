@@ -1,0 +1,72 @@
+//! `connect_tcp`: the guest end of a published port. The agent dials `127.0.0.1:<port>`, acks,
+//! and from then on the host connection and the TCP connection are spliced byte for byte.
+
+use std::io;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use futures::SinkExt;
+use supermachine_codec::{ControlAck, ControlMessage, ExecCodec, Frame};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+use crate::server::reply_and_close;
+
+/// How long the agent waits for the guest's TCP connect. Loopback connects either succeed or
+/// are refused at once; a full accept queue is the only thing that makes them wait.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves one `connect_tcp` request on a host connection whose first frame was that request.
+pub async fn run<S>(
+    port: u16,
+    frames: FramedRead<ReadHalf<S>, ExecCodec>,
+    mut sink: FramedWrite<WriteHalf<S>, ExecCodec>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut tcp = match connect(port).await {
+        Ok(tcp) => tcp,
+        Err(e) => {
+            let ack = ControlAck::error(format!("connect_tcp 127.0.0.1:{port}: {e}"));
+            tracing::debug!(port, "connect_tcp failed: {e}");
+            reply_and_close(frames, sink, Frame::control(ControlMessage::Ack(ack))).await;
+            return;
+        }
+    };
+    if let Err(e) = sink
+        .send(Frame::control(ControlMessage::Ack(ControlAck::ok())))
+        .await
+    {
+        tracing::debug!(port, "connect_tcp: sending the ack failed: {e}");
+        return;
+    }
+    // The host waits for the ack before it sends stream bytes, but whatever the frame reader
+    // already buffered past the request belongs to the stream all the same.
+    let early = frames.read_buffer().clone();
+    let mut host = frames.into_inner().unsplit(sink.into_inner());
+    if !early.is_empty() {
+        if let Err(e) = tcp.write_all(&early).await {
+            tracing::debug!(port, "connect_tcp: {e}");
+            return;
+        }
+    }
+    // copy_bidirectional passes an EOF on one side on as a write shutdown of the other and
+    // carries on with the other direction, so half-closed connections behave as over TCP.
+    match tokio::io::copy_bidirectional(&mut host, &mut tcp).await {
+        Ok((to_guest, to_host)) => tracing::debug!(port, to_guest, to_host, "forward done"),
+        Err(e) => tracing::debug!(port, "forward ended: {e}"),
+    }
+}
+
+async fn connect(port: u16) -> io::Result<TcpStream> {
+    let tcp = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        TcpStream::connect((Ipv4Addr::LOCALHOST, port)),
+    )
+    .await
+    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "timed out"))??;
+    // Request/response traffic (HTTP) would otherwise wait on Nagle for every small write.
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
+}

@@ -1,0 +1,162 @@
+//! Runs an exec attached to this process's stdio, as `docker run` / `docker exec` do: output
+//! streams as produced, stdin is forwarded with `-i`, a terminal with `-t` (raw mode, window
+//! size changes forwarded), and the guest command's exit code becomes ours.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use supermachine::{Error, ExecBuilder, Stdio};
+use tokio::io::AsyncWriteExt;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::cli::ProcessArgs;
+use crate::failure::Failure;
+use crate::terminal::{self, RawMode};
+
+/// Exit code when `--timeout` killed the command (as `timeout(1)`).
+const EXIT_TIMED_OUT: u8 = 124;
+/// Exit code when the program was not found in the guest (as shells use).
+const EXIT_NOT_FOUND: u8 = 127;
+
+/// Applies `-e`, `-w`, `-u`, `-t`, `--timeout` to `builder`.
+pub fn configure(mut builder: ExecBuilder, args: &ProcessArgs) -> Result<ExecBuilder, Failure> {
+    for kv in &args.env {
+        builder = match kv.split_once('=') {
+            Some((key, value)) if !key.is_empty() => builder.env(key, value),
+            Some(_) => {
+                return Err(Failure::new(format!(
+                    "invalid -e {kv:?}: expected KEY=VALUE"
+                )))
+            }
+            // `-e KEY`: the host's value, and nothing if the host has none (as Docker does).
+            None => match std::env::var(kv) {
+                Ok(value) => builder.env(kv, value),
+                Err(_) => builder,
+            },
+        };
+    }
+    if let Some(dir) = &args.workdir {
+        builder = builder.cwd(dir);
+    }
+    if let Some(user) = &args.user {
+        builder = builder.user(user);
+    }
+    if let Some(secs) = args.timeout {
+        if !(secs.is_finite() && secs > 0.0) {
+            return Err(Failure::new(format!(
+                "invalid --timeout {secs}: expected seconds > 0"
+            )));
+        }
+        builder = builder.timeout(Duration::from_secs_f64(secs));
+    }
+    if args.tty {
+        builder = builder.tty(true);
+        if let Some((cols, rows)) = terminal::size() {
+            builder = builder.winsize(cols, rows);
+        }
+    }
+    let stdin = if args.interactive {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    };
+    Ok(builder.stdin(stdin))
+}
+
+/// Spawns the exec and runs it to its end attached to our stdio; returns its exit code.
+pub async fn run(builder: ExecBuilder, args: &ProcessArgs) -> Result<ExitCode, Failure> {
+    let mut child = builder.spawn().await.map_err(exec_failure)?;
+    // Raw mode only for an interactive terminal session; restored on every way out.
+    let _raw = if args.tty && args.interactive {
+        RawMode::enter()?
+    } else {
+        None
+    };
+    let stdin_task = child.take_stdin().map(|mut guest| {
+        tokio::spawn(async move {
+            let mut host = tokio::io::stdin();
+            let _ = tokio::io::copy(&mut host, &mut guest).await;
+            let _ = guest.shutdown().await;
+        })
+    });
+    let mut stdout = child.take_stdout();
+    let mut stderr = child.take_stderr();
+    let out = async {
+        if let Some(guest) = stdout.as_mut() {
+            let _ = tokio::io::copy(guest, &mut tokio::io::stdout()).await;
+        }
+    };
+    let err = async {
+        if let Some(guest) = stderr.as_mut() {
+            let _ = tokio::io::copy(guest, &mut tokio::io::stderr()).await;
+        }
+    };
+    let signaler = child.signaler();
+    let tty = args.tty;
+    let forward_signals = async move {
+        let (Ok(mut winch), Ok(mut int), Ok(mut term), Ok(mut hup)) = (
+            signal(SignalKind::window_change()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) else {
+            return std::future::pending().await;
+        };
+        loop {
+            // In raw mode Ctrl-C is a byte on stdin the guest terminal turns into SIGINT;
+            // these arrive from `kill` or a non-raw terminal, and go to the guest command.
+            let sent = tokio::select! {
+                _ = winch.recv() => {
+                    if let (true, Some((cols, rows))) = (tty, terminal::size()) {
+                        let _ = signaler.resize(cols, rows);
+                    }
+                    continue;
+                }
+                _ = int.recv() => signaler.signal(libc_signal::SIGINT),
+                _ = term.recv() => signaler.signal(libc_signal::SIGTERM),
+                _ = hup.recv() => signaler.signal(libc_signal::SIGHUP),
+            };
+            if sent.is_err() {
+                return;
+            }
+        }
+    };
+    let status = tokio::select! {
+        status = async {
+            let (_, _, status) = tokio::join!(out, err, child.wait());
+            status
+        } => status,
+        () = forward_signals => std::future::pending().await,
+    };
+    if let Some(task) = stdin_task {
+        task.abort();
+    }
+    let _ = tokio::io::stdout().flush().await;
+    match status {
+        Ok(status) => Ok(ExitCode::from((status.code() & 0xff) as u8)),
+        Err(Error::TimedOut(after)) => {
+            drop(_raw);
+            eprintln!("supermachine: the command timed out after {after:?} and was killed");
+            Ok(ExitCode::from(EXIT_TIMED_OUT))
+        }
+        Err(e) => Err(exec_failure(e)),
+    }
+}
+
+/// An exec error as the CLI reports it (a missing program exits 127, as in a shell).
+pub fn exec_failure(error: Error) -> Failure {
+    match error {
+        Error::ProgramNotFound { program } => Failure::with_code(
+            format!("program not found in the guest: {program}"),
+            EXIT_NOT_FOUND,
+        ),
+        other => Failure::from(other),
+    }
+}
+
+/// Signal numbers (Linux, every architecture we run on).
+mod libc_signal {
+    pub const SIGHUP: u32 = 1;
+    pub const SIGINT: u32 = 2;
+    pub const SIGTERM: u32 = 15;
+}

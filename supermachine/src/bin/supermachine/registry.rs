@@ -1,0 +1,302 @@
+//! The per-user registry of running VMs: `<runtime dir>/<name>/`, one directory per VM, owned
+//! by the process hosting it.
+//!
+//! ```text
+//! <runtime dir>/            $SUPERMACHINE_RUNTIME_DIR, else $XDG_RUNTIME_DIR/supermachine,
+//!                           else /tmp/supermachine-<uid> (mode 0700)
+//!   <name>/pid              the hosting process (written first: the claim)
+//!   <name>/info.json        written once the VM serves (image, command, ports, image config)
+//!   <name>/vsock.sock       the vsock muxer (`CONNECT <port>` → `OK <port>`)
+//!   <name>/control.sock     ping / console / stop (see `control`)
+//!   <name>/output.log       the command's output, for `run -d`
+//! ```
+//!
+//! A host removes its directory when its VM ends. A host that was killed cannot, so every
+//! reader checks that the pid still runs and removes directories whose host is gone: `ps`
+//! never lists a dead VM, and the name becomes free again.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use supermachine::ImageConfig;
+
+use crate::failure::Failure;
+
+const PID_FILE: &str = "pid";
+const INFO_FILE: &str = "info.json";
+pub const MUXER_SOCKET: &str = "vsock.sock";
+pub const CONTROL_SOCKET: &str = "control.sock";
+pub const OUTPUT_LOG: &str = "output.log";
+
+/// Longest VM name; keeps socket paths under the 108-byte `sun_path` limit.
+const MAX_NAME: usize = 48;
+
+/// What `ps` and `exec` need to know about a VM, written by its host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Info {
+    pub name: String,
+    pub image: String,
+    pub command: Vec<String>,
+    pub created_unix: u64,
+    pub ports: Vec<String>,
+    /// Env / WorkingDir / User defaults for `exec`.
+    pub image_config: Option<ImageConfig>,
+    pub detached: bool,
+}
+
+/// The registry root.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    root: PathBuf,
+}
+
+/// A VM directory this process has claimed; removed on drop.
+#[derive(Debug)]
+pub struct Claim {
+    dir: PathBuf,
+    released: bool,
+}
+
+/// A registered VM as a reader sees it.
+#[derive(Debug)]
+pub struct Entry {
+    pub name: String,
+    pub dir: PathBuf,
+    pub pid: u32,
+    /// `None` while the VM is still starting.
+    pub info: Option<Info>,
+}
+
+impl Registry {
+    pub fn open() -> Result<Registry, Failure> {
+        let root = root_dir();
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&root)
+            .map_err(|e| Failure::from(e).context(format!("cannot create {}", root.display())))?;
+        Ok(Registry { root })
+    }
+
+    /// Claims `name` for this process: fails if a live VM has it; takes over a dead one's.
+    pub fn claim(&self, name: &str) -> Result<Claim, Failure> {
+        check_name(name)?;
+        let dir = self.root.join(name);
+        for _ in 0..2 {
+            match fs::DirBuilder::new().mode(0o700).create(&dir) {
+                Ok(()) => {
+                    let claim = Claim {
+                        dir: dir.clone(),
+                        released: false,
+                    };
+                    fs::write(dir.join(PID_FILE), std::process::id().to_string())?;
+                    return Ok(claim);
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    if self.entry(name).is_some() {
+                        return Err(Failure::new(format!(
+                            "the name {name:?} is already in use by a running VM (see `supermachine ps`; \
+                             `supermachine stop {name}` frees it)"
+                        )));
+                    }
+                    // `entry` removed the dead VM's directory; try again.
+                }
+                Err(e) => {
+                    return Err(Failure::from(e).context(format!("cannot create {}", dir.display())))
+                }
+            }
+        }
+        Err(Failure::new(format!(
+            "cannot claim the name {name:?}: another start raced for it"
+        )))
+    }
+
+    /// A fresh name (`vm-` and six hex digits) that no VM has.
+    pub fn fresh_name(&self) -> String {
+        loop {
+            let name = format!("vm-{:06x}", random_u32() & 0xff_ffff);
+            if !self.root.join(&name).exists() {
+                return name;
+            }
+        }
+    }
+
+    /// The VM named `name`, if its host still runs (a dead host's directory is removed).
+    pub fn entry(&self, name: &str) -> Option<Entry> {
+        if check_name(name).is_err() {
+            return None;
+        }
+        let dir = self.root.join(name);
+        let pid: Option<u32> = fs::read_to_string(dir.join(PID_FILE))
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        let alive = pid.is_some_and(process_runs);
+        if !dir.exists() {
+            return None;
+        }
+        let Some(pid) = pid.filter(|_| alive) else {
+            // A claim is pid-first, so a directory without a pid is either being created this
+            // instant or abandoned; give a creator a moment before calling it dead.
+            if pid.is_none() && recently_modified(&dir) {
+                return None;
+            }
+            tracing::debug!(name, "removing the registry entry of a dead VM host");
+            let _ = fs::remove_dir_all(&dir);
+            return None;
+        };
+        let info = fs::read(dir.join(INFO_FILE))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+        Some(Entry {
+            name: name.to_owned(),
+            dir,
+            pid,
+            info,
+        })
+    }
+
+    /// The VM named `name`, or an error saying there is none.
+    pub fn find(&self, name: &str) -> Result<Entry, Failure> {
+        self.entry(name).ok_or_else(|| {
+            Failure::new(format!(
+                "no running VM named {name:?} (see `supermachine ps`)"
+            ))
+        })
+    }
+
+    /// The VM named `name` once it serves (not while it is starting).
+    pub fn find_ready(&self, name: &str) -> Result<(Entry, Info), Failure> {
+        let entry = self.find(name)?;
+        match entry.info.clone() {
+            Some(info) => Ok((entry, info)),
+            None => Err(Failure::new(format!(
+                "the VM {name:?} is still starting; try again in a moment"
+            ))),
+        }
+    }
+
+    /// Every VM whose host runs, by name.
+    pub fn list(&self) -> Result<Vec<Entry>, Failure> {
+        let mut names: Vec<String> = fs::read_dir(&self.root)?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
+        names.sort();
+        Ok(names.iter().filter_map(|n| self.entry(n)).collect())
+    }
+}
+
+impl Claim {
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn name(&self) -> String {
+        self.dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Publishes the VM's info: from now on `ps` shows it as running.
+    pub fn publish(&self, info: &Info) -> Result<(), Failure> {
+        let bytes = serde_json::to_vec_pretty(info)?;
+        let tmp = self.dir.join(".info.json.tmp");
+        fs::write(&tmp, bytes)?;
+        fs::rename(&tmp, self.dir.join(INFO_FILE))?;
+        Ok(())
+    }
+
+    /// Hands the claim to another process (the `run -d` worker): this one must not remove it.
+    pub fn hand_over(mut self) -> PathBuf {
+        self.released = true;
+        self.dir.clone()
+    }
+
+    /// Takes over a directory claimed by the parent (`run -d`), rewriting the pid.
+    pub fn adopt(dir: PathBuf) -> Result<Claim, Failure> {
+        fs::write(dir.join(PID_FILE), std::process::id().to_string())?;
+        Ok(Claim {
+            dir,
+            released: false,
+        })
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if !self.released {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn root_dir() -> PathBuf {
+    let non_empty = |name| std::env::var_os(name).filter(|v| !v.is_empty());
+    if let Some(dir) = non_empty("SUPERMACHINE_RUNTIME_DIR") {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = non_empty("XDG_RUNTIME_DIR") {
+        return PathBuf::from(dir).join("supermachine");
+    }
+    PathBuf::from(format!(
+        "/tmp/supermachine-{}",
+        rustix::process::getuid().as_raw()
+    ))
+}
+
+fn check_name(name: &str) -> Result<(), Failure> {
+    let ok_start = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric());
+    let ok_chars = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if ok_start && ok_chars && name.len() <= MAX_NAME {
+        Ok(())
+    } else {
+        Err(Failure::new(format!(
+            "invalid VM name {name:?}: use up to {MAX_NAME} letters, digits, '_', '.' or '-', \
+             starting with a letter or digit"
+        )))
+    }
+}
+
+/// Whether `pid` is a running (not zombie) process.
+pub fn process_runs(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+fn recently_modified(dir: &Path) -> bool {
+    fs::metadata(dir)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age < std::time::Duration::from_secs(5))
+}
+
+fn random_u32() -> u32 {
+    use std::io::Read;
+    let mut bytes = [0u8; 4];
+    match fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)) {
+        Ok(()) => u32::from_ne_bytes(bytes),
+        // Names only need to differ between one user's VMs; the claim catches collisions.
+        Err(_) => std::process::id().rotate_left(16) ^ std::process::id(),
+    }
+}
+
+/// Makes `path` private to the user (the sockets grant full control of the VM).
+pub fn make_private(path: &Path) -> io::Result<()> {
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+}
