@@ -80,11 +80,16 @@ struct Cli {
 
 impl Cli {
     fn new() -> Cli {
+        use std::os::unix::fs::PermissionsExt;
+        let runtime = tempfile::Builder::new()
+            .prefix("sm-cli-")
+            .tempdir()
+            .expect("tempdir");
+        // The CLI refuses a runtime dir others can enter (its sockets control VMs).
+        std::fs::set_permissions(runtime.path(), std::fs::Permissions::from_mode(0o700))
+            .expect("chmod");
         Cli {
-            runtime: tempfile::Builder::new()
-                .prefix("sm-cli-")
-                .tempdir()
-                .expect("tempdir"),
+            runtime,
             binary: supermachine_e2e::cli_binary().expect("build the CLI"),
         }
     }
@@ -281,6 +286,64 @@ fn detached_httpd_serves_100_fetches_over_10_connections() {
         TcpStream::connect(("127.0.0.1", port)).is_err(),
         "port still open"
     );
+
+    // A worker killed outright cannot clean up; `ps` never lists its dead VM, and the name is
+    // free again.
+    assert_eq!(
+        cli.ok(&["run", "-d", "--name", "victim", &image, "sleep", "1000"])
+            .trim(),
+        "victim"
+    );
+    let workers = cli.workers();
+    assert_eq!(workers.len(), 1, "{workers:?}");
+    // SAFETY: kill takes two integers; the pid is this test's own worker.
+    assert_eq!(unsafe { libc::kill(workers[0] as i32, libc::SIGKILL) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cli.workers().is_empty() {
+        assert!(Instant::now() < deadline, "the killed worker lingers");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(cli.ok(&["ps"]).lines().count(), 1, "a dead VM is listed");
+    assert!(cli.registered().is_empty(), "{:?}", cli.registered());
+    cli.fails(&["exec", "victim", "true"], "no running VM named");
+}
+
+#[test]
+fn pull_images_rmi_manage_the_cache() {
+    let cli = Cli::new();
+    let registry = Registry::start().expect("registry");
+    let layout = tempfile::tempdir().expect("tempdir");
+    // Content no other test uses, so removing it cannot pull a rootfs from under a VM.
+    let stamp = format!("{:?}", std::time::SystemTime::now());
+    let mut tar = TarBuilder::new();
+    tar.dir("etc", 0o755, 0, 0)
+        .file("etc/only-in-this-test", stamp.as_bytes(), 0o644, 0, 0);
+    images::write_oci_layout(
+        layout.path(),
+        "1",
+        &[LayerBlob::gzip(tar.finish()).expect("gzip")],
+        serde_json::json!({ "Cmd": ["true"] }),
+    )
+    .expect("layout");
+    registry
+        .push_layout(layout.path(), "1", "cache-test:1", false)
+        .expect("push");
+    let image = registry.reference("cache-test:1");
+    cli.ok(&["pull", &image]);
+    let listed = cli.ok(&["images"]);
+    let line = listed
+        .lines()
+        .find(|l| l.starts_with(&image))
+        .unwrap_or_else(|| panic!("{image} not in\n{listed}"));
+    // The last column is the rootfs size, which `pull` built.
+    assert!(!line.trim_end().ends_with('-'), "no rootfs size: {line}");
+    let removed = cli.ok(&["rmi", &image]);
+    assert!(
+        removed.starts_with(&format!("Deleted {image}")),
+        "{removed}"
+    );
+    assert!(!cli.ok(&["images"]).contains(&image));
+    cli.fails(&["rmi", &image], "no local image");
 }
 
 #[test]
@@ -414,10 +477,14 @@ impl PtySession {
                     return;
                 }
             }
-            if Instant::now() > deadline {
+            let exited = self.child.try_wait().ok().flatten();
+            if Instant::now() > deadline || exited.is_some() {
+                // Whatever the reader thread has not drained yet is lost to the message.
+                std::thread::sleep(Duration::from_millis(200));
                 let out = self.output.lock().expect("lock");
                 panic!(
-                    "{needle:?} did not appear within {within:?}; output so far:\n{}",
+                    "{needle:?} did not appear within {within:?} (CLI exit: {exited:?}); \
+                     output so far:\n{}",
                     String::from_utf8_lossy(&out)
                 );
             }

@@ -78,6 +78,16 @@ impl Registry {
             .mode(0o700)
             .create(&root)
             .map_err(|e| Failure::from(e).context(format!("cannot create {}", root.display())))?;
+        // The sockets in it control VMs: refuse a directory someone else could get into.
+        use std::os::unix::fs::MetadataExt;
+        let meta = fs::metadata(&root)?;
+        if meta.uid() != rustix::process::getuid().as_raw() || meta.mode() & 0o077 != 0 {
+            return Err(Failure::new(format!(
+                "{} must be owned by you and private (mode 0700); remove it or set \
+                 SUPERMACHINE_RUNTIME_DIR",
+                root.display()
+            )));
+        }
         Ok(Registry { root })
     }
 
