@@ -347,9 +347,10 @@ fn pull_images_rmi_manage_the_cache() {
 }
 
 #[test]
-fn bad_input_fails_with_one_line_and_leaves_nothing() {
-    if !supermachine_e2e::kvm_available_or_skip("bad_input_fails_with_one_line_and_leaves_nothing")
-    {
+fn run_flags_and_bad_input_one_line_errors_nothing_left() {
+    if !supermachine_e2e::kvm_available_or_skip(
+        "run_flags_and_bad_input_one_line_errors_nothing_left",
+    ) {
         return;
     }
     let cli = Cli::new();
@@ -387,6 +388,27 @@ fn bad_input_fails_with_one_line_and_leaves_nothing() {
         assert!(cli.registered().is_empty(), "{:?}", cli.registered());
         assert!(cli.workers().is_empty(), "{:?}", cli.workers());
     }
+    // `docker run` semantics: arguments replace Cmd and follow the Entrypoint, which
+    // `--entrypoint` replaces; -e / -w / -u apply; the exit code passes through.
+    let out = cli.run(&[
+        "run",
+        "-e",
+        "A=from-e",
+        "-w",
+        "/tmp",
+        "-u",
+        "0",
+        "--entrypoint",
+        "sh",
+        &image,
+        "-c",
+        "echo $A $(pwd) $(id -u) $GREETING; exit 3",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "from-e /tmp 0 hello from the image\n"
+    );
     // A program that does not exist in the image: exit 127, as in a shell.
     assert_eq!(
         cli.fails(&["run", &image, "no-such-program"], "no-such-program"),

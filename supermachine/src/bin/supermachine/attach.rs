@@ -18,16 +18,27 @@ const EXIT_TIMED_OUT: u8 = 124;
 /// Exit code when the program was not found in the guest (as shells use).
 const EXIT_NOT_FOUND: u8 = 127;
 
+/// Checks `-e` and `--timeout` before anything is started.
+pub fn validate(args: &ProcessArgs) -> Result<(), Failure> {
+    if let Some(kv) = args.env.iter().find(|kv| kv.starts_with('=')) {
+        return Err(Failure::new(format!(
+            "invalid -e {kv:?}: expected KEY=VALUE or KEY"
+        )));
+    }
+    if let Some(secs) = args.timeout.filter(|s| !(s.is_finite() && *s > 0.0)) {
+        return Err(Failure::new(format!(
+            "invalid --timeout {secs}: expected seconds > 0"
+        )));
+    }
+    Ok(())
+}
+
 /// Applies `-e`, `-w`, `-u`, `-t`, `--timeout` to `builder`.
 pub fn configure(mut builder: ExecBuilder, args: &ProcessArgs) -> Result<ExecBuilder, Failure> {
+    validate(args)?;
     for kv in &args.env {
         builder = match kv.split_once('=') {
-            Some((key, value)) if !key.is_empty() => builder.env(key, value),
-            Some(_) => {
-                return Err(Failure::new(format!(
-                    "invalid -e {kv:?}: expected KEY=VALUE"
-                )))
-            }
+            Some((key, value)) => builder.env(key, value),
             // `-e KEY`: the host's value, and nothing if the host has none (as Docker does).
             None => match std::env::var(kv) {
                 Ok(value) => builder.env(kv, value),
@@ -42,11 +53,6 @@ pub fn configure(mut builder: ExecBuilder, args: &ProcessArgs) -> Result<ExecBui
         builder = builder.user(user);
     }
     if let Some(secs) = args.timeout {
-        if !(secs.is_finite() && secs > 0.0) {
-            return Err(Failure::new(format!(
-                "invalid --timeout {secs}: expected seconds > 0"
-            )));
-        }
         builder = builder.timeout(Duration::from_secs_f64(secs));
     }
     if args.tty {

@@ -12,6 +12,7 @@ use crate::control::{self, Request};
 use crate::failure::Failure;
 use crate::host::{self, Host};
 use crate::image_arg;
+use crate::output::{self, out};
 use crate::progress::{human_bytes, short};
 use crate::registry::{self, Registry};
 
@@ -22,7 +23,7 @@ pub async fn pull(args: PullArgs) -> Result<ExitCode, Failure> {
     let image = image_arg::pull(&args.image).await?;
     eprintln!("preparing the root filesystem...");
     let rootfs = image.rootfs().await?;
-    println!(
+    out!(
         "{}: image {} ({} compressed, rootfs {})",
         args.image,
         short(image.digest()),
@@ -40,12 +41,16 @@ pub async fn images() -> Result<ExitCode, Failure> {
         .max()
         .unwrap_or(0)
         .max(4);
-    println!(
+    out!(
         "{:<width$}  {:<12}  {:<14}  {:>10}  {:>10}",
-        "NAME", "IMAGE ID", "ADDED", "SIZE", "ROOTFS"
+        "NAME",
+        "IMAGE ID",
+        "ADDED",
+        "SIZE",
+        "ROOTFS"
     );
     for image in images {
-        println!(
+        out!(
             "{:<width$}  {:<12}  {:<14}  {:>10}  {:>10}",
             image.name,
             short(&image.image_id),
@@ -61,7 +66,7 @@ pub async fn rmi(args: RmiArgs) -> Result<ExitCode, Failure> {
     let mut failed = None;
     for name in &args.images {
         match Image::remove_local(name) {
-            Ok(removed) => println!(
+            Ok(removed) => out!(
                 "Deleted {} ({}, freed {})",
                 removed.name,
                 short(&removed.image_id),
@@ -83,6 +88,7 @@ pub async fn rmi(args: RmiArgs) -> Result<ExitCode, Failure> {
 
 pub async fn run(args: RunArgs) -> Result<ExitCode, Failure> {
     // Everything that can be checked without a VM fails before one exists.
+    attach::validate(&args.process)?;
     for spec in &args.publish {
         spec.parse::<supermachine::PortMapping>()?;
     }
@@ -116,6 +122,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, Failure> {
 }
 
 pub async fn exec(args: ExecArgs) -> Result<ExitCode, Failure> {
+    attach::validate(&args.process)?;
     let registry = Registry::open()?;
     let (entry, info) = registry.find_ready(&args.name)?;
     let agent = Agent::with_connector(UnixConnector::muxed(entry.dir.join(registry::MUXER_SOCKET)));
@@ -170,7 +177,7 @@ pub async fn ps() -> Result<ExitCode, Failure> {
             .zip(widths)
             .map(|(cell, w)| format!("{cell:<w$}"))
             .collect();
-        println!("{}", line.join("  ").trim_end());
+        out!("{}", line.join("  ").trim_end());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -180,7 +187,7 @@ pub async fn stop(args: StopArgs) -> Result<ExitCode, Failure> {
     let mut failed = false;
     for name in &args.names {
         match stop_one(&registry, name).await {
-            Ok(()) => println!("{name}"),
+            Ok(()) => out!("{name}"),
             Err(failure) => {
                 eprintln!("supermachine: {}", failure.message());
                 failed = true;
@@ -235,14 +242,11 @@ pub async fn logs(args: LogsArgs) -> Result<ExitCode, Failure> {
     if args.console {
         let answer =
             control::call(&entry.dir.join(registry::CONTROL_SOCKET), Request::Console).await?;
-        print!("{}", answer.text.unwrap_or_default());
+        output::write(answer.text.unwrap_or_default().as_bytes());
     } else {
         let path = entry.dir.join(registry::OUTPUT_LOG);
         match std::fs::read(&path) {
-            Ok(bytes) => {
-                use std::io::Write;
-                std::io::stdout().write_all(&bytes)?;
-            }
+            Ok(bytes) => output::write(&bytes),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
                 return Err(Failure::from(e).context(format!("cannot read {}", path.display())))

@@ -17,12 +17,14 @@ use tokio_util::sync::CancellationToken;
 use crate::cli::{RunArgs, WorkerArgs};
 use crate::control::{self, Answer, Request};
 use crate::failure::Failure;
+use crate::output::out;
 use crate::registry::{self, Claim, Info};
 
 /// A hosted, registered VM.
 pub struct Host {
     pub vm: Arc<Vm>,
-    claim: Claim,
+    /// Held for its drop, which unregisters the VM.
+    _claim: Claim,
     /// Cancelled when a client asks the host to stop.
     stop: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
@@ -79,7 +81,7 @@ impl Host {
         claim.publish(&info)?;
         Ok(Host {
             vm,
-            claim,
+            _claim: claim,
             stop,
             tasks,
         })
@@ -93,13 +95,20 @@ impl Host {
         }
     }
 
-    /// Stops the VM and unregisters it (sockets and directory removed).
+    /// Stops the VM and unregisters it (sockets and directory removed); dropping does too.
     pub fn shutdown(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        // The muxer and control tasks hold the VM: stop it rather than wait for them to end.
         self.vm.stop();
         for task in &self.tasks {
             task.abort();
         }
-        drop(self.claim);
+        // `_claim` is dropped after this, removing the registry directory.
     }
 }
 
@@ -175,10 +184,20 @@ pub async fn spawn_worker(args: &RunArgs, claim: Claim) -> Result<ExitCode, Fail
         return Err(Failure::new("the worker's stdout was not captured"));
     };
     let mut lines = BufReader::new(stdout).lines();
-    let first = lines.next_line().await.ok().flatten();
+    // Ctrl-C while the VM starts (a first boot takes a while) means "never mind": the worker
+    // goes too, rather than carry on in the background unasked.
+    let first = tokio::select! {
+        line = lines.next_line() => line.ok().flatten(),
+        _ = tokio::signal::ctrl_c() => {
+            let _ = worker.start_kill();
+            let _ = worker.wait().await;
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(Failure::with_code(format!("interrupted; {name} was not started"), 130));
+        }
+    };
     match first.as_deref() {
         Some("ok") => {
-            println!("{name}");
+            out!("{name}");
             Ok(ExitCode::SUCCESS)
         }
         other => {
@@ -192,6 +211,13 @@ pub async fn spawn_worker(args: &RunArgs, claim: Claim) -> Result<ExitCode, Fail
             Err(Failure::new(message))
         }
     }
+}
+
+/// One line to the `run -d` process waiting on our stdout. It may be gone (a broken pipe):
+/// nothing to do then, and `println!` would panic.
+fn report_to_parent(line: &str) {
+    let mut stdout = std::io::stdout();
+    let _ = writeln!(stdout, "{line}").and_then(|()| stdout.flush());
 }
 
 /// The `run -d` worker process: hosts the VM until its command ends or it is stopped.
@@ -213,12 +239,11 @@ pub async fn worker_main(args: WorkerArgs) -> Result<ExitCode, Failure> {
     let (host, mut child, output) = match started.await {
         Ok(started) => started,
         Err(failure) => {
-            println!("error: {}", failure.message());
+            report_to_parent(&format!("error: {}", failure.message()));
             return Ok(ExitCode::from(crate::failure::EXIT_FAILURE));
         }
     };
-    println!("ok");
-    let _ = std::io::stdout().flush();
+    report_to_parent("ok");
 
     let log = |path: &std::path::Path| {
         std::fs::OpenOptions::new()

@@ -12,6 +12,7 @@ mod control;
 mod failure;
 mod host;
 mod image_arg;
+mod output;
 mod progress;
 mod registry;
 mod terminal;

@@ -157,9 +157,22 @@ impl Registry {
             let _ = fs::remove_dir_all(&dir);
             return None;
         };
-        let info = fs::read(dir.join(INFO_FILE))
+        let info: Option<Info> = fs::read(dir.join(INFO_FILE))
             .ok()
             .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+        // A registered host answers on its control socket. One that was killed may still
+        // show as a process for a moment while the kernel tears it down (or its pid may have
+        // been reused): the socket tells.
+        if info.is_some()
+            && std::os::unix::net::UnixStream::connect(dir.join(CONTROL_SOCKET)).is_err()
+        {
+            tracing::debug!(
+                name,
+                "removing the registry entry of a VM host that does not answer"
+            );
+            let _ = fs::remove_dir_all(&dir);
+            return None;
+        }
         Some(Entry {
             name: name.to_owned(),
             dir,
