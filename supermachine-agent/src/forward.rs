@@ -1,8 +1,9 @@
-//! `connect_tcp`: the guest end of a published port. The agent dials `127.0.0.1:<port>`, acks,
+//! `connect_tcp`: the guest end of a published port. The agent dials `127.0.0.1:<port>` (or
+//! `[::1]:<port>`), acks,
 //! and from then on the host connection and the TCP connection are spliced byte for byte.
 
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use futures::SinkExt;
@@ -59,14 +60,26 @@ pub async fn run<S>(
     }
 }
 
+/// `127.0.0.1:port`, else `[::1]:port`: servers that listen on "localhost" may have bound
+/// either.
 async fn connect(port: u16) -> io::Result<TcpStream> {
-    let tcp = tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        TcpStream::connect((Ipv4Addr::LOCALHOST, port)),
-    )
-    .await
-    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "timed out"))??;
+    let v4 = connect_to((Ipv4Addr::LOCALHOST, port).into()).await;
+    let tcp = match v4 {
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            // Report the IPv4 refusal when IPv6 fails too: it is the address users expect.
+            connect_to((Ipv6Addr::LOCALHOST, port).into())
+                .await
+                .map_err(|_| e)?
+        }
+        other => other?,
+    };
     // Request/response traffic (HTTP) would otherwise wait on Nagle for every small write.
     tcp.set_nodelay(true)?;
     Ok(tcp)
+}
+
+async fn connect_to(address: SocketAddr) -> io::Result<TcpStream> {
+    tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "timed out"))?
 }

@@ -93,7 +93,7 @@ async fn muxer_handshake(stream: &mut tokio::net::UnixStream, port: u32) -> io::
         let byte = stream.read_u8().await.map_err(|e| match e.kind() {
             io::ErrorKind::UnexpectedEof => io::Error::new(
                 io::ErrorKind::ConnectionRefused,
-                format!("the vsock muxer closed the connection: nothing listens on guest port {port}, or the VM is gone"),
+                format!("the vsock muxer closed the connection: the guest agent does not accept on vsock port {port}, or the VM is gone"),
             ),
             _ => e,
         })?;

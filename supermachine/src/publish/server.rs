@@ -102,6 +102,11 @@ impl Publisher {
         tokio::spawn(accept_loop(listener, port, agent, self.stop.clone()));
     }
 
+    /// Stops serving: listeners close and forwarded connections are cut.
+    pub(crate) fn close(&self) {
+        self.stop.cancel();
+    }
+
     /// The ports being served, in the order they were published.
     pub(crate) fn ports(&self) -> Vec<PublishedPort> {
         self.ports

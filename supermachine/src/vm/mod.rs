@@ -568,6 +568,8 @@ impl Vm {
     /// Stops the VM (if still running) and frees its vCPUs; every pending exec fails with
     /// [`Error::VmExited`]. Idempotent. Blocks briefly while the vCPU threads leave the guest.
     pub fn stop(&self) -> VmExit {
+        // A stopped VM's host ports must be free for the next one at once.
+        self.publisher.close();
         VmExit::from(self.machine().stop())
     }
 }

@@ -25,12 +25,22 @@ pub fn validate(args: &ProcessArgs) -> Result<(), Failure> {
             "invalid -e {kv:?}: expected KEY=VALUE or KEY"
         )));
     }
-    if let Some(secs) = args.timeout.filter(|s| !(s.is_finite() && *s > 0.0)) {
-        return Err(Failure::new(format!(
-            "invalid --timeout {secs}: expected seconds > 0"
-        )));
+    if let Some(secs) = args.timeout {
+        timeout(secs)?;
     }
     Ok(())
+}
+
+/// The longest `--timeout` taken (a year): beyond it the deadline arithmetic would overflow.
+const MAX_TIMEOUT_SECS: f64 = 365.0 * 24.0 * 3600.0;
+
+fn timeout(secs: f64) -> Result<Duration, Failure> {
+    match Duration::try_from_secs_f64(secs) {
+        Ok(limit) if secs > 0.0 && secs <= MAX_TIMEOUT_SECS => Ok(limit),
+        _ => Err(Failure::new(format!(
+            "invalid --timeout {secs}: expected seconds, more than 0 and at most {MAX_TIMEOUT_SECS}"
+        ))),
+    }
 }
 
 /// Applies `-e`, `-w`, `-u`, `-t`, `--timeout` to `builder`.
@@ -53,7 +63,7 @@ pub fn configure(mut builder: ExecBuilder, args: &ProcessArgs) -> Result<ExecBui
         builder = builder.user(user);
     }
     if let Some(secs) = args.timeout {
-        builder = builder.timeout(Duration::from_secs_f64(secs));
+        builder = builder.timeout(timeout(secs)?);
     }
     if args.tty {
         builder = builder.tty(true);
@@ -85,16 +95,17 @@ pub async fn run(builder: ExecBuilder, args: &ProcessArgs) -> Result<ExitCode, F
             let _ = guest.shutdown().await;
         })
     });
-    let mut stdout = child.take_stdout();
-    let mut stderr = child.take_stderr();
-    let out = async {
-        if let Some(guest) = stdout.as_mut() {
-            let _ = tokio::io::copy(guest, &mut tokio::io::stdout()).await;
+    // Each handle is moved into its copy and dropped when the copy ends: once our stdout is
+    // gone (`... | head -1`) the guest's further output is discarded instead of buffered.
+    let (stdout, stderr) = (child.take_stdout(), child.take_stderr());
+    let out = async move {
+        if let Some(mut guest) = stdout {
+            let _ = tokio::io::copy(&mut guest, &mut tokio::io::stdout()).await;
         }
     };
-    let err = async {
-        if let Some(guest) = stderr.as_mut() {
-            let _ = tokio::io::copy(guest, &mut tokio::io::stderr()).await;
+    let err = async move {
+        if let Some(mut guest) = stderr {
+            let _ = tokio::io::copy(&mut guest, &mut tokio::io::stderr()).await;
         }
     };
     let signaler = child.signaler();
@@ -111,20 +122,19 @@ pub async fn run(builder: ExecBuilder, args: &ProcessArgs) -> Result<ExitCode, F
         loop {
             // In raw mode Ctrl-C is a byte on stdin the guest terminal turns into SIGINT;
             // these arrive from `kill` or a non-raw terminal, and go to the guest command.
-            let sent = tokio::select! {
+            // A failed send means the exec is ending: its exit is on the way, so carry on
+            // waiting for it (and keep these handlers, or the signals would be lost).
+            let _ = tokio::select! {
                 _ = winch.recv() => {
                     if let (true, Some((cols, rows))) = (tty, terminal::size()) {
                         let _ = signaler.resize(cols, rows);
                     }
                     continue;
                 }
-                _ = int.recv() => signaler.signal(libc_signal::SIGINT),
-                _ = term.recv() => signaler.signal(libc_signal::SIGTERM),
-                _ = hup.recv() => signaler.signal(libc_signal::SIGHUP),
+                _ = int.recv() => signaler.signal(libc::SIGINT as u32),
+                _ = term.recv() => signaler.signal(libc::SIGTERM as u32),
+                _ = hup.recv() => signaler.signal(libc::SIGHUP as u32),
             };
-            if sent.is_err() {
-                return;
-            }
         }
     };
     let status = tokio::select! {
@@ -158,11 +168,4 @@ pub fn exec_failure(error: Error) -> Failure {
         ),
         other => Failure::from(other),
     }
-}
-
-/// Signal numbers (Linux, every architecture we run on).
-mod libc_signal {
-    pub const SIGHUP: u32 = 1;
-    pub const SIGINT: u32 = 2;
-    pub const SIGTERM: u32 = 15;
 }

@@ -146,8 +146,6 @@ pub struct CpArgs {
 
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
-    /// The `run` request, as JSON.
-    pub spec: String,
-    /// The registry directory claimed for it.
+    /// The registry directory claimed for it (with the `run` request in `spec.json`).
     pub dir: PathBuf,
 }

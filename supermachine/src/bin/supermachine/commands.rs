@@ -16,6 +16,9 @@ use crate::output::{self, out};
 use crate::progress::{human_bytes, short};
 use crate::registry::{self, Registry};
 
+/// The largest file `cp` carries: one protocol frame (16 MiB) less room for its header.
+const MAX_CP_BYTES: u64 = 16 * 1024 * 1024 - 64 * 1024;
+
 /// How long `stop` waits for a host to finish before killing it.
 const STOP_GRACE: Duration = Duration::from_secs(30);
 
@@ -107,7 +110,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, Failure> {
     let image = image_arg::resolve(&args.image).await?;
     let argv = host::command(&args, image.config())?;
     if args.detach {
-        return host::spawn_worker(&args, claim).await;
+        return crate::worker::spawn(&args, claim).await;
     }
     let host = Host::start(&args, image, &argv, claim, false).await?;
     let builder = attach::configure(host.vm.exec(argv), &args.process)?;
@@ -211,14 +214,20 @@ async fn stop_one(registry: &Registry, name: &str) -> Result<(), Failure> {
         // once `stop` returns.
         let deadline = Instant::now() + STOP_GRACE;
         while Instant::now() < deadline {
-            if registry.entry(name).is_none() && !registry::process_runs(entry.pid) {
+            if registry.entry(name).is_none() && !entry.host.runs() {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    // A host that does not answer or finish in time is killed; its directory goes with the
-    // next registry read.
+    // A host that does not answer or finish in time is killed (if it is still the same
+    // process: pids get reused); its directory goes with the next registry read.
+    if !entry.host.runs() {
+        return match registry.entry(name) {
+            None => Ok(()),
+            Some(_) => Err(Failure::new(format!("{name} did not stop"))),
+        };
+    }
     let _ = rustix::process::kill_process(
         rustix::process::Pid::from_raw(entry.pid as i32).ok_or_else(|| Failure::new("bad pid"))?,
         rustix::process::Signal::KILL,
@@ -289,6 +298,14 @@ pub async fn cp(args: CpArgs) -> Result<ExitCode, Failure> {
             if !guest.starts_with('/') {
                 return Err(Failure::new(format!(
                     "{name}:{guest}: the guest path must be absolute"
+                )));
+            }
+            if metadata.len() > MAX_CP_BYTES {
+                return Err(Failure::new(format!(
+                    "{} is {} bytes; cp carries files up to {MAX_CP_BYTES} bytes (pipe larger ones: \
+                     `supermachine exec -i {name} sh -c 'cat > PATH' < FILE`)",
+                    host.display(),
+                    metadata.len()
                 )));
             }
             let bytes = std::fs::read(host)?;

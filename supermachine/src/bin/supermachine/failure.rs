@@ -42,6 +42,11 @@ impl Failure {
         &self.message
     }
 
+    /// The exit code it ends the CLI with.
+    pub fn code(&self) -> u8 {
+        self.code
+    }
+
     /// Prints the line and returns the exit code.
     pub fn report(self) -> ExitCode {
         eprintln!("supermachine: {}", self.message);

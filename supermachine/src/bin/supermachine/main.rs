@@ -16,6 +16,7 @@ mod output;
 mod progress;
 mod registry;
 mod terminal;
+mod worker;
 
 use std::process::ExitCode;
 
@@ -55,7 +56,7 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
         Command::Stop(args) => commands::stop(args).await,
         Command::Logs(args) => commands::logs(args).await,
         Command::Cp(args) => commands::cp(args).await,
-        Command::Worker(args) => host::worker_main(args).await,
+        Command::Worker(args) => worker::main(args).await,
     }
 }
 

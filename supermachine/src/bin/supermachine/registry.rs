@@ -66,6 +66,8 @@ pub struct Entry {
     pub name: String,
     pub dir: PathBuf,
     pub pid: u32,
+    /// The hosting process, to check it is still the same one.
+    pub host: Host,
     /// `None` while the VM is still starting.
     pub info: Option<Info>,
 }
@@ -102,7 +104,7 @@ impl Registry {
                         dir: dir.clone(),
                         released: false,
                     };
-                    fs::write(dir.join(PID_FILE), std::process::id().to_string())?;
+                    fs::write(dir.join(PID_FILE), Host::me().to_string())?;
                     return Ok(claim);
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
@@ -140,14 +142,15 @@ impl Registry {
             return None;
         }
         let dir = self.root.join(name);
-        let pid: Option<u32> = fs::read_to_string(dir.join(PID_FILE))
+        let host: Option<Host> = fs::read_to_string(dir.join(PID_FILE))
             .ok()
-            .and_then(|s| s.trim().parse().ok());
-        let alive = pid.is_some_and(process_runs);
+            .and_then(|s| s.parse().ok());
+        let alive = host.is_some_and(|h| h.runs());
+        let pid = host.map(|h| h.pid);
         if !dir.exists() {
             return None;
         }
-        let Some(pid) = pid.filter(|_| alive) else {
+        let Some(host) = host.filter(|_| alive) else {
             // A claim is pid-first, so a directory without a pid is either being created this
             // instant or abandoned; give a creator a moment before calling it dead.
             if pid.is_none() && recently_modified(&dir) {
@@ -176,7 +179,8 @@ impl Registry {
         Some(Entry {
             name: name.to_owned(),
             dir,
-            pid,
+            pid: host.pid,
+            host,
             info,
         })
     }
@@ -241,7 +245,7 @@ impl Claim {
 
     /// Takes over a directory claimed by the parent (`run -d`), rewriting the pid.
     pub fn adopt(dir: PathBuf) -> Result<Claim, Failure> {
-        fs::write(dir.join(PID_FILE), std::process::id().to_string())?;
+        fs::write(dir.join(PID_FILE), Host::me().to_string())?;
         Ok(Claim {
             dir,
             released: false,
@@ -290,15 +294,61 @@ fn check_name(name: &str) -> Result<(), Failure> {
 }
 
 /// Whether `pid` is a running (not zombie) process.
-pub fn process_runs(pid: u32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesised command name.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
+/// A hosting process: its pid and its start time (clock ticks after boot, `/proc/PID/stat`
+/// field 22), which tells it apart from a later process that reuses the pid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Host {
+    pub pid: u32,
+    started: u64,
+}
+
+impl Host {
+    /// This process.
+    fn me() -> Host {
+        let pid = std::process::id();
+        Host {
+            pid,
+            started: stat(pid).map_or(0, |(_, started)| started),
+        }
     }
+
+    /// Whether the process still runs (not a zombie) and is the same one.
+    pub fn runs(&self) -> bool {
+        stat(self.pid)
+            .is_some_and(|(state, started)| state != 'Z' && state != 'X' && started == self.started)
+    }
+}
+
+impl std::fmt::Display for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.pid, self.started)
+    }
+}
+
+impl std::str::FromStr for Host {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Host, ()> {
+        let mut fields = s.split_whitespace().map(str::parse::<u64>);
+        match (fields.next(), fields.next()) {
+            (Some(Ok(pid)), Some(Ok(started))) => Ok(Host {
+                pid: u32::try_from(pid).map_err(|_| ())?,
+                started,
+            }),
+            _ => Err(()),
+        }
+    }
+}
+
+/// A process's state letter and start time, from `/proc/PID/stat`.
+fn stat(pid: u32) -> Option<(char, u64)> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the parenthesised command name: state is field 3, start time field 22.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let started = fields.nth(18)?.parse().ok()?;
+    Some((state, started))
 }
 
 fn recently_modified(dir: &Path) -> bool {
