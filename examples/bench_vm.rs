@@ -34,7 +34,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     } else {
         supermachine_e2e::test_vm_config()?
     }
-    .memory_mib(256);
+    .memory_mib(256)
+    // For the agent's `echo` hook (the transport-only figures).
+    .test_hooks(true);
 
     // Cold boots; the last VM stays up for the rest.
     let mut boot_times = Vec::new();
@@ -90,19 +92,37 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut child = vm.exec(["cat"]).spawn().await?;
     let mut stdin = child.take_stdin().ok_or("stdin")?;
     let mut stdout = child.take_stdout().ok_or("stdout")?;
-    let mut rtts = Vec::new();
-    let mut buf = [0u8; 64];
-    for i in 0..rounds {
-        let msg = [i as u8; 64];
-        let t = Instant::now();
-        stdin.write_all(&msg).await?;
-        stdout.read_exact(&mut buf).await?;
-        rtts.push(t.elapsed());
-        assert_eq!(buf, msg);
-    }
+    let rtts = round_trips(&mut stdin, &mut stdout, rounds).await?;
     report("vsock 64 B round trip through guest `cat`", rtts);
     drop(stdin);
     child.await?;
+
+    // The transport alone: the agent echoes on the vsock connection itself (no guest process,
+    // no pipes), as Firecracker's figure for this host was taken with a C echo program.
+    let mut echo = vm.agent().echo().await?;
+    let (mut rd, mut wr) = tokio::io::split(&mut echo);
+    let rtts = round_trips(&mut wr, &mut rd, rounds).await?;
+    report("vsock 64 B round trip, agent echo (transport only)", rtts);
+    let total = mib << 20;
+    let t = Instant::now();
+    let (mut rd, mut wr) = tokio::io::split(echo);
+    let send = async {
+        let block = vec![0x5au8; 64 * 1024];
+        for _ in 0..total / block.len() {
+            wr.write_all(&block).await?;
+        }
+        wr.shutdown().await
+    };
+    let mut echoed = Vec::with_capacity(total);
+    let (sent, received) = tokio::join!(send, rd.read_to_end(&mut echoed));
+    sent?;
+    received?;
+    let secs = t.elapsed().as_secs_f64();
+    assert_eq!(echoed.len(), total);
+    println!(
+        "vsock bulk echo, agent echo: {mib} MiB each way in {secs:.2} s = {:.2} MiB/s",
+        mib as f64 / secs
+    );
 
     // stdout throughput: the guest writes MIB MiB, the host reads it all.
     let t = Instant::now();
@@ -118,4 +138,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     vm.stop();
     Ok(())
+}
+
+/// `rounds` 64-byte messages written to `to` and read back from `from`, one at a time.
+async fn round_trips(
+    to: &mut (impl tokio::io::AsyncWrite + Unpin),
+    from: &mut (impl tokio::io::AsyncRead + Unpin),
+    rounds: usize,
+) -> std::io::Result<Vec<std::time::Duration>> {
+    let mut rtts = Vec::with_capacity(rounds);
+    let mut buf = [0u8; 64];
+    for i in 0..rounds {
+        let msg = [i as u8; 64];
+        let t = Instant::now();
+        to.write_all(&msg).await?;
+        from.read_exact(&mut buf).await?;
+        rtts.push(t.elapsed());
+        assert_eq!(buf, msg);
+    }
+    Ok(rtts)
 }

@@ -133,3 +133,17 @@ async fn awaiting_exit_without_reading_output_neither_deadlocks_nor_drops() {
     assert!(status.unwrap().success());
     assert_eq!(out.len(), 8 * 1024 * 1024);
 }
+
+/// The transport-benchmark `echo` hook is refused unless the guest was booted with test hooks
+/// (host mode never is).
+#[tokio::test]
+async fn echo_hook_is_refused_without_test_hooks() {
+    let host = agent();
+    match host.agent().echo().await {
+        Err(supermachine::Error::Control { action, message }) => {
+            assert_eq!(action, "echo");
+            assert!(message.contains("test hook"), "{message}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}

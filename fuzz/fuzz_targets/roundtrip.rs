@@ -73,6 +73,7 @@ enum FuzzControl {
     CrashGuest,
     Restored(u64),
     ConnectTcp(u16),
+    Echo,
     Unknown(String),
     Ack(bool, Option<String>, Option<String>, Option<String>),
 }
@@ -135,6 +136,7 @@ fn control(c: FuzzControl) -> ControlMessage {
         FuzzControl::CrashGuest => Action(ControlAction::CrashGuest),
         FuzzControl::Restored(unix_nanos) => Action(ControlAction::Restored { unix_nanos }),
         FuzzControl::ConnectTcp(port) => Action(ControlAction::ConnectTcp { port }),
+        FuzzControl::Echo => Action(ControlAction::Echo),
         FuzzControl::Unknown(name) => ControlMessage::UnknownAction(name),
         FuzzControl::Ack(ok, error, version, boot_id) => ControlMessage::Ack(ControlAck {
             ok,

@@ -48,6 +48,7 @@ pub async fn respond(agent: &Agent, message: ControlMessage, data: Bytes) -> (Co
         ControlAction::ConnectTcp { port } => Err(format!(
             "connect_tcp {port}: must be the first frame of its own connection"
         )),
+        ControlAction::Echo => Err("echo: must be the first frame of its own connection".into()),
     };
     match result {
         Ok(reply) => reply,

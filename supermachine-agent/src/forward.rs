@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::server::reply_and_close;
+use crate::state::Agent;
 
 /// How long the agent waits for the guest's TCP connect. Loopback connects either succeed or
 /// are refused at once; a full accept queue is the only thing that makes them wait.
@@ -62,6 +63,38 @@ pub async fn run<S>(
 
 /// `127.0.0.1:port`, else `[::1]:port`: servers that listen on "localhost" may have bound
 /// either.
+/// Serves the `echo` test hook: after the ack, every byte read is written back until EOF.
+pub async fn echo<S>(
+    agent: &Agent,
+    frames: FramedRead<ReadHalf<S>, ExecCodec>,
+    mut sink: FramedWrite<WriteHalf<S>, ExecCodec>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if !agent.boot_flags.test_hooks {
+        let ack = ControlAck::error(
+            "echo is a test hook: refused without supermachine.test_hooks=1 on the guest kernel \
+             command line",
+        );
+        reply_and_close(frames, sink, Frame::control(ControlMessage::Ack(ack))).await;
+        return;
+    }
+    if sink
+        .send(Frame::control(ControlMessage::Ack(ControlAck::ok())))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let early = frames.read_buffer().clone();
+    let (mut read, mut write) = (frames.into_inner(), sink.into_inner());
+    if write.write_all(&early).await.is_err() {
+        return;
+    }
+    let _ = tokio::io::copy(&mut read, &mut write).await;
+    let _ = write.shutdown().await;
+}
+
 async fn connect(port: u16) -> io::Result<TcpStream> {
     let v4 = connect_to((Ipv4Addr::LOCALHOST, port).into()).await;
     let tcp = match v4 {

@@ -236,6 +236,10 @@ where
             message: ControlMessage::Action(ControlAction::ConnectTcp { port }),
             ..
         }) => forward::run(port, frames, sink).await,
+        Ok(Frame::Control {
+            message: ControlMessage::Action(ControlAction::Echo),
+            ..
+        }) => forward::echo(&agent, frames, sink).await,
         Ok(Frame::Control { message, data }) => {
             let (ack, data) = control::respond(&agent, message, data).await;
             let reply = Frame::Control {

@@ -52,6 +52,11 @@ pub enum ControlAction {
         /// The guest TCP port on the loopback address.
         port: u16,
     },
+    /// Test hook: after an ok ack, the agent writes back every byte it reads on this
+    /// connection until EOF, then closes. Measures the transport alone (no guest process, no
+    /// pipes), for comparison with other VMMs' vsock echo figures. Refused unless the guest
+    /// kernel command line has `supermachine.test_hooks=1`.
+    Echo,
 }
 
 /// The agent's answer to a [`ControlAction`]: `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
@@ -142,6 +147,7 @@ const KNOWN_ACTIONS: &[&str] = &[
     "crash_guest",
     "restored",
     "connect_tcp",
+    "echo",
 ];
 
 pub(crate) fn is_known_action(name: &str) -> bool {

@@ -165,13 +165,26 @@ impl Agent {
     /// guest's `Connection refused`). The stream half-closes like TCP: shutting down its write
     /// side delivers EOF to the guest server, which can still answer.
     pub async fn connect_tcp(&self, port: u16) -> Result<GuestTcpStream, Error> {
-        let (_, _, framed) = self
-            .control_exchange("connect_tcp", Bytes::new(), || ControlAction::ConnectTcp {
-                port,
-            })
-            .await?;
-        // Bytes the guest server sent right after the ack may already sit in the frame
-        // reader's buffer; they are the start of the stream.
+        self.unframed("connect_tcp", ControlAction::ConnectTcp { port })
+            .await
+    }
+
+    /// Test hook: a connection on which the agent echoes every byte (see
+    /// [`VmConfig::test_hooks`](crate::VmConfig::test_hooks)); measures the transport alone.
+    #[doc(hidden)]
+    pub async fn echo(&self) -> Result<GuestTcpStream, Error> {
+        self.unframed("echo", ControlAction::Echo).await
+    }
+
+    /// A control exchange after which the connection carries raw bytes.
+    async fn unframed(
+        &self,
+        name: &'static str,
+        action: ControlAction,
+    ) -> Result<GuestTcpStream, Error> {
+        let (_, _, framed) = self.control_exchange(name, Bytes::new(), || action).await?;
+        // Bytes the guest sent right after the ack may already sit in the frame reader's
+        // buffer; they are the start of the stream.
         let parts = framed.into_parts();
         Ok(GuestTcpStream::new(parts.read_buf.freeze(), parts.io))
     }
