@@ -159,6 +159,13 @@ impl Cli {
     }
 }
 
+/// A failed test must not leave its detached VMs' workers running.
+impl Drop for Cli {
+    fn drop(&mut self) {
+        supermachine_e2e::kill_matching(&self.runtime.path().display().to_string());
+    }
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -423,6 +430,14 @@ struct PtySession {
     output: Arc<Mutex<Vec<u8>>>,
     seen: usize,
     child: std::process::Child,
+}
+
+/// A failed test must not leave its CLI (and the VM it hosts) running on the pty.
+impl Drop for PtySession {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl PtySession {
