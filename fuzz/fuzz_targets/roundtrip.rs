@@ -175,7 +175,7 @@ impl From<FuzzFrame> for Frame {
 
 /// Whether the encoder must refuse `frame` as `InvalidFrame`: the two shapes a peer would
 /// misread (an `Unknown` frame under a known kind byte, an `UnknownAction` naming a known
-/// action).
+/// action; the names mirror the codec's `KNOWN_ACTIONS`).
 fn must_be_refused(frame: &Frame) -> bool {
     match frame {
         Frame::Unknown { kind: k, .. } => kind::is_known(*k),
@@ -192,6 +192,8 @@ fn must_be_refused(frame: &Frame) -> bool {
                 | "reseed_rng"
                 | "crash_guest"
                 | "restored"
+                | "connect_tcp"
+                | "echo"
         ),
         _ => false,
     }
