@@ -23,26 +23,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if !list.status.success() {
         return Err(format!("{} --list failed", busybox_path.display()).into());
     }
+    let list = String::from_utf8_lossy(&list.stdout);
+    let applets = list
+        .lines()
+        .map(str::trim)
+        .filter(|a| !a.is_empty() && *a != "busybox" && !a.contains('/'));
     let mut tar = TarBuilder::new();
-    tar.dir("bin", 0o755, 0, 0)
-        .file("bin/busybox", &busybox, 0o755, 0, 0);
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
-        let applet = applet.trim();
-        if !applet.is_empty() && applet != "busybox" && !applet.contains('/') {
-            tar.symlink(&format!("bin/{applet}"), "busybox", 0, 0);
-        }
-    }
-    tar.dir("etc", 0o755, 0, 0)
-        .file(
-            "etc/passwd",
-            b"root:x:0:0:root:/root:/bin/sh\n",
-            0o644,
-            0,
-            0,
-        )
+    tar.busybox(&busybox, applets)
+        .skeleton(b"root:x:0:0:root:/root:/bin/sh\n")
         .file("etc/group", b"root:x:0:\n", 0o644, 0, 0)
-        .dir("root", 0o700, 0, 0)
-        .dir("tmp", 0o1777, 0, 0)
         .dir("www", 0o755, 0, 0)
         .file(
             "www/index.html",

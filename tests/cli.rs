@@ -39,25 +39,15 @@ fn web_layout(dir: &Path) -> images::WrittenImage {
     let busybox =
         std::fs::read(supermachine_e2e::static_busybox().expect("busybox")).expect("read busybox");
     let mut tar = TarBuilder::new();
-    tar.dir("bin", 0o755, 0, 0)
-        .file("bin/busybox", &busybox, 0o755, 0, 0);
-    for applet in [
-        "sh", "httpd", "sleep", "stty", "echo", "cat", "id", "pwd", "uname",
-    ] {
-        tar.symlink(&format!("bin/{applet}"), "busybox", 0, 0);
-    }
-    tar.dir("etc", 0o755, 0, 0)
-        .file(
-            "etc/passwd",
-            b"root:x:0:0:root:/root:/bin/sh\n",
-            0o644,
-            0,
-            0,
-        )
-        .dir("root", 0o700, 0, 0)
-        .dir("tmp", 0o1777, 0, 0)
-        .dir("www", 0o755, 0, 0)
-        .file("www/page.bin", &page(), 0o644, 0, 0);
+    tar.busybox(
+        &busybox,
+        [
+            "sh", "httpd", "sleep", "stty", "echo", "cat", "id", "pwd", "uname",
+        ],
+    )
+    .skeleton(b"root:x:0:0:root:/root:/bin/sh\n")
+    .dir("www", 0o755, 0, 0)
+    .file("www/page.bin", &page(), 0o644, 0, 0);
     let layer = LayerBlob::gzip(tar.finish()).expect("gzip");
     images::write_oci_layout(
         dir,

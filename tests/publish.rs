@@ -13,37 +13,7 @@ use tokio::net::TcpStream;
 
 /// Starts `busybox nc -l -p PORT -e sh -c SCRIPT` in the guest and waits until it listens.
 async fn guest_server(vm: &Vm, port: u16, script: &str) -> supermachine::ExecChild {
-    let child = vm
-        .exec([
-            "busybox",
-            "nc",
-            "-l",
-            "-p",
-            &port.to_string(),
-            "-e",
-            "sh",
-            "-c",
-            script,
-        ])
-        .spawn()
-        .await
-        .expect("start nc");
-    // `connect_tcp` is refused until nc listens; probing would consume nc's one connection,
-    // so wait for its socket to show up instead.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let hex = format!(":{port:04X} ");
-    loop {
-        let tcp = vm
-            .agent()
-            .read_file("/proc/net/tcp")
-            .await
-            .expect("read /proc/net/tcp");
-        if String::from_utf8_lossy(&tcp).contains(&hex) {
-            return child;
-        }
-        assert!(Instant::now() < deadline, "nc never listened on {port}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    supermachine_e2e::start_nc_server(vm.agent(), port, script, Duration::from_secs(120)).await
 }
 
 #[test]

@@ -26,31 +26,22 @@ fn app_image(dir: &Path) -> images::WrittenImage {
     let busybox =
         std::fs::read(supermachine_e2e::static_busybox().expect("busybox")).expect("read");
     let mut tar = TarBuilder::new();
-    tar.dir("bin", 0o755, 0, 0)
-        .file("bin/busybox", &busybox, 0o755, 0, 0);
-    for applet in [
-        "sh", "echo", "id", "pwd", "cat", "touch", "ls", "stat", "readlink", "test", "uniq", "wc",
-    ] {
-        tar.symlink(&format!("bin/{applet}"), "busybox", 0, 0);
-    }
-    tar.dir("etc", 0o755, 0, 0)
-        .file(
-            "etc/passwd",
-            b"root:x:0:0:root:/root:/bin/sh\napp:x:1234:5678:app:/home/app:/bin/sh\n",
-            0o644,
-            0,
-            0,
-        )
-        .file("etc/group", b"root:x:0:\napp:x:5678:\n", 0o644, 0, 0)
-        .dir("home", 0o755, 0, 0)
-        .dir("home/app", 0o755, 1234, 5678)
-        .dir("root", 0o700, 0, 0)
-        .dir("tmp", 0o1777, 0, 0)
-        .dir("data", 0o755, 0, 0)
-        .file("data/owned", b"owned\n", 0o4750, 1234, 5678)
-        .hardlink("data/hardlink", "data/owned")
-        .symlink("data/symlink", "owned", 1234, 5678)
-        .file("data/gone", b"deleted by the next layer\n", 0o644, 0, 0);
+    tar.busybox(
+        &busybox,
+        [
+            "sh", "echo", "id", "pwd", "cat", "touch", "ls", "stat", "readlink", "test", "uniq",
+            "wc",
+        ],
+    )
+    .skeleton(b"root:x:0:0:root:/root:/bin/sh\napp:x:1234:5678:app:/home/app:/bin/sh\n")
+    .file("etc/group", b"root:x:0:\napp:x:5678:\n", 0o644, 0, 0)
+    .dir("home", 0o755, 0, 0)
+    .dir("home/app", 0o755, 1234, 5678)
+    .dir("data", 0o755, 0, 0)
+    .file("data/owned", b"owned\n", 0o4750, 1234, 5678)
+    .hardlink("data/hardlink", "data/owned")
+    .symlink("data/symlink", "owned", 1234, 5678)
+    .file("data/gone", b"deleted by the next layer\n", 0o644, 0, 0);
     let base = LayerBlob::gzip(tar.finish()).expect("gzip");
     let mut tar = TarBuilder::new();
     tar.dir("data", 0o755, 0, 0)

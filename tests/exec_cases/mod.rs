@@ -447,32 +447,11 @@ pub async fn connect_tcp_reaches_a_loopback_server_with_half_close(t: &Target) {
     // Host mode shares the host's ports with parallel test runs; keep them apart.
     let port = 20_000 + (std::process::id() % 20_000) as u16;
     let script = r#"n=$(wc -c); echo "got $n bytes""#;
-    let mut server = agent
-        .exec([
-            "busybox",
-            "nc",
-            "-l",
-            "-p",
-            &port.to_string(),
-            "-e",
-            "sh",
-            "-c",
-            script,
-        ])
-        .spawn()
+    let mut server = supermachine_e2e::start_nc_server(&agent, port, script, t.settle()).await;
+    let mut stream = agent
+        .connect_tcp(port)
         .await
-        .unwrap();
-    let deadline = Instant::now() + t.settle();
-    let mut stream = loop {
-        match agent.connect_tcp(port).await {
-            Ok(stream) => break stream,
-            Err(Error::Control { message, .. }) if Instant::now() < deadline => {
-                assert!(message.contains("refused"), "{message}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("connect_tcp {port}: {e}"),
-        }
-    };
+        .unwrap_or_else(|e| panic!("connect_tcp {port}: {e}"));
     let payload = vec![b'x'; 3000];
     stream.write_all(&payload).await.unwrap();
     stream.shutdown().await.unwrap();

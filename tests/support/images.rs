@@ -235,6 +235,28 @@ impl TarBuilder {
         self
     }
 
+    /// `/bin` with `busybox` (the binary's bytes) and a symlink to it for each applet.
+    pub fn busybox<'a>(
+        &mut self,
+        busybox: &[u8],
+        applets: impl IntoIterator<Item = &'a str>,
+    ) -> &mut Self {
+        self.dir("bin", 0o755, 0, 0)
+            .file("bin/busybox", busybox, 0o755, 0, 0);
+        for applet in applets {
+            self.symlink(&format!("bin/{applet}"), "busybox", 0, 0);
+        }
+        self
+    }
+
+    /// `/etc` with this `passwd`, `/root` (0700) and `/tmp` (1777): the rest of a minimal root.
+    pub fn skeleton(&mut self, passwd: &[u8]) -> &mut Self {
+        self.dir("etc", 0o755, 0, 0)
+            .file("etc/passwd", passwd, 0o644, 0, 0)
+            .dir("root", 0o700, 0, 0)
+            .dir("tmp", 0o1777, 0, 0)
+    }
+
     /// A hardlink to `target` (a path in this or an earlier layer).
     pub fn hardlink(&mut self, path: &str, target: &str) -> &mut Self {
         let mut h = Self::header(tar::EntryType::Link, 0o644, 0, 0);
@@ -277,21 +299,8 @@ pub fn busybox_layout(dir: &Path, tag: &str) -> io::Result<WrittenImage> {
         )
     })?;
     let mut tar = TarBuilder::new();
-    tar.dir("bin", 0o755, 0, 0)
-        .file("bin/busybox", &busybox, 0o755, 0, 0);
-    for applet in ["sh", "ls", "cat", "echo", "stat", "id"] {
-        tar.symlink(&format!("bin/{applet}"), "busybox", 0, 0);
-    }
-    tar.dir("etc", 0o755, 0, 0)
-        .file(
-            "etc/passwd",
-            b"root:x:0:0:root:/root:/bin/sh\n",
-            0o644,
-            0,
-            0,
-        )
-        .dir("root", 0o700, 0, 0)
-        .dir("tmp", 0o1777, 0, 0);
+    tar.busybox(&busybox, ["sh", "ls", "cat", "echo", "stat", "id"])
+        .skeleton(b"root:x:0:0:root:/root:/bin/sh\n");
     let layer = LayerBlob::gzip(tar.finish())?;
     write_oci_layout(
         dir,

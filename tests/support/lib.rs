@@ -401,3 +401,49 @@ pub fn kvm_available_or_skip(test: &str) -> bool {
     eprintln!("{test}: skipped (no /dev/kvm; set SUPERMACHINE_REQUIRE_KVM=1 to fail instead)");
     false
 }
+
+/// Starts `busybox nc -l -p PORT -e sh -c SCRIPT` through `agent` (one connection, its stdin
+/// and stdout being the script's) and returns once it listens. Listening is read from
+/// `/proc/net/tcp` rather than probed: a probe would use up nc's only connection.
+pub async fn start_nc_server(
+    agent: &Agent,
+    port: u16,
+    script: &str,
+    within: Duration,
+) -> supermachine::ExecChild {
+    let child = agent
+        .exec([
+            "busybox",
+            "nc",
+            "-l",
+            "-p",
+            &port.to_string(),
+            "-e",
+            "sh",
+            "-c",
+            script,
+        ])
+        .spawn()
+        .await
+        .expect("start nc");
+    let deadline = Instant::now() + within;
+    // Local address column, e.g. `0100007F:1F90` or `00000000:1F90`, in state 0A (LISTEN).
+    let local = format!(":{port:04X} ");
+    loop {
+        let mut table = agent
+            .read_file("/proc/net/tcp")
+            .await
+            .expect("read /proc/net/tcp")
+            .to_vec();
+        // A host (host mode) may give nc an IPv6 socket; the guest kernel has no IPv6.
+        table.extend_from_slice(&agent.read_file("/proc/net/tcp6").await.unwrap_or_default());
+        let listening = String::from_utf8_lossy(&table)
+            .lines()
+            .any(|l| l.contains(&local) && l.split_whitespace().nth(3) == Some("0A"));
+        if listening {
+            return child;
+        }
+        assert!(Instant::now() < deadline, "nc never listened on {port}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -92,6 +92,23 @@ impl ExecBuilder {
         self
     }
 
+    /// Takes an image's `Env` (`NAME=value`; entries without `=` are ignored, as Docker
+    /// does), `WorkingDir` and `User` as this exec's defaults, the way [`Vm::exec`] does for
+    /// the VM's own image. Calls to [`env`](Self::env), [`cwd`](Self::cwd) and
+    /// [`user`](Self::user) made after this one override them.
+    ///
+    /// [`Vm::exec`]: crate::Vm::exec
+    pub fn image_defaults(mut self, image: &crate::image::ImageConfig) -> Self {
+        self = self.envs(image.env.iter().filter_map(|kv| kv.split_once('=')));
+        if let Some(dir) = image.working_dir.as_deref().filter(|d| !d.is_empty()) {
+            self = self.cwd(dir);
+        }
+        if let Some(user) = image.user.as_deref().filter(|u| !u.is_empty()) {
+            self = self.user(user);
+        }
+        self
+    }
+
     /// Runs on a pseudo-terminal: stdout and stderr arrive merged on stdout.
     pub fn tty(mut self, tty: bool) -> Self {
         self.request.tty = tty;

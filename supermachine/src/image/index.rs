@@ -15,7 +15,7 @@
 //! rootfs.
 
 use std::collections::{BTreeMap, HashSet};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use super::digest::Digest;
 use super::error::ImageError;
 use super::reference::ImageReference;
-use super::store::BlobStore;
+use super::store::{create_cache_dir, lock_file_blocking, BlobStore, FileLock};
 use super::{Image, ImageConfig, LayerInfo};
 
 /// The index's layout version.
@@ -225,33 +225,11 @@ fn rootfs_allocated(cache_root: &Path, id: &Digest) -> Option<u64> {
     json.is_file().then(|| meta.blocks() * 512)
 }
 
-/// The exclusive index lock, released on drop.
-struct IndexLock {
-    _file: File,
-}
-
 /// Takes the index lock (blocking).
-fn lock(cache_root: &Path) -> Result<IndexLock, ImageError> {
+fn lock(cache_root: &Path) -> Result<FileLock, ImageError> {
     let dir = images_dir(cache_root);
-    fs::create_dir_all(&dir).map_err(|e| {
-        ImageError::io(
-            format!(
-                "cannot create {} (see SUPERMACHINE_CACHE_DIR)",
-                dir.display()
-            ),
-            e,
-        )
-    })?;
-    let path = dir.join("index.lock");
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| ImageError::io(format!("cannot open {}", path.display()), e))?;
-    rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
-        .map_err(|e| ImageError::io(format!("cannot lock {}", path.display()), e.into()))?;
-    Ok(IndexLock { _file: file })
+    create_cache_dir(&dir)?;
+    lock_file_blocking(&dir.join("index.lock"))
 }
 
 /// Reads the index; a missing file is an empty index.

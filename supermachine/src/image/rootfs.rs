@@ -24,7 +24,7 @@ use std::time::Instant;
 use super::digest::Digest;
 use super::error::ImageError;
 use super::layers::Tree;
-use super::store::{lock_file, BlobStore};
+use super::store::{create_cache_dir, lock_file, BlobStore};
 use super::{blocking, Image};
 
 const BLOCK: u64 = 4096;
@@ -82,15 +82,7 @@ pub(crate) async fn build(image: &Image) -> Result<Rootfs, ImageError> {
     if let Some(found) = existing(&ext4, &json) {
         return Ok(found);
     }
-    fs::create_dir_all(&dir).map_err(|e| {
-        ImageError::io(
-            format!(
-                "cannot create {} (see SUPERMACHINE_CACHE_DIR)",
-                dir.display()
-            ),
-            e,
-        )
-    })?;
+    create_cache_dir(&dir)?;
     let _lock = lock_file(dir.join(format!("{hex}.lock"))).await?;
     if let Some(found) = existing(&ext4, &json) {
         return Ok(found);

@@ -32,19 +32,37 @@ pub(crate) struct FileLock {
 /// Takes an exclusive `flock` on `path` (created if missing), waiting off the async threads.
 pub(crate) async fn lock_file(path: PathBuf) -> Result<FileLock, ImageError> {
     let what = format!("cannot lock {}", path.display());
-    tokio::task::spawn_blocking(move || -> io::Result<FileLock> {
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)?;
-        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)?;
-        Ok(FileLock { _file: file })
+    tokio::task::spawn_blocking(move || lock_file_blocking(&path))
+        .await
+        .map_err(|e| ImageError::io(what, io::Error::other(e)))?
+}
+
+/// Takes an exclusive `flock` on `path` (created if missing), blocking the calling thread.
+pub(crate) fn lock_file_blocking(path: &Path) -> Result<FileLock, ImageError> {
+    let locked = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .and_then(|file| {
+            rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)?;
+            Ok(FileLock { _file: file })
+        });
+    locked.map_err(|e| ImageError::io(format!("cannot lock {}", path.display()), e))
+}
+
+/// Creates a directory of the cache (and its parents); the error names the setting that moves
+/// the cache, as that is the usual fix.
+pub(crate) fn create_cache_dir(dir: &Path) -> Result<(), ImageError> {
+    fs::create_dir_all(dir).map_err(|e| {
+        ImageError::io(
+            format!(
+                "cannot create {} (see SUPERMACHINE_CACHE_DIR)",
+                dir.display()
+            ),
+            e,
+        )
     })
-    .await
-    .map_err(io::Error::other)
-    .and_then(|r| r)
-    .map_err(|e| ImageError::io(what, e))
 }
 
 impl BlobStore {
@@ -54,15 +72,7 @@ impl BlobStore {
         let tmp = cache_root.join("blobs").join("tmp");
         let locks = cache_root.join("blobs").join("locks");
         for dir in [&blobs, &tmp, &locks] {
-            fs::create_dir_all(dir).map_err(|e| {
-                ImageError::io(
-                    format!(
-                        "cannot create the blob store {} (see SUPERMACHINE_CACHE_DIR)",
-                        dir.display()
-                    ),
-                    e,
-                )
-            })?;
+            create_cache_dir(dir)?;
         }
         Ok(BlobStore { blobs, tmp, locks })
     }

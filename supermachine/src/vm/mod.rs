@@ -477,7 +477,7 @@ impl Vm {
     {
         let builder = self.agent.exec(argv);
         match &self.image {
-            Some(image) => apply_image_defaults(builder, image),
+            Some(image) => builder.image_defaults(image),
             None => builder,
         }
     }
@@ -593,22 +593,6 @@ fn guest_cmdline(config: &VmConfig) -> String {
         parts.push(config.kernel_cmdline.trim());
     }
     parts.join(" ")
-}
-
-/// An image's `Env` (`NAME=value`; entries without `=` are ignored, as Docker does),
-/// `WorkingDir` and `User` as an exec's starting point.
-fn apply_image_defaults(
-    mut builder: ExecBuilder,
-    image: &crate::image::ImageConfig,
-) -> ExecBuilder {
-    builder = builder.envs(image.env.iter().filter_map(|kv| kv.split_once('=')));
-    if let Some(dir) = image.working_dir.as_deref().filter(|d| !d.is_empty()) {
-        builder = builder.cwd(dir);
-    }
-    if let Some(user) = image.user.as_deref().filter(|u| !u.is_empty()) {
-        builder = builder.user(user);
-    }
-    builder
 }
 
 /// The disks of a VM: its rootfs image, read-only, as `/dev/vda`.

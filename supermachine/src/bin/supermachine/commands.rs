@@ -131,13 +131,7 @@ pub async fn exec(args: ExecArgs) -> Result<ExitCode, Failure> {
     let agent = Agent::with_connector(UnixConnector::muxed(entry.dir.join(registry::MUXER_SOCKET)));
     let mut builder = agent.exec(args.command.clone());
     if let Some(image) = &info.image_config {
-        builder = builder.envs(image.env.iter().filter_map(|kv| kv.split_once('=')));
-        if let Some(dir) = image.working_dir.as_deref().filter(|d| !d.is_empty()) {
-            builder = builder.cwd(dir);
-        }
-        if let Some(user) = image.user.as_deref().filter(|u| !u.is_empty()) {
-            builder = builder.user(user);
-        }
+        builder = builder.image_defaults(image);
     }
     let builder = attach::configure(builder, &args.process)?;
     attach::run(builder, &args.process).await
