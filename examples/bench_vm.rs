@@ -36,7 +36,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     .memory_mib(256)
     // For the agent's `echo` hook (the transport-only figures).
-    .test_hooks(true);
+    .test_hooks(true)
+    // Real boots: with the cache, every start after the first would be a restore
+    // (`bench_restore` measures those).
+    .snapshot_cache(false);
 
     // Cold boots; the last VM stays up for the rest.
     let mut boot_times = Vec::new();
