@@ -404,14 +404,17 @@ pub fn kvm_available_or_skip(test: &str) -> bool {
 
 /// Starts `busybox nc -l -p PORT -e sh -c SCRIPT` through `agent` (one connection, its stdin
 /// and stdout being the script's) and returns once it listens. Listening is read from
-/// `/proc/net/tcp` rather than probed: a probe would use up nc's only connection.
+/// `/proc/net/tcp` rather than probed: a probe would use up nc's only connection. Panics, with
+/// nc's stderr, if nc exits first or does not listen within `within`.
 pub async fn start_nc_server(
     agent: &Agent,
     port: u16,
     script: &str,
     within: Duration,
 ) -> supermachine::ExecChild {
-    let child = agent
+    use tokio::io::AsyncReadExt;
+
+    let mut child = agent
         .exec([
             "busybox",
             "nc",
@@ -423,27 +426,39 @@ pub async fn start_nc_server(
             "-c",
             script,
         ])
+        .stdin(supermachine::Stdio::null())
         .spawn()
         .await
         .expect("start nc");
     let deadline = Instant::now() + within;
-    // Local address column, e.g. `0100007F:1F90` or `00000000:1F90`, in state 0A (LISTEN).
-    let local = format!(":{port:04X} ");
+    // The local address column, e.g. `0100007F:1F90` or `00000000:1F90`, in state 0A (LISTEN).
+    let port_suffix = format!(":{port:04X}");
     loop {
-        let mut table = agent
-            .read_file("/proc/net/tcp")
+        let mut table = tokio::time::timeout(within, agent.read_file("/proc/net/tcp"))
             .await
+            .expect("reading /proc/net/tcp hangs")
             .expect("read /proc/net/tcp")
             .to_vec();
         // A host (host mode) may give nc an IPv6 socket; the guest kernel has no IPv6.
         table.extend_from_slice(&agent.read_file("/proc/net/tcp6").await.unwrap_or_default());
-        let listening = String::from_utf8_lossy(&table)
-            .lines()
-            .any(|l| l.contains(&local) && l.split_whitespace().nth(3) == Some("0A"));
+        let listening = String::from_utf8_lossy(&table).lines().any(|line| {
+            let columns: Vec<&str> = line.split_whitespace().collect();
+            columns
+                .get(1)
+                .is_some_and(|local| local.ends_with(&port_suffix))
+                && columns.get(3) == Some(&"0A")
+        });
         if listening {
             return child;
         }
         assert!(Instant::now() < deadline, "nc never listened on {port}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Waiting on the child doubles as the pause between polls: nc must not exit first.
+        if let Ok(status) = tokio::time::timeout(Duration::from_millis(200), child.wait()).await {
+            let mut stderr = String::new();
+            if let Some(mut err) = child.take_stderr() {
+                let _ = err.read_to_string(&mut stderr).await;
+            }
+            panic!("nc exited before listening on {port}: {status:?}; stderr: {stderr}");
+        }
     }
 }

@@ -94,18 +94,30 @@ impl ExecBuilder {
 
     /// Takes an image's `Env` (`NAME=value`; entries without `=` are ignored, as Docker
     /// does), `WorkingDir` and `User` as this exec's defaults, the way [`Vm::exec`] does for
-    /// the VM's own image. Calls to [`env`](Self::env), [`cwd`](Self::cwd) and
-    /// [`user`](Self::user) made after this one override them.
+    /// the VM's own image. Defaults only: a variable, directory or user set on this builder,
+    /// before or after this call, wins.
     ///
     /// [`Vm::exec`]: crate::Vm::exec
     pub fn image_defaults(mut self, image: &crate::image::ImageConfig) -> Self {
-        self = self.envs(image.env.iter().filter_map(|kv| kv.split_once('=')));
-        if let Some(dir) = image.working_dir.as_deref().filter(|d| !d.is_empty()) {
-            self = self.cwd(dir);
+        // Collected first so that, as in Docker, the image's last entry for a name wins.
+        let image_env: BTreeMap<&str, &str> = image
+            .env
+            .iter()
+            .filter_map(|kv| kv.split_once('='))
+            .collect();
+        for (key, value) in image_env {
+            self.request
+                .env
+                .entry(key.to_owned())
+                .or_insert_with(|| value.to_owned());
         }
-        if let Some(user) = image.user.as_deref().filter(|u| !u.is_empty()) {
-            self = self.user(user);
-        }
+        let set_if_empty = |field: &mut Option<String>, value: Option<&str>| {
+            if field.is_none() {
+                *field = value.filter(|v| !v.is_empty()).map(str::to_owned);
+            }
+        };
+        set_if_empty(&mut self.request.cwd, image.working_dir.as_deref());
+        set_if_empty(&mut self.request.user, image.user.as_deref());
         self
     }
 
@@ -320,4 +332,51 @@ async fn collect<R: tokio::io::AsyncRead + Unpin>(
 
 fn io_to_error(error: std::io::Error, during: &'static str) -> Error {
     Error::from_io(during, error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image() -> crate::image::ImageConfig {
+        crate::image::ImageConfig {
+            env: vec![
+                "PATH=/bin".into(),
+                "A=image".into(),
+                "A=image-last".into(),
+                "NOEQUALS".into(),
+            ],
+            working_dir: Some("/work".into()),
+            user: Some("app".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn image_defaults_fill_only_what_is_unset_in_any_order() {
+        let agent = Agent::unix("/nonexistent");
+        let before = agent
+            .exec(["true"])
+            .env("A", "mine")
+            .cwd("/mine")
+            .image_defaults(&image());
+        let after = agent
+            .exec(["true"])
+            .image_defaults(&image())
+            .env("A", "mine")
+            .cwd("/mine");
+        for b in [before, after] {
+            assert_eq!(b.request.env.get("A").map(String::as_str), Some("mine"));
+            assert_eq!(b.request.env.get("PATH").map(String::as_str), Some("/bin"));
+            assert!(!b.request.env.contains_key("NOEQUALS"));
+            assert_eq!(b.request.cwd.as_deref(), Some("/mine"));
+            assert_eq!(b.request.user.as_deref(), Some("app"));
+        }
+        let plain = agent.exec(["true"]).image_defaults(&image());
+        assert_eq!(
+            plain.request.env.get("A").map(String::as_str),
+            Some("image-last")
+        );
+        assert_eq!(plain.request.cwd.as_deref(), Some("/work"));
+    }
 }

@@ -437,16 +437,7 @@ fn remove_rootfs(cache_root: &Path, id: &Digest) -> Result<u64, ImageError> {
         return Ok(0);
     }
     // Wait for a build of this rootfs in progress (rootfs.rs holds this lock while building).
-    let _build = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .and_then(|f| {
-            rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive)?;
-            Ok(f)
-        })
-        .map_err(|e| ImageError::io(format!("cannot lock {}", lock_path.display()), e))?;
+    let _build = lock_file_blocking(&lock_path)?;
     let canonical = fs::canonicalize(&ext4).ok();
     let mut freed = delete_file(&ext4) + delete_file(&json);
     if let Some(rootfs) = canonical {

@@ -9,8 +9,9 @@
 //! On this project's hosts every guest interrupt and every guest kick of a virtqueue is
 //! expensive (milliseconds under PVM), so the device is built to do as much as possible per
 //! round trip (see `worker.rs` for the pass structure):
-//! * **Many rx buffers in flight**: queues are 256 entries; Linux fills the whole rx ring with
-//!   4 KiB buffers, and one pass fills as many of them as there is data and credit for.
+//! * **Many rx buffers in flight**: queues are 256 entries; Linux fills the whole rx ring
+//!   (stock 6.1 posts 4 KiB buffers, our guest kernel 16 KiB: `guest/patches/0005`), and one
+//!   pass fills as many of them as there is data and credit for.
 //! * **Batching**: each pass drains *all* available tx chains and fills *all* the rx buffers
 //!   it can, then raises at most **one** interrupt for the whole pass. Interrupts that would
 //!   only return tx buffers wait up to [`VsockConfig::tx_interrupt_delay`] (250 ms) to share

@@ -13,7 +13,7 @@ use super::handle::VsockHandle;
 
 /// Longest request line accepted (`CONNECT 4294967295\n` is 19 bytes).
 const MAX_LINE: u64 = 64;
-/// Copy buffer per direction; large enough to fill many 4 KiB guest rx buffers per round.
+/// Copy buffer per direction; large enough to fill several guest rx buffers per round.
 const COPY_BUF: usize = 64 * 1024;
 
 /// Removes the socket file when serving stops.

@@ -57,7 +57,8 @@ const MAX_CONTROL_BACKLOG: usize = 1024;
 /// Upper bound on drain / re-enable rounds per queue per pass (each round normally ends the
 /// loop; this only guards against a ring whose avail index moves but yields nothing).
 const MAX_ROUNDS: usize = 64;
-/// Largest rx buffer payload we accept from the guest (Linux posts 4 KiB).
+/// Largest rx buffer payload we accept from the guest (stock Linux posts 4 KiB, our kernel
+/// 16 KiB).
 const MAX_RX_BUF: u32 = 1 << 20;
 
 type Mem = GuestMemoryMmap<()>;

@@ -308,14 +308,21 @@ impl Host {
         let pid = std::process::id();
         Host {
             pid,
-            started: stat(pid).map_or(0, |(_, started)| started),
+            started: stat(pid).map_or(0, |st| st.started),
         }
     }
 
-    /// Whether the process still runs (not a zombie) and is the same one.
+    /// Whether the process still runs (not exiting, not a zombie) and is the same one.
+    ///
+    /// "Exiting" matters: a killed host keeps its sockets open until the kernel has torn down
+    /// its memory (the guest's RAM; that can take a while), so its control socket still
+    /// accepts connections although nothing will ever answer.
     pub fn runs(&self) -> bool {
-        stat(self.pid)
-            .is_some_and(|(state, started)| state != 'Z' && state != 'X' && started == self.started)
+        stat(self.pid).is_some_and(|st| {
+            !matches!(st.state, 'Z' | 'X')
+                && st.flags & PF_EXITING == 0
+                && st.started == self.started
+        })
     }
 }
 
@@ -341,14 +348,31 @@ impl std::str::FromStr for Host {
 }
 
 /// A process's state letter and start time, from `/proc/PID/stat`.
-fn stat(pid: u32) -> Option<(char, u64)> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The fields after the parenthesised command name: state is field 3, start time field 22.
+/// `PF_EXITING` in `/proc/PID/stat`'s flags (include/linux/sched.h): set when the process
+/// starts to exit, before it releases anything.
+const PF_EXITING: u64 = 0x4;
+
+/// The fields of `/proc/PID/stat` that tell whether a host runs.
+struct ProcStat {
+    state: char,
+    flags: u64,
+    started: u64,
+}
+
+fn stat(pid: u32) -> Option<ProcStat> {
+    parse_stat(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+fn parse_stat(stat: &str) -> Option<ProcStat> {
+    // The fields after the parenthesised command name (which may hold spaces and parentheses):
+    // state is field 3, flags field 9, start time field 22.
     let (_, rest) = stat.rsplit_once(')')?;
-    let mut fields = rest.split_whitespace();
-    let state = fields.next()?.chars().next()?;
-    let started = fields.nth(18)?.parse().ok()?;
-    Some((state, started))
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Some(ProcStat {
+        state: fields.first()?.chars().next()?,
+        flags: fields.get(6)?.parse().ok()?,
+        started: fields.get(19)?.parse().ok()?,
+    })
 }
 
 fn recently_modified(dir: &Path) -> bool {
@@ -372,4 +396,37 @@ fn random_u32() -> u32 {
 /// Makes `path` private to the user (the sockets grant full control of the VM).
 pub fn make_private(path: &Path) -> io::Result<()> {
     fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_runs() {
+        let me = Host::me();
+        assert!(me.runs());
+        let reused = Host {
+            pid: me.pid,
+            started: me.started + 1,
+        };
+        assert!(
+            !reused.runs(),
+            "a pid with another start time is another process"
+        );
+    }
+
+    #[test]
+    fn stat_fields_survive_odd_command_names() {
+        // A command name with spaces and a ')' must not shift the fields; flags 0x400144
+        // carries PF_EXITING (0x4).
+        let line = "4242 (a) b (c)) D 1 4242 4242 0 -1 4194628 10 0 0 0 5 6 0 0 20 0 9 0 \
+                    123456 1000 100 18446744073709551615";
+        let st = parse_stat(line).expect("parses");
+        assert_eq!(st.state, 'D');
+        assert_eq!(st.flags, 4194628);
+        assert_ne!(st.flags & PF_EXITING, 0);
+        assert_eq!(st.started, 123456);
+        assert!(parse_stat("4242 (truncated) R 1").is_none());
+    }
 }
