@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use supermachine::{Error, ExecBuilder, Stdio};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cli::ProcessArgs;
@@ -95,19 +95,9 @@ pub async fn run(builder: ExecBuilder, args: &ProcessArgs) -> Result<ExitCode, F
             let _ = guest.shutdown().await;
         })
     });
-    // Each handle is moved into its copy and dropped when the copy ends: once our stdout is
-    // gone (`... | head -1`) the guest's further output is discarded instead of buffered.
-    let (stdout, stderr) = (child.take_stdout(), child.take_stderr());
-    let out = async move {
-        if let Some(mut guest) = stdout {
-            let _ = tokio::io::copy(&mut guest, &mut tokio::io::stdout()).await;
-        }
-    };
-    let err = async move {
-        if let Some(mut guest) = stderr {
-            let _ = tokio::io::copy(&mut guest, &mut tokio::io::stderr()).await;
-        }
-    };
+    // Once our stdout is gone (`... | head -1`) the guest's further output is discarded.
+    let out = drain(child.take_stdout(), tokio::io::stdout());
+    let err = drain(child.take_stderr(), tokio::io::stderr());
     let signaler = child.signaler();
     let tty = args.tty;
     let forward_signals = async move {
@@ -156,6 +146,15 @@ pub async fn run(builder: ExecBuilder, args: &ProcessArgs) -> Result<ExitCode, F
             Ok(ExitCode::from(EXIT_TIMED_OUT))
         }
         Err(e) => Err(exec_failure(e)),
+    }
+}
+
+/// Copies a guest output stream (if piped) into `to` until either ends. The guest handle is
+/// moved in and dropped with the copy, so when `to` fails (a closed pipe, a full disk) the
+/// guest's further output is discarded rather than buffered by the library.
+pub async fn drain(from: Option<impl AsyncRead + Unpin>, mut to: impl AsyncWrite + Unpin) {
+    if let Some(mut from) = from {
+        let _ = tokio::io::copy(&mut from, &mut to).await;
     }
 }
 

@@ -16,8 +16,8 @@ use crate::output::{self, out};
 use crate::progress::{human_bytes, short};
 use crate::registry::{self, Registry};
 
-/// The largest file `cp` carries: one protocol frame (16 MiB) less room for its header.
-const MAX_CP_BYTES: u64 = 16 * 1024 * 1024 - 64 * 1024;
+/// The largest file `cp` carries: one protocol frame less room for its header.
+const MAX_CP_BYTES: u64 = supermachine_codec::DEFAULT_MAX_FRAME_LENGTH as u64 - 64 * 1024;
 
 /// How long `stop` waits for a host to finish before killing it.
 const STOP_GRACE: Duration = Duration::from_secs(30);
@@ -148,7 +148,7 @@ pub async fn ps() -> Result<ExitCode, Failure> {
                 info.image.clone(),
                 quote_command(&info.command),
                 ago(UNIX_EPOCH + Duration::from_secs(info.created_unix)),
-                format!("up, pid {}", entry.pid),
+                format!("up, pid {}", entry.host.pid),
                 info.ports.join(", "),
             ],
             None => [
@@ -156,7 +156,7 @@ pub async fn ps() -> Result<ExitCode, Failure> {
                 String::new(),
                 String::new(),
                 String::new(),
-                format!("starting, pid {}", entry.pid),
+                format!("starting, pid {}", entry.host.pid),
                 String::new(),
             ],
         })
@@ -223,7 +223,8 @@ async fn stop_one(registry: &Registry, name: &str) -> Result<(), Failure> {
         };
     }
     let _ = rustix::process::kill_process(
-        rustix::process::Pid::from_raw(entry.pid as i32).ok_or_else(|| Failure::new("bad pid"))?,
+        rustix::process::Pid::from_raw(entry.host.pid as i32)
+            .ok_or_else(|| Failure::new("bad pid"))?,
         rustix::process::Signal::KILL,
     );
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -234,7 +235,7 @@ async fn stop_one(registry: &Registry, name: &str) -> Result<(), Failure> {
         None => Ok(()),
         Some(_) => Err(Failure::new(format!(
             "{name} (pid {}) would not stop",
-            entry.pid
+            entry.host.pid
         ))),
     }
 }

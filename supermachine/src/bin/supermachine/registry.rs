@@ -65,9 +65,8 @@ pub struct Claim {
 pub struct Entry {
     pub name: String,
     pub dir: PathBuf,
-    pub pid: u32,
-    /// The hosting process, to check it is still the same one.
-    pub host: Host,
+    /// The hosting process (its pid, and a way to check it is still the same one).
+    pub host: HostProcess,
     /// `None` while the VM is still starting.
     pub info: Option<Info>,
 }
@@ -104,7 +103,7 @@ impl Registry {
                         dir: dir.clone(),
                         released: false,
                     };
-                    fs::write(dir.join(PID_FILE), Host::me().to_string())?;
+                    fs::write(dir.join(PID_FILE), HostProcess::me().to_string())?;
                     return Ok(claim);
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
@@ -142,18 +141,17 @@ impl Registry {
             return None;
         }
         let dir = self.root.join(name);
-        let host: Option<Host> = fs::read_to_string(dir.join(PID_FILE))
+        let host: Option<HostProcess> = fs::read_to_string(dir.join(PID_FILE))
             .ok()
             .and_then(|s| s.parse().ok());
         let alive = host.is_some_and(|h| h.runs());
-        let pid = host.map(|h| h.pid);
         if !dir.exists() {
             return None;
         }
         let Some(host) = host.filter(|_| alive) else {
             // A claim is pid-first, so a directory without a pid is either being created this
             // instant or abandoned; give a creator a moment before calling it dead.
-            if pid.is_none() && recently_modified(&dir) {
+            if host.is_none() && recently_modified(&dir) {
                 return None;
             }
             tracing::debug!(name, "removing the registry entry of a dead VM host");
@@ -179,7 +177,6 @@ impl Registry {
         Some(Entry {
             name: name.to_owned(),
             dir,
-            pid: host.pid,
             host,
             info,
         })
@@ -245,7 +242,7 @@ impl Claim {
 
     /// Takes over a directory claimed by the parent (`run -d`), rewriting the pid.
     pub fn adopt(dir: PathBuf) -> Result<Claim, Failure> {
-        fs::write(dir.join(PID_FILE), Host::me().to_string())?;
+        fs::write(dir.join(PID_FILE), HostProcess::me().to_string())?;
         Ok(Claim {
             dir,
             released: false,
@@ -293,20 +290,19 @@ fn check_name(name: &str) -> Result<(), Failure> {
     }
 }
 
-/// Whether `pid` is a running (not zombie) process.
 /// A hosting process: its pid and its start time (clock ticks after boot, `/proc/PID/stat`
 /// field 22), which tells it apart from a later process that reuses the pid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Host {
+pub struct HostProcess {
     pub pid: u32,
     started: u64,
 }
 
-impl Host {
+impl HostProcess {
     /// This process.
-    fn me() -> Host {
+    fn me() -> HostProcess {
         let pid = std::process::id();
-        Host {
+        HostProcess {
             pid,
             started: stat(pid).map_or(0, |st| st.started),
         }
@@ -326,19 +322,19 @@ impl Host {
     }
 }
 
-impl std::fmt::Display for Host {
+impl std::fmt::Display for HostProcess {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} {}", self.pid, self.started)
     }
 }
 
-impl std::str::FromStr for Host {
+impl std::str::FromStr for HostProcess {
     type Err = ();
 
-    fn from_str(s: &str) -> Result<Host, ()> {
+    fn from_str(s: &str) -> Result<HostProcess, ()> {
         let mut fields = s.split_whitespace().map(str::parse::<u64>);
         match (fields.next(), fields.next()) {
-            (Some(Ok(pid)), Some(Ok(started))) => Ok(Host {
+            (Some(Ok(pid)), Some(Ok(started))) => Ok(HostProcess {
                 pid: u32::try_from(pid).map_err(|_| ())?,
                 started,
             }),
@@ -347,7 +343,6 @@ impl std::str::FromStr for Host {
     }
 }
 
-/// A process's state letter and start time, from `/proc/PID/stat`.
 /// `PF_EXITING` in `/proc/PID/stat`'s flags (include/linux/sched.h): set when the process
 /// starts to exit, before it releases anything.
 const PF_EXITING: u64 = 0x4;
@@ -404,9 +399,9 @@ mod tests {
 
     #[test]
     fn this_process_runs() {
-        let me = Host::me();
+        let me = HostProcess::me();
         assert!(me.runs());
-        let reused = Host {
+        let reused = HostProcess {
             pid: me.pid,
             started: me.started + 1,
         };

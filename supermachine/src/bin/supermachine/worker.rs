@@ -18,6 +18,7 @@ use supermachine::Stdio;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::attach::drain;
 use crate::cli::{RunArgs, WorkerArgs};
 use crate::failure::{Failure, EXIT_FAILURE};
 use crate::host::{command, Host};
@@ -123,21 +124,8 @@ pub async fn main(args: WorkerArgs) -> Result<ExitCode, Failure> {
     let copy_output = {
         let (stdout, stderr) = (child.take_stdout(), child.take_stderr());
         let (out_log, err_log) = (append(&output)?, append(&output)?);
-        async move {
-            // A handle is dropped when its copy ends, so a full disk discards the command's
-            // output instead of letting the library buffer it.
-            let copy = |guest: Option<supermachine::ExecStdout>, mut log: tokio::fs::File| async move {
-                if let Some(mut guest) = guest {
-                    let _ = tokio::io::copy(&mut guest, &mut log).await;
-                }
-            };
-            let copy_err = |guest: Option<supermachine::ExecStderr>, mut log: tokio::fs::File| async move {
-                if let Some(mut guest) = guest {
-                    let _ = tokio::io::copy(&mut guest, &mut log).await;
-                }
-            };
-            tokio::join!(copy(stdout, out_log), copy_err(stderr, err_log));
-        }
+        // A full disk discards the command's output (see `drain`).
+        async move { tokio::join!(drain(stdout, out_log), drain(stderr, err_log)) }
     };
     let (mut term, mut int) = (
         signal(SignalKind::terminate())?,
