@@ -3,8 +3,9 @@
 #
 #   sudo ./setup.sh
 #
-# 1. Debian packages: busybox-static (demo image), e2fsprogs (image root filesystems), and what the
-#    guest kernel build needs (supermachine-vmm/guest/build-kernel.sh installs those itself).
+# 1. Debian packages: everything in debian-packages.txt, the one list of what supermachine and its
+#    whole test suite need (CI installs it the same way: `./setup.sh --packages-only`), and what
+#    the guest kernel build needs (supermachine-vmm/guest/build-kernel.sh installs those itself).
 # 2. Rust (rustup, if cargo is missing) and the x86_64-unknown-linux-musl target (static agent).
 # 3. The guest kernel (Debian's linux-source-6.1 + our config and patches; ~5 min on 2 cores, then
 #    cached under ~/.cache/supermachine/kernel/).
@@ -17,10 +18,18 @@
 # Root is needed for apt-get and to build image root filesystems (they keep the layers' owners);
 # /dev/kvm is needed to run VMs. Tested on Debian 12 (bookworm), which ships linux-source-6.1.
 #
+# Options:     --packages-only   step 1 alone (what .ci/run uses), then exit.
 # Environment: SUPERMACHINE_INSTALL_DIR (default ~/.local/share/supermachine),
 #              SUPERMACHINE_BIN_DIR (default ~/.local/bin), SUPERMACHINE_SKIP_DEMO=1.
 set -euo pipefail
 cd "$(dirname "$0")"
+
+packages_only=0
+case "${1:-}" in
+  "") ;;
+  --packages-only) packages_only=1 ;;
+  *) printf 'usage: sudo ./setup.sh [--packages-only]\n' >&2; exit 2 ;;
+esac
 
 step() { printf '\n==> %s\n' "$*"; }
 die() { printf 'setup.sh: error: %s\n' "$*" >&2; exit 1; }
@@ -38,7 +47,9 @@ install_dir="${SUPERMACHINE_INSTALL_DIR:-${XDG_DATA_HOME:-$HOME/.local/share}/su
 bin_dir="${SUPERMACHINE_BIN_DIR:-$HOME/.local/bin}"
 
 step "Debian packages"
-packages=(busybox-static e2fsprogs file ca-certificates curl build-essential)
+# Package names are the first word of each line; `#` starts a comment.
+mapfile -t packages < <(sed -e 's/#.*//' debian-packages.txt | awk 'NF { print $1 }')
+((${#packages[@]})) || die "debian-packages.txt lists no packages"
 missing=()
 for p in "${packages[@]}"; do
   [[ $(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true) == "install ok installed" ]] || missing+=("$p")
@@ -48,6 +59,7 @@ if ((${#missing[@]})); then
   apt-get install -y -q --no-install-recommends "${missing[@]}" \
     || { apt-get update -q && apt-get install -y -q --no-install-recommends "${missing[@]}"; }
 fi
+((packages_only)) && exit 0
 
 step "Rust toolchain"
 if ! command -v cargo >/dev/null; then

@@ -139,7 +139,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "stdout throughput: {mib} MiB in {secs:.2} s = {:.2} MiB/s (includes one exec)",
         mib as f64 / secs
     );
-    vm.stop();
+    vm.stop().await;
     Ok(())
 }
 

@@ -54,6 +54,6 @@ async fn run(argv: Vec<String>) -> Result<u32, Box<dyn std::error::Error>> {
         t1.elapsed().as_secs_f64(),
         status.code()
     );
-    vm.stop();
+    vm.stop().await;
     Ok(status.code())
 }

@@ -53,7 +53,7 @@ async fn take(dir: &str) -> Result<(), Box<dyn std::error::Error>> {
 
 async fn run(dir: &str, argv: &[String]) -> Result<u32, Box<dyn std::error::Error>> {
     let t0 = Instant::now();
-    let snapshot = Snapshot::open(dir)?;
+    let snapshot = Snapshot::open(dir).await?;
     let vm = Vm::restore(&snapshot).await?;
     let t = vm.start_timings();
     eprintln!(

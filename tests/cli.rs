@@ -275,6 +275,27 @@ fn detached_httpd_serves_100_fetches_over_10_connections() {
     assert_eq!(code, Some(9));
     cli.ok(&["logs", "web"]);
 
+    // pause / unpause: `ps` says so, and a fetch made while paused is served after unpause.
+    assert_eq!(cli.ok(&["pause", "web"]).trim(), "web");
+    assert!(
+        cli.ok(&["ps"]).contains("paused, pid"),
+        "ps does not show the pause"
+    );
+    let fetcher = std::thread::spawn(move || fetch(port, "/page.bin"));
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!fetcher.is_finished(), "a paused VM served a page");
+    assert_eq!(cli.ok(&["unpause", "web"]).trim(), "web");
+    let (status, body) = fetcher
+        .join()
+        .expect("fetch thread")
+        .expect("fetch after unpause");
+    assert!(status.contains("200"), "{status}");
+    assert_eq!(body, *expected);
+    assert!(
+        cli.ok(&["ps"]).contains("up, pid"),
+        "ps still shows a pause"
+    );
+
     assert_eq!(cli.ok(&["stop", "web"]).trim(), "web");
     assert_eq!(cli.ok(&["ps"]).lines().count(), 1, "only the header");
     assert!(cli.registered().is_empty(), "{:?}", cli.registered());
@@ -368,6 +389,8 @@ fn run_flags_and_bad_input_one_line_errors_nothing_left() {
         125
     );
     cli.fails(&["stop", "nope"], "no running VM named");
+    cli.fails(&["pause", "nope"], "no running VM named");
+    cli.fails(&["unpause", "nope"], "no running VM named");
     cli.fails(&["logs", "nope"], "no running VM named");
     cli.fails(&["cp", "nope:/etc/passwd", "/tmp/x"], "no running VM named");
     cli.fails(&["run", "--name", "bad/name", &image], "invalid VM name");

@@ -161,13 +161,13 @@ fn damaged_and_mismatched_snapshots_are_refused() {
             .and_then(|f| f.set_len(len - 4096))
             .expect("truncate");
         assert!(matches!(
-            snapshot_error(Snapshot::open(&dir)),
+            snapshot_error(Snapshot::open(&dir).await),
             SnapshotError::MemoryTruncated { found, expected, .. } if found + 4096 == expected
         ));
 
         let dir = case("checksum");
         patch(&dir.join("vmstate"), 200, b"\xde\xad");
-        let err = snapshot_error(Snapshot::open(&dir));
+        let err = snapshot_error(Snapshot::open(&dir).await);
         assert!(
             matches!(&err, SnapshotError::Corrupt { why, .. } if why.contains("checksum")),
             "{err}"
@@ -176,7 +176,7 @@ fn damaged_and_mismatched_snapshots_are_refused() {
         let dir = case("vmstate-version");
         patch(&dir.join("vmstate"), 8, &99u32.to_le_bytes());
         assert!(matches!(
-            snapshot_error(Snapshot::open(&dir)),
+            snapshot_error(Snapshot::open(&dir).await),
             SnapshotError::FormatVersion { found: 99, .. }
         ));
 
@@ -185,20 +185,20 @@ fn damaged_and_mismatched_snapshots_are_refused() {
         let meta = meta.replacen("\"format_version\": 1", "\"format_version\": 7", 1);
         std::fs::write(dir.join("meta.json"), meta).expect("write meta");
         assert!(matches!(
-            snapshot_error(Snapshot::open(&dir)),
+            snapshot_error(Snapshot::open(&dir).await),
             SnapshotError::FormatVersion { found: 7, .. }
         ));
 
         let dir = case("no-meta");
         std::fs::remove_file(dir.join("meta.json")).expect("rm meta");
         assert!(matches!(
-            snapshot_error(Snapshot::open(&dir)),
+            snapshot_error(Snapshot::open(&dir).await),
             SnapshotError::Io { .. }
         ));
 
         // Damage after `open` is caught by the restore itself, and leaves nothing running.
         let dir = case("truncated-after-open");
-        let opened = Snapshot::open(&dir).expect("intact copy opens");
+        let opened = Snapshot::open(&dir).await.expect("intact copy opens");
         std::fs::OpenOptions::new()
             .write(true)
             .open(dir.join("memory"))
@@ -212,12 +212,15 @@ fn damaged_and_mismatched_snapshots_are_refused() {
 
         // Changed memory contents: only the explicit (slow) verification reads them.
         let dir = case("changed-memory");
-        let intact = Snapshot::open(&dir).expect("intact copy opens");
-        intact.verify_memory().expect("intact memory verifies");
+        let intact = Snapshot::open(&dir).await.expect("intact copy opens");
+        intact
+            .verify_memory()
+            .await
+            .expect("intact memory verifies");
         patch(&dir.join("memory"), 0x10_0000, b"garbage");
-        let changed = Snapshot::open(&dir).expect("size still right");
+        let changed = Snapshot::open(&dir).await.expect("size still right");
         assert!(matches!(
-            changed.verify_memory(),
+            changed.verify_memory().await,
             Err(Error::Snapshot(SnapshotError::MemoryChanged { .. }))
         ));
 
@@ -225,26 +228,38 @@ fn damaged_and_mismatched_snapshots_are_refused() {
         let config = supermachine_e2e::test_vm_config().expect("config");
         snapshot
             .check_matches(&config)
+            .await
             .expect("the source config matches");
-        let what = |config: supermachine::VmConfig| match snapshot.check_matches(&config) {
-            Err(Error::Snapshot(SnapshotError::Mismatch { what, .. })) => what,
-            Err(other) => panic!("expected a mismatch, got {other}"),
-            Ok(()) => panic!("a different VM matched"),
+        let what = |config: supermachine::VmConfig| {
+            let snapshot = &snapshot;
+            async move {
+                match snapshot.check_matches(&config).await {
+                    Err(Error::Snapshot(SnapshotError::Mismatch { what, .. })) => what,
+                    Err(other) => panic!("expected a mismatch, got {other}"),
+                    Ok(()) => panic!("a different VM matched"),
+                }
+            }
         };
-        assert!(what(config.clone().memory_mib(512)).starts_with("memory"));
-        assert!(what(config.clone().vcpus(2)).starts_with("vCPUs"));
+        assert!(what(config.clone().memory_mib(512))
+            .await
+            .starts_with("memory"));
+        assert!(what(config.clone().vcpus(2)).await.starts_with("vCPUs"));
         let other_agent = work.path().join("agent");
         let mut bytes =
             std::fs::read(supermachine_e2e::agent_binary().expect("agent")).expect("read");
         bytes.push(0);
         std::fs::write(&other_agent, bytes).expect("write agent");
-        assert!(what(config.clone().agent(&other_agent)).starts_with("agent"));
+        assert!(what(config.clone().agent(&other_agent))
+            .await
+            .starts_with("agent"));
         let other_kernel = work.path().join("vmlinux");
         let mut bytes =
             std::fs::read(supermachine_e2e::guest_kernel().expect("kernel")).expect("read");
         bytes.push(0);
         std::fs::write(&other_kernel, bytes).expect("write kernel");
-        assert!(what(config.kernel(&other_kernel)).starts_with("kernel"));
+        assert!(what(config.kernel(&other_kernel))
+            .await
+            .starts_with("kernel"));
     });
 }
 
@@ -386,7 +401,7 @@ fn snapshot_refuses_a_used_directory_and_an_ended_vm() {
             Err(Error::Snapshot(SnapshotError::Exists(_))) => {}
             other => panic!("expected Exists, got {other:?}"),
         }
-        vm.stop();
+        vm.stop().await;
         match vm.snapshot(dir.path().join("new")).await {
             Err(Error::VmExited(_)) => {}
             other => panic!("expected VmExited, got {other:?}"),
@@ -474,7 +489,7 @@ fn fresh_process_child() {
         return;
     };
     runtime().block_on(async {
-        let snapshot = Snapshot::open(&dir).expect("open in the child");
+        let snapshot = Snapshot::open(&dir).await.expect("open in the child");
         let vm = Vm::restore(&snapshot).await.expect("restore in the child");
         let (code, out) = sh(&vm, "echo hello from a fresh process").await;
         assert_eq!(code, 0);

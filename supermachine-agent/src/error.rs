@@ -18,7 +18,7 @@ pub enum CliError {
         flag: &'static str,
     },
     /// `--vsock` was given something that is not a port number.
-    #[error("invalid vsock port {value:?}: {source}")]
+    #[error("invalid vsock port {value:?}")]
     InvalidPort {
         /// What was given.
         value: String,
@@ -40,7 +40,7 @@ pub enum CliError {
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     /// The listener could not be set up.
-    #[error("cannot listen on {what}: {source}")]
+    #[error("cannot listen on {what}")]
     Listen {
         /// The address, in words.
         what: String,
@@ -48,7 +48,7 @@ pub enum ServeError {
         source: io::Error,
     },
     /// Accepting connections failed for good.
-    #[error("accepting connections on {what} failed: {source}")]
+    #[error("accepting connections on {what} failed")]
     Accept {
         /// The address, in words.
         what: String,
@@ -56,7 +56,7 @@ pub enum ServeError {
         source: io::Error,
     },
     /// A process-wide facility (signal handlers, runtime) could not be set up.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Setup {
         /// What failed.
         what: &'static str,
@@ -64,8 +64,8 @@ pub enum ServeError {
         source: io::Error,
     },
     /// Writing the `ready` line failed.
-    #[error("cannot announce readiness on stdout: {0}")]
-    Ready(io::Error),
+    #[error("cannot announce readiness on stdout")]
+    Ready(#[source] io::Error),
 }
 
 /// Which program of an exec an error is about: the command itself or one of its chain links.
@@ -89,7 +89,7 @@ pub enum ExecError {
     #[error("{0}")]
     InvalidRequest(String),
     /// A staged file could not be written.
-    #[error("staging {path}: {source}")]
+    #[error("staging {path}")]
     Staging {
         /// The file's path.
         path: String,
@@ -107,7 +107,7 @@ pub enum ExecError {
         program: String,
     },
     /// Spawning failed otherwise.
-    #[error("{link}cannot run {program}: {source}")]
+    #[error("{link}cannot run {program}")]
     Spawn {
         /// Which link.
         link: Link,
@@ -117,7 +117,7 @@ pub enum ExecError {
         source: io::Error,
     },
     /// The agent failed.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Internal {
         /// What it was doing.
         what: String,
@@ -139,8 +139,21 @@ impl ExecError {
             ExecError::Spawn { source, .. } if is_permission(source) => ErrorCode::PermissionDenied,
             ExecError::Spawn { .. } => ErrorCode::SpawnFailed,
         };
-        AgentError::new(code, self.to_string())
+        AgentError::new(code, chain(self))
     }
+}
+
+/// `error` and its sources on one line (`what: why: cause`): the agent's errors say what failed
+/// and return the cause as their source, so `{}` alone stops at the first level.
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    line
 }
 
 fn is_permission(error: &io::Error) -> bool {
@@ -174,6 +187,6 @@ mod tests {
             source: io::Error::from_raw_os_error(libc::EACCES),
         };
         assert_eq!(denied.to_agent_error().code, ErrorCode::PermissionDenied);
-        assert!(denied.to_string().starts_with("staging /x: "));
+        assert!(denied.to_agent_error().message.starts_with("staging /x: "));
     }
 }

@@ -139,7 +139,7 @@ fn main() -> ExitCode {
             // Without its image the VM cannot do what it was started for; say why on the
             // console (the host shows its tail) and power off rather than serve the initramfs.
             if let Err(e) = rootfs::enter_image_rootfs() {
-                tracing::error!("cannot enter the image rootfs: {e}");
+                tracing::error!("cannot enter the image rootfs: {}", error::chain(&e));
                 init::power_off();
             }
         }
@@ -150,7 +150,7 @@ fn main() -> ExitCode {
         // happens, the VM is powered off instead.
         match std::panic::catch_unwind(|| run(command, pid1)) {
             Ok(Ok(())) => tracing::error!("the exec server stopped"),
-            Ok(Err(e)) => tracing::error!("{e}"),
+            Ok(Err(e)) => tracing::error!("{}", error::chain(&e)),
             Err(_) => tracing::error!("the agent panicked"),
         }
         init::power_off();
@@ -159,7 +159,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("supermachine-agent: {e}");
+            eprintln!("supermachine-agent: {}", error::chain(&e));
             ExitCode::FAILURE
         }
     }

@@ -6,7 +6,7 @@ use std::io;
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
     /// The underlying stream failed.
-    #[error("I/O error on the exec connection: {0}")]
+    #[error("I/O error on the exec connection")]
     Io(#[from] io::Error),
     /// A frame header announced (or an encoder was asked to write) more bytes than allowed.
     /// Checked before anything is allocated.
@@ -36,7 +36,7 @@ pub enum CodecError {
         got: usize,
     },
     /// A REQUEST or CONTROL payload was not valid JSON of the expected shape.
-    #[error("{frame} frame has invalid JSON: {source}")]
+    #[error("{frame} frame has invalid JSON")]
     BadJson {
         /// Which frame.
         frame: &'static str,

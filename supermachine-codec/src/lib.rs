@@ -25,7 +25,8 @@
 //!   an exec has been spawned, so the host can report "program not found" from `spawn()` itself.
 //! * ERROR messages start with a stable code (`not-found: ...`), see [`AgentError`].
 
-#![warn(missing_docs)]
+// The codec parses untrusted bytes; it has no reason to be unsafe, and must not become so.
+#![forbid(unsafe_code)]
 
 mod codec;
 mod control;

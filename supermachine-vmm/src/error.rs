@@ -10,7 +10,7 @@ pub use crate::memory::MemoryError;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The machine configuration is invalid; nothing was created.
-    #[error("invalid machine configuration: {0}")]
+    #[error("invalid machine configuration")]
     Config(#[from] ConfigError),
     /// The hypervisor is unavailable or refused an operation. For a missing or inaccessible
     /// `/dev/kvm` ([`HvError::Unavailable`]) the message says how to fix it.
@@ -32,10 +32,10 @@ pub enum Error {
         max: u32,
     },
     /// Creating an eventfd failed (usually the fd limit).
-    #[error("creating an eventfd: {0}")]
+    #[error("creating an eventfd failed")]
     EventFd(#[source] std::io::Error),
     /// A configured device could not be created (e.g. a disk image that cannot be opened).
-    #[error("{device}: {source}")]
+    #[error("device {device} could not be created")]
     Device {
         /// Which device.
         device: String,
@@ -47,13 +47,16 @@ pub enum Error {
     #[error(transparent)]
     Bus(#[from] crate::bus::BusOverlap),
     /// The vCPU kick signal handler could not be installed.
-    #[error("cannot install the vCPU kick signal handler: {0}")]
-    Signal(String),
+    #[error("cannot install the vCPU kick signal handler (SIGRTMIN)")]
+    Signal(#[source] std::io::Error),
+    /// The machine could not be paused.
+    #[error("the machine could not be paused")]
+    Pause(#[from] crate::vcpu::PauseError),
     /// A snapshot could not be taken or restored.
     #[error(transparent)]
     Snapshot(#[from] crate::snapshot::SnapshotError),
     /// A vCPU thread could not be spawned.
-    #[error("spawning the thread of vCPU {id}: {source}")]
+    #[error("spawning the thread of vCPU {id} failed")]
     Thread {
         /// vCPU index.
         id: u32,

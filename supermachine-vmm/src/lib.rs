@@ -17,8 +17,6 @@
 //!   which interrupts vCPU threads when a machine stops. Do not use `SIGRTMIN` for anything else
 //!   in a process that runs machines.
 
-#![warn(missing_docs)]
-
 mod boot;
 pub mod bus;
 pub mod devices;
@@ -28,6 +26,8 @@ mod machine;
 pub mod memory;
 pub mod snapshot;
 mod vcpu;
+
+pub use vcpu::PauseError;
 
 pub use error::{BootError, ConfigError, Error, HvError, MemoryError};
 pub use machine::{

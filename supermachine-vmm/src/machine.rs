@@ -25,7 +25,7 @@ use crate::memory::{self, RamBacking, MAX_MEMORY_MIB, MMIO_BASE};
 use crate::snapshot::{
     format, MachineState, SavedConfig, SnapshotError, SnapshotInfo, MEMORY_FILE, VMSTATE_FILE,
 };
-use crate::vcpu::{self, RunControl, VcpuContext};
+use crate::vcpu::{self, PauseError, RunControl, VcpuContext};
 
 /// The smallest guest RAM accepted: the kernel (~16 MiB loaded at 16 MiB) plus an initramfs and
 /// room to run.
@@ -567,27 +567,29 @@ impl MachineBuilder {
     /// Loads a snapshot's device and hypervisor state into this machine (built on the
     /// snapshot's memory) and starts it.
     fn restore(self, state: &MachineState) -> Result<Machine, Error> {
-        let device_err = |device: &str, message: String| SnapshotError::Device {
-            device: device.to_owned(),
-            message,
+        let device_err = |device: &str, source: Box<dyn std::error::Error + Send + Sync>| {
+            SnapshotError::Device {
+                device: device.to_owned(),
+                source,
+            }
         };
         if state.transports.len() != self.transports.len() {
-            return Err(SnapshotError::Mismatch(format!(
-                "the snapshot has {} virtio devices, this machine {}",
-                state.transports.len(),
-                self.transports.len()
-            ))
+            return Err(SnapshotError::Mismatch {
+                what: "virtio devices",
+                snapshot: state.transports.len().to_string(),
+                requested: self.transports.len().to_string(),
+            }
             .into());
         }
         // Interrupt controllers first: restored devices may raise interrupts right away.
         self.vm.restore_state(&state.vm)?;
         lock(&self.serial)
             .restore(&state.serial)
-            .map_err(|e| device_err("serial", e.to_string()))?;
+            .map_err(|e| device_err("serial", Box::new(e)))?;
         for ((name, transport), saved) in self.transports.iter().zip(&state.transports) {
             lock(transport)
                 .restore(saved)
-                .map_err(|message| device_err(name, message))?;
+                .map_err(|e| device_err(name, Box::new(e)))?;
         }
         let mut vcpus = Vec::with_capacity(state.vcpus.len());
         for (id, saved) in (0..).zip(&state.vcpus) {
@@ -651,6 +653,7 @@ impl MachineBuilder {
             transports: self.transports,
             opaque_devices: self.opaque_devices,
             saved_config,
+            hold: Mutex::new(None),
             vm: self.vm,
             memory: self.memory,
             runtime: self.runtime,
@@ -703,16 +706,27 @@ impl Drop for DeviceRuntimeGuard {
     }
 }
 
-/// Lets parked vCPUs go on when dropped.
-struct ResumeVcpus<'a>(&'a RunControl);
+/// A paused machine: every vCPU parked between two instructions (with the state each saved as
+/// it parked) and every device worker held between two batches (with its transport's state).
+/// Nothing in the guest runs while it exists, so the saved states stay current; dropping it lets
+/// the devices go on first, then the vCPUs (field order).
+struct Hold {
+    _devices: PausedDevices,
+    _vcpus: ParkedVcpus,
+    vcpu_states: Vec<hypervisor::HvState>,
+    transport_states: Vec<crate::devices::virtio::mmio::TransportState>,
+}
 
-impl Drop for ResumeVcpus<'_> {
+/// Lets parked vCPUs go on when dropped.
+struct ParkedVcpus(Arc<RunControl>);
+
+impl Drop for ParkedVcpus {
     fn drop(&mut self) {
         self.0.resume();
     }
 }
 
-/// Resumes paused device workers when dropped (before the vCPUs: declared after them).
+/// Resumes paused device workers when dropped.
 struct PausedDevices(Vec<Arc<Mutex<MmioTransport>>>);
 
 impl Drop for PausedDevices {
@@ -726,10 +740,12 @@ impl Drop for PausedDevices {
 /// Refuses a snapshot whose machine differs from `config` in a way that matters to the guest.
 fn check_shape(config: &MachineConfig, state: &MachineState) -> Result<(), SnapshotError> {
     let saved = &state.config;
-    let mismatch = |what: &str, snapshot: String, requested: String| {
-        Err(SnapshotError::Mismatch(format!(
-            "{what}: the snapshot has {snapshot}, the configuration asks for {requested}"
-        )))
+    let mismatch = |what: &'static str, snapshot: String, requested: String| {
+        Err(SnapshotError::Mismatch {
+            what,
+            snapshot,
+            requested,
+        })
     };
     if saved.vcpus != config.vcpus || state.vcpus.len() != saved.vcpus as usize {
         return mismatch(
@@ -786,6 +802,8 @@ pub struct Machine {
     transports: Vec<(String, Arc<Mutex<MmioTransport>>)>,
     opaque_devices: Vec<String>,
     saved_config: SavedConfig,
+    /// Set while the machine is paused (by [`Machine::pause`] or a snapshot in progress).
+    hold: Mutex<Option<Hold>>,
     // Dropped after the threads are joined (in `Drop`): the VM fd, then guest RAM.
     vm: Box<dyn HvVm>,
     memory: Arc<GuestMemoryMmap>,
@@ -844,7 +862,7 @@ impl Machine {
             .len();
         let expected = memory::ram_size(config.memory_mib)?;
         if found != expected {
-            return Err(SnapshotError::MemorySize {
+            return Err(SnapshotError::MemoryTruncated {
                 path: memory_path,
                 expected,
                 found,
@@ -863,53 +881,31 @@ impl Machine {
     /// added through [`MachineBuilder::add_virtio_mmio`] (whose state the VMM cannot see).
     pub fn snapshot(&self, dir: &Path) -> Result<SnapshotInfo, Error> {
         if let Some(device) = self.opaque_devices.first() {
-            return Err(SnapshotError::Device {
-                device: device.clone(),
-                message: "added as a plain bus device; its state cannot be saved".into(),
-            }
-            .into());
+            return Err(SnapshotError::OpaqueDevice(device.clone()).into());
         }
         if self.exit_status().is_some() {
             return Err(SnapshotError::NotRunning.into());
         }
         let started = Instant::now();
-        let vcpus = self
-            .control
-            .pause(self.threads.len(), PAUSE_TIMEOUT)
-            .map_err(|e| match e {
-                vcpu::PauseError::NotRunning => SnapshotError::NotRunning,
-                other => SnapshotError::Pause(other.to_string()),
-            })?;
-        let _vcpus_resume = ResumeVcpus(&self.control);
-        let mut paused = PausedDevices(Vec::new());
-        let mut transports = Vec::with_capacity(self.transports.len());
-        for (name, transport) in &self.transports {
-            let state = lock(transport)
-                .pause()
-                .map_err(|message| SnapshotError::Device {
-                    device: name.clone(),
-                    message,
-                })?;
-            paused.0.push(transport.clone());
-            transports.push(state);
-        }
-        let state = MachineState {
-            config: self.saved_config.clone(),
-            vm: self.vm.save_state()?,
-            vcpus,
-            serial: lock(&self.serial).save(),
-            transports,
-            vsock_connections: self.vsock.as_ref().map_or(0, VsockHandle::connection_count),
+        let mut hold = lock(&self.hold);
+        // A machine paused by its owner stays paused; otherwise the pause lasts as long as the
+        // save.
+        let paused_here = hold.is_none();
+        let held = match hold.take() {
+            Some(held) => held,
+            None => self.hold_still().map_err(|e| match e {
+                PauseError::NotRunning => SnapshotError::NotRunning,
+                other => SnapshotError::Pause(other),
+            })?,
         };
-        let memory_path = dir.join(MEMORY_FILE);
-        let file = std::fs::File::create(&memory_path).map_err(SnapshotError::io(&memory_path))?;
-        let written =
-            memory::write_sparse(&self.memory, &file).map_err(SnapshotError::io(&memory_path))?;
-        let state_path = dir.join(VMSTATE_FILE);
-        std::fs::write(&state_path, format::encode(&state)?)
-            .map_err(SnapshotError::io(&state_path))?;
-        drop(paused);
-        drop(_vcpus_resume);
+        let result = self.save(dir, &held);
+        if paused_here {
+            drop(held);
+        } else {
+            *hold = Some(held);
+        }
+        drop(hold);
+        let written = result?;
         let paused_for = started.elapsed();
         tracing::debug!(
             ?paused_for,
@@ -921,6 +917,80 @@ impl Machine {
             memory_sha256: written.sha256,
             paused_for,
         })
+    }
+
+    /// Pauses the machine: every vCPU parks between two guest instructions and every device
+    /// worker stops between two batches, until [`resume`](Self::resume). Nothing is lost:
+    /// vsock connections stay open (the host side of a stream simply sees no data), pending
+    /// guest I/O carries on after the resume, and [`snapshot`](Self::snapshot) and
+    /// [`stop`](Self::stop) work on a paused machine. The guest's clock is not stopped, so
+    /// after a resume the guest sees the time that passed. Idempotent. Blocks for as long as
+    /// the vCPUs take to leave the guest (microseconds on hardware KVM).
+    pub fn pause(&self) -> Result<(), Error> {
+        if self.exit_status().is_some() {
+            return Err(PauseError::NotRunning.into());
+        }
+        let mut hold = lock(&self.hold);
+        if hold.is_none() {
+            *hold = Some(self.hold_still()?);
+        }
+        Ok(())
+    }
+
+    /// Lets a paused machine run again (see [`pause`](Self::pause)); does nothing when it is
+    /// not paused.
+    pub fn resume(&self) {
+        let held = lock(&self.hold).take();
+        drop(held);
+    }
+
+    /// Whether the machine is paused by [`pause`](Self::pause).
+    pub fn is_paused(&self) -> bool {
+        lock(&self.hold).is_some()
+    }
+
+    /// Parks the vCPUs, then holds the device workers, keeping what each saved.
+    fn hold_still(&self) -> Result<Hold, PauseError> {
+        let vcpu_states = self.control.pause(self.threads.len(), PAUSE_TIMEOUT)?;
+        let vcpus = ParkedVcpus(Arc::clone(&self.control));
+        let mut devices = PausedDevices(Vec::with_capacity(self.transports.len()));
+        let mut transport_states = Vec::with_capacity(self.transports.len());
+        for (name, transport) in &self.transports {
+            let state = lock(transport)
+                .pause()
+                .map_err(|source| PauseError::Device {
+                    device: name.clone(),
+                    source,
+                })?;
+            devices.0.push(Arc::clone(transport));
+            transport_states.push(state);
+        }
+        Ok(Hold {
+            _devices: devices,
+            _vcpus: vcpus,
+            vcpu_states,
+            transport_states,
+        })
+    }
+
+    /// Writes the state of the held machine into `dir`.
+    fn save(&self, dir: &Path, held: &Hold) -> Result<memory::SparseWrite, SnapshotError> {
+        let state = MachineState {
+            config: self.saved_config.clone(),
+            vm: self.vm.save_state()?,
+            vcpus: held.vcpu_states.clone(),
+            serial: lock(&self.serial).save(),
+            transports: held.transport_states.clone(),
+            vsock_connections: self.vsock.as_ref().map_or(0, VsockHandle::connection_count),
+        };
+        let memory_path = dir.join(MEMORY_FILE);
+        let file = std::fs::File::create(&memory_path).map_err(SnapshotError::io(&memory_path))?;
+        let written =
+            memory::write_sparse(&self.memory, &file).map_err(SnapshotError::io(&memory_path))?;
+        let state_path = dir.join(VMSTATE_FILE);
+        std::fs::write(&state_path, format::encode(&state)?)
+            .map_err(SnapshotError::io(&state_path))?;
+        Ok(written)
     }
 
     /// Spawns the task that turns a shutdown of the device runtime into a machine exit.
@@ -998,6 +1068,13 @@ impl Machine {
             // A panicking vCPU thread already reported through `finish`.
             let _ = handle.join();
         }
+        // A pause ends with the vCPUs: the device workers are let go, to be closed with them.
+        drop(
+            self.hold
+                .get_mut()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(),
+        );
         // Threads that never ran far enough to report leave the slot empty.
         self.control.finish(ExitReason::Stopped);
         self.stopped_exit()

@@ -48,7 +48,7 @@ pub enum MemoryError {
     #[error("guest memory size must be positive")]
     Empty,
     /// The host refused the file mapping.
-    #[error("mapping the {mib} MiB memory file failed: {source}")]
+    #[error("mapping the {mib} MiB memory file failed")]
     MapFile {
         /// Requested size.
         mib: u32,
@@ -57,7 +57,7 @@ pub enum MemoryError {
         source: vm_memory::mmap::MmapRegionError,
     },
     /// The host refused the mapping.
-    #[error("mapping {mib} MiB of guest memory failed: {source}")]
+    #[error("mapping {mib} MiB of guest memory failed")]
     Map {
         /// Requested size.
         mib: u32,

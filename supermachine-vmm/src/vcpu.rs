@@ -18,7 +18,7 @@ use tokio::sync::watch;
 
 use crate::bus::Bus;
 use crate::devices::serial::{ConsoleLog, COM1_PORT, COM1_PORT_LEN};
-use crate::hypervisor::{HvState, HvVcpu, SystemEvent, VcpuExit, VcpuKicker};
+use crate::hypervisor::{HvError, HvState, HvVcpu, SystemEvent, VcpuExit, VcpuKicker};
 use crate::machine::{ExitReason, MachineExit, VcpuFailure};
 
 /// i8042 command port. Writing 0xFE pulses the CPU reset line: how Linux reboots with `reboot=k`.
@@ -45,15 +45,17 @@ pub(crate) fn kick_signal() -> libc::c_int {
 
 /// Installs the no-op handler for [`kick_signal`] once per process. A handler (not "ignore") is
 /// required: an ignored signal is discarded without interrupting the ioctl.
-pub(crate) fn install_kick_handler() -> Result<(), String> {
-    static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
+pub(crate) fn install_kick_handler() -> Result<(), std::io::Error> {
+    // The OS error is kept as its errno (an `io::Error` is not `Clone`, and every later call
+    // must report the same failure).
+    static INSTALLED: OnceLock<Result<(), i32>> = OnceLock::new();
     extern "C" fn noop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
     INSTALLED
         .get_or_init(|| {
             vmm_sys_util::signal::register_signal_handler(kick_signal(), noop)
-                .map_err(|e| format!("signal {}: {e}", kick_signal()))
+                .map_err(|e| e.errno())
         })
-        .clone()
+        .map_err(std::io::Error::from_raw_os_error)
 }
 
 /// One vCPU thread to kick: its immediate-exit arm and its pthread.
@@ -74,12 +76,14 @@ struct KickState {
 struct PauseState {
     requested: bool,
     /// Indexed by vCPU id; filled as each vCPU parks.
-    saved: Vec<Option<Result<HvState, String>>>,
+    saved: Vec<Option<Result<HvState, HvError>>>,
 }
 
-/// Why the vCPUs could not be paused.
+/// Why a machine could not be paused (for [`Machine::pause`](crate::Machine::pause) or a
+/// snapshot). Nothing stays paused after one of these.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum PauseError {
+#[non_exhaustive]
+pub enum PauseError {
     /// The machine ended (or is stopping).
     #[error("the machine is not running")]
     NotRunning,
@@ -87,12 +91,22 @@ pub(crate) enum PauseError {
     #[error("vCPUs did not pause within {0:?}")]
     Timeout(Duration),
     /// A vCPU parked but could not save its state.
-    #[error("vCPU {vcpu}: saving its state failed: {message}")]
+    #[error("vCPU {vcpu} could not save its state")]
     Save {
         /// vCPU index.
         vcpu: usize,
         /// The hypervisor's error.
-        message: String,
+        #[source]
+        source: HvError,
+    },
+    /// A device could not be held still.
+    #[error("device {device} could not be paused")]
+    Device {
+        /// Which device.
+        device: String,
+        /// Why.
+        #[source]
+        source: crate::devices::virtio::DeviceStateError,
     },
 }
 
@@ -210,13 +224,14 @@ impl RunControl {
         drop(pause);
         let mut states = Vec::with_capacity(saved.len());
         for (vcpu, state) in saved.into_iter().enumerate() {
-            // Every slot is filled (checked above, under the same lock).
-            match state.unwrap_or_else(|| Err("did not report".into())) {
-                Ok(state) => states.push(state),
-                Err(message) => {
+            match state {
+                Some(Ok(state)) => states.push(state),
+                Some(Err(source)) => {
                     self.resume();
-                    return Err(PauseError::Save { vcpu, message });
+                    return Err(PauseError::Save { vcpu, source });
                 }
+                // Every slot is filled (checked above, under the same lock).
+                None => unreachable!("vCPU {vcpu} parked without reporting"),
             }
         }
         Ok(states)
@@ -234,7 +249,7 @@ impl RunControl {
     /// Called by a vCPU thread that noticed a pause: saves its state, reports it and waits
     /// until the pause ends.
     fn park(&self, vcpu: &mut dyn HvVcpu) {
-        let state = vcpu.save_state().map_err(|e| e.to_string());
+        let state = vcpu.save_state();
         let mut pause = self.pause_state();
         if let Some(slot) = pause.saved.get_mut(vcpu.id() as usize) {
             *slot = Some(state);

@@ -10,7 +10,7 @@ use crate::vm::{ConfigError, VmExit};
 #[non_exhaustive]
 pub enum Error {
     /// The agent could not be reached (socket missing, connection refused, VM not running).
-    #[error("cannot reach the guest agent at {target}: {source}")]
+    #[error("cannot reach the guest agent at {target}")]
     AgentUnreachable {
         /// Where we tried to connect.
         target: String,
@@ -37,7 +37,7 @@ pub enum Error {
         program: String,
     },
     /// The agent could not start the exec, or failed while running it.
-    #[error("the guest agent could not run the exec: {0}")]
+    #[error("the guest agent could not run the exec")]
     ExecFailed(#[source] AgentError),
     /// A control action (read_file, write_file, ping, ...) failed in the guest.
     #[error("control action {action} failed in the guest: {message}")]
@@ -49,7 +49,7 @@ pub enum Error {
     },
     /// A published port could not be set up (address in use, no permission for a port below
     /// 1024, an address this host does not have). Nothing was started.
-    #[error("cannot publish guest port {guest_port} on {host}: {source}")]
+    #[error("cannot publish guest port {guest_port} on {host}")]
     Publish {
         /// The host address asked for.
         host: std::net::SocketAddr,
@@ -86,13 +86,13 @@ pub enum Error {
     #[error("exec protocol error: {0}")]
     Protocol(String),
     /// The [`VmConfig`](crate::VmConfig) cannot work; nothing was started.
-    #[error("invalid VM configuration: {0}")]
+    #[error("invalid VM configuration")]
     InvalidConfig(#[from] ConfigError),
     /// The hypervisor (`/dev/kvm`) cannot be used on this host; the message says how to fix it.
     #[error("cannot run VMs on this host: {0}")]
     HypervisorUnavailable(String),
     /// The VMM could not set the VM up (memory, devices, kernel loading).
-    #[error("setting up the VM failed: {0}")]
+    #[error("setting up the VM failed")]
     VmSetup(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The guest agent did not answer within the boot timeout; the VM was stopped.
     #[error("the guest agent did not answer within {after:?}\n--- guest console (tail) ---\n{console_tail}")]
@@ -108,14 +108,14 @@ pub enum Error {
     VmExited(VmExit),
     /// A snapshot could not be taken, opened or restored; the inner error names the problem
     /// (corrupt file, other format version, truncated memory, mismatched VM, ...).
-    #[error("snapshot: {0}")]
-    Snapshot(#[source] crate::vm::SnapshotError),
+    #[error(transparent)]
+    Snapshot(crate::vm::SnapshotError),
     /// An image could not be pulled, imported or turned into a rootfs; the inner error says which
     /// (not found, unauthorized, digest mismatch, ...).
-    #[error("image: {0}")]
+    #[error(transparent)]
     Image(#[from] crate::image::ImageError),
     /// The on-disk cache could not be used.
-    #[error("cannot write {what} to the cache (see SUPERMACHINE_CACHE_DIR): {source}")]
+    #[error("cannot write {what} to the cache (see SUPERMACHINE_CACHE_DIR)")]
     Cache {
         /// What was being cached.
         what: &'static str,
@@ -146,7 +146,7 @@ impl Error {
             Some(exit) => Error::VmExited(exit),
             None => Error::ConnectionLost {
                 during,
-                reason: error.to_string(),
+                reason: Report(&error).to_string(),
             },
         }
     }
@@ -154,7 +154,7 @@ impl Error {
     /// A VMM error from starting a machine.
     pub(crate) fn from_vmm(error: supermachine_vmm::Error) -> Self {
         if error.is_hypervisor_unavailable() {
-            Error::HypervisorUnavailable(error.to_string())
+            Error::HypervisorUnavailable(Report(&error).to_string())
         } else {
             Error::VmSetup(Box::new(error))
         }
@@ -167,7 +167,7 @@ impl Error {
                 during,
                 reason: error.to_string(),
             },
-            other => Error::Protocol(other.to_string()),
+            other => Error::Protocol(Report(&other).to_string()),
         }
     }
 
@@ -213,7 +213,7 @@ impl Error {
             Error::Protocol(m) => Error::Protocol(m.clone()),
             Error::InvalidConfig(e) => Error::InvalidConfig(e.clone()),
             Error::HypervisorUnavailable(m) => Error::HypervisorUnavailable(m.clone()),
-            Error::VmSetup(e) => Error::VmSetup(e.to_string().into()),
+            Error::VmSetup(e) => Error::VmSetup(Box::new(Flattened::of(e.as_ref()))),
             Error::BootTimeout {
                 after,
                 console_tail,
@@ -222,7 +222,8 @@ impl Error {
                 console_tail: console_tail.clone(),
             },
             Error::VmExited(exit) => Error::VmExited(exit.clone()),
-            Error::Snapshot(e) => Error::Snapshot(crate::vm::SnapshotError::Vmm(e.to_string())),
+            // Execs (the only callers) never fail with these; kept total, as text.
+            Error::Snapshot(e) => Error::VmSetup(Box::new(Flattened::of(e))),
             Error::Image(e) => Error::Image(e.duplicate()),
             Error::Cache { what, source } => Error::Cache {
                 what,
@@ -231,6 +232,57 @@ impl Error {
         }
     }
 }
+
+/// Formats an error with all its sources on one line, `what: why: root cause`, as `anyhow`'s
+/// `{:#}` does. Every error of this crate says what failed in its own `Display` and returns the
+/// cause from `source()`, never both, so a plain `{}` stops at the first level:
+///
+/// ```
+/// use supermachine::{Error, Report};
+///
+/// fn log(error: &Error) {
+///     eprintln!("failed: {}", Report(error));
+/// }
+/// ```
+#[derive(Clone, Copy)]
+pub struct Report<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Report<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(error) = source {
+            write!(f, ": {error}")?;
+            source = error.source();
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Report<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+/// An error flattened to its [`Report`] text, for copies of errors whose sources cannot be
+/// cloned.
+#[derive(Debug)]
+struct Flattened(String);
+
+impl Flattened {
+    fn of(error: &(dyn std::error::Error + 'static)) -> Self {
+        Flattened(Report(error).to_string())
+    }
+}
+
+impl std::fmt::Display for Flattened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Flattened {}
 
 /// The VM's exit, when `error` is a stream failing because its VM ended.
 pub(crate) fn vm_gone(error: &io::Error) -> Option<VmExit> {

@@ -32,8 +32,6 @@
 //! wait fails with [`Error::OutputLimitExceeded`] and the process is left running (blocked), so the
 //! caller can read and wait again, or kill it.
 
-#![warn(missing_docs)]
-
 mod agent;
 pub mod cache;
 mod connector;
@@ -45,7 +43,7 @@ mod vm;
 
 pub use agent::{Agent, AgentInfo};
 pub use connector::{BoxedStream, Connector, UnixConnector};
-pub use error::Error;
+pub use error::{Error, Report};
 pub use exec::{
     ExecBuilder, ExecChild, ExecOutcome, ExecSignaler, ExecStderr, ExecStdin, ExecStdout,
     ExitStatus, Stdio,

@@ -64,7 +64,7 @@ const HIMEM_START: u64 = 0x10_0000;
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     /// The kernel image could not be opened.
-    #[error("cannot open kernel {path}: {source}")]
+    #[error("cannot open kernel {path}")]
     KernelOpen {
         /// Kernel path.
         path: PathBuf,
@@ -81,7 +81,7 @@ pub enum BootError {
         reason: String,
     },
     /// The initramfs could not be read.
-    #[error("cannot read initramfs {path}: {source}")]
+    #[error("cannot read initramfs {path}")]
     InitramfsRead {
         /// Initramfs path.
         path: PathBuf,
@@ -117,7 +117,7 @@ pub enum BootError {
         reason: String,
     },
     /// Setting a vCPU's boot state failed.
-    #[error("setting up vCPU {id} for boot: {source}")]
+    #[error("setting up vCPU {id} for boot failed")]
     Vcpu {
         /// vCPU index.
         id: u32,

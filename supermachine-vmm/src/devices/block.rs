@@ -58,7 +58,7 @@ const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
     /// The image file could not be opened or inspected.
-    #[error("block image {path}: {source}")]
+    #[error("cannot open block image {path}")]
     Open {
         /// The image path.
         path: String,
@@ -265,7 +265,10 @@ impl VirtioDevice for BlockDevice {
         self.needs_reset.load(Ordering::SeqCst)
     }
 
-    fn pause(&mut self) -> Result<Option<Vec<virtio_queue::QueueState>>, String> {
+    fn pause(
+        &mut self,
+    ) -> Result<Option<Vec<virtio_queue::QueueState>>, crate::devices::virtio::DeviceStateError>
+    {
         // Requests already submitted to the file are complete: each batch finishes its I/O.
         Ok(self.worker.as_ref().and_then(|w| w.gate.pause()))
     }
@@ -310,9 +313,12 @@ struct BlockIo {
 }
 
 /// A request failed; the status byte says which way.
-#[derive(Debug, Clone, Copy)]
+/// Why a request failed, as the status byte tells the driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ReqError {
+    /// `VIRTIO_BLK_S_IOERR`: the file or a guest buffer could not be read or written.
     Io,
+    /// `VIRTIO_BLK_S_UNSUPP`: a request type this device does not implement.
     Unsupported,
 }
 
@@ -416,9 +422,9 @@ impl BlockIo {
                 let data_in = total_len(writable).saturating_sub(1);
                 self.execute(mem, kind, sector, readable, writable, data_in)
             }
-            Err(()) => {
+            Err(e) => {
                 warn!("virtio-blk request header unreadable");
-                Err(ReqError::Io)
+                Err(e)
             }
         };
         let (status, written) = match outcome {
@@ -508,7 +514,7 @@ impl BlockIo {
             }
             VIRTIO_BLK_T_GET_ID => {
                 let n = data_in.min(self.id.len() as u64);
-                scatter(mem, writable, &self.id[..n as usize]).map_err(|()| ReqError::Io)?;
+                scatter(mem, writable, &self.id[..n as usize])?;
                 Ok(n)
             }
             other => {
@@ -627,7 +633,7 @@ fn gather(
     descs: &[Descriptor],
     skip: u64,
     out: &mut [u8],
-) -> Result<(), ()> {
+) -> Result<(), ReqError> {
     let mut filled = 0usize;
     let mut skip = skip;
     for d in descs {
@@ -640,21 +646,21 @@ fn gather(
             continue;
         }
         let take = ((dlen - skip) as usize).min(out.len() - filled);
-        let at = d.addr().0.checked_add(skip).ok_or(())?;
+        let at = d.addr().0.checked_add(skip).ok_or(ReqError::Io)?;
         mem.read_slice(&mut out[filled..filled + take], GuestAddress(at))
-            .map_err(|_| ())?;
+            .map_err(|_| ReqError::Io)?;
         filled += take;
         skip = 0;
     }
     if filled == out.len() {
         Ok(())
     } else {
-        Err(())
+        Err(ReqError::Io)
     }
 }
 
 /// Writes `data` into the buffers `descs` from their start.
-fn scatter(mem: &GuestMemoryMmap<()>, descs: &[Descriptor], data: &[u8]) -> Result<(), ()> {
+fn scatter(mem: &GuestMemoryMmap<()>, descs: &[Descriptor], data: &[u8]) -> Result<(), ReqError> {
     let mut done = 0usize;
     for d in descs {
         if done == data.len() {
@@ -662,13 +668,13 @@ fn scatter(mem: &GuestMemoryMmap<()>, descs: &[Descriptor], data: &[u8]) -> Resu
         }
         let take = (d.len() as usize).min(data.len() - done);
         mem.write_slice(&data[done..done + take], d.addr())
-            .map_err(|_| ())?;
+            .map_err(|_| ReqError::Io)?;
         done += take;
     }
     if done == data.len() {
         Ok(())
     } else {
-        Err(())
+        Err(ReqError::Io)
     }
 }
 

@@ -239,7 +239,7 @@ pub enum HvError {
         what: String,
     },
     /// A hypervisor call failed.
-    #[error("{op} failed: {source}")]
+    #[error("{op} failed")]
     Call {
         /// The operation (e.g. "KVM_CREATE_VM").
         op: &'static str,

@@ -20,7 +20,7 @@ const MAX_PAYLOAD: u64 = 64 << 20;
 /// Encodes `state` as a complete vmstate file.
 pub fn encode(state: &MachineState) -> Result<Vec<u8>, SnapshotError> {
     let payload = bincode::serde::encode_to_vec(state, bincode::config::standard())
-        .map_err(|e| SnapshotError::Encode(e.to_string()))?;
+        .map_err(|e| SnapshotError::Encode(Box::new(e)))?;
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());

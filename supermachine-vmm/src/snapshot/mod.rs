@@ -66,20 +66,21 @@ pub struct MachineState {
     pub vsock_connections: usize,
 }
 
-/// A snapshot could not be taken or restored.
+/// A snapshot could not be taken, opened or restored. One type for the VMM and the library
+/// above it (which re-exports it): each variant names what is wrong.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SnapshotError {
     /// Reading or writing a snapshot file failed.
-    #[error("{path}: {source}")]
+    #[error("cannot read or write {path}")]
     Io {
-        /// The file.
+        /// The file or directory.
         path: PathBuf,
         /// The OS error.
         #[source]
         source: std::io::Error,
     },
-    /// A snapshot file is damaged or not a snapshot file.
+    /// A snapshot file is damaged (bad checksum, bad magic, undecodable) or not a snapshot file.
     #[error("{path} is corrupt: {why}")]
     Corrupt {
         /// The file.
@@ -98,11 +99,11 @@ pub enum SnapshotError {
         /// The version this build reads and writes.
         supported: u32,
     },
-    /// The memory file does not have the size the state says.
+    /// The memory file is shorter or longer than the VM's RAM (truncated or replaced).
     #[error(
         "{path} is {found} bytes, the snapshot's RAM is {expected} bytes: truncated or replaced"
     )]
-    MemorySize {
+    MemoryTruncated {
         /// The memory file.
         path: PathBuf,
         /// Size it must have.
@@ -110,26 +111,53 @@ pub enum SnapshotError {
         /// Size it has.
         found: u64,
     },
-    /// The state does not fit the machine it is restored into (or contradicts itself).
-    #[error("snapshot does not match: {0}")]
-    Mismatch(String),
+    /// The memory file's contents differ from what was written (a full check, which restores
+    /// do not make: `Snapshot::verify_memory` in the library).
+    #[error("{path}: contents changed since the snapshot was taken (sha256 mismatch)")]
+    MemoryChanged {
+        /// The memory file.
+        path: PathBuf,
+    },
+    /// The snapshot is of another machine than the one asked for.
+    #[error(
+        "snapshot does not match the configuration: {what} is {snapshot} in the snapshot, \
+         {requested} requested"
+    )]
+    Mismatch {
+        /// Which property differs.
+        what: &'static str,
+        /// The snapshot's value.
+        snapshot: String,
+        /// The requested value.
+        requested: String,
+    },
+    /// The target directory already exists and is not empty.
+    #[error("{0} already exists; snapshots are written to a new directory")]
+    Exists(PathBuf),
     /// The machine is not running (it ended or is stopping), so it cannot be snapshotted.
     #[error("the machine is not running")]
     NotRunning,
     /// Pausing the machine failed.
-    #[error("pausing the machine: {0}")]
-    Pause(String),
+    #[error("the machine could not be paused for the snapshot")]
+    Pause(#[from] crate::vcpu::PauseError),
+    /// The hypervisor could not save or load its state.
+    #[error("the hypervisor could not save or load the machine's state")]
+    Hypervisor(#[from] crate::hypervisor::HvError),
     /// A device could not be saved or restored.
-    #[error("device {device}: {message}")]
+    #[error("device {device}: its state could not be saved or restored")]
     Device {
         /// Which device.
         device: String,
         /// What went wrong.
-        message: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
-    /// The state could not be encoded.
-    #[error("encoding the state: {0}")]
-    Encode(String),
+    /// A device was added as a plain bus device, so the VMM cannot see (or save) its state.
+    #[error("device {0} was added as a plain bus device; its state cannot be saved")]
+    OpaqueDevice(String),
+    /// The state (or the library's metadata) could not be encoded.
+    #[error("encoding the snapshot state failed")]
+    Encode(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl SnapshotError {

@@ -107,7 +107,7 @@ pub enum ImageError {
         reason: String,
     },
     /// A layer could not be applied to the rootfs tree.
-    #[error("cannot apply layer {layer} (entry {entry:?}): {source}")]
+    #[error("cannot apply layer {layer} (entry {entry:?})")]
     Unpack {
         /// The layer digest.
         layer: String,
@@ -163,7 +163,7 @@ pub enum ImageError {
         reason: String,
     },
     /// A file operation in the cache or on a local image source failed.
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io {
         /// What was being done, with the path.
         context: String,

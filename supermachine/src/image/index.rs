@@ -282,7 +282,8 @@ pub(crate) fn record_or_warn(image: &Image) {
     if let Err(e) = record(image) {
         tracing::warn!(
             image = image.source(),
-            "cannot record the image in the local image index: {e}"
+            "cannot record the image in the local image index: {}",
+            crate::Report(&e)
         );
     }
 }
@@ -354,7 +355,11 @@ pub(crate) fn local(reference: &str, cache_root: &Path) -> Result<Option<Image>,
         if entry.blobs_present(&store) {
             match entry.image(cache_root) {
                 Ok(image) => return Ok(Some(image)),
-                Err(e) => tracing::warn!(name = entry.name, "unusable local index entry: {e}"),
+                Err(e) => tracing::warn!(
+                    name = entry.name,
+                    "unusable local index entry: {}",
+                    crate::Report(&e)
+                ),
             }
         } else {
             tracing::debug!(
@@ -604,7 +609,10 @@ mod tests {
         let image = import(&cache, &tmp.path().join("a"), "v1", b"one").await;
 
         // The import recorded itself under its source.
-        let found = Image::local_in(image.source(), &cache).unwrap().unwrap();
+        let found = Image::local_in(image.source(), &cache)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(found.digest(), image.digest());
         assert_eq!(found.layers(), image.layers());
         assert_eq!(found.diff_ids, image.diff_ids);
@@ -623,12 +631,13 @@ mod tests {
             "busybox",
             "docker.io/busybox:latest",
         ] {
-            let found = Image::local_in(name, &cache).unwrap();
+            let found = Image::local_in(name, &cache).await.unwrap();
             assert!(found.is_some(), "{name}");
         }
         let by_digest = format!("127.0.0.1:5000/busybox@{}", image.manifest_digest());
-        assert!(Image::local_in(&by_digest, &cache).unwrap().is_some());
+        assert!(Image::local_in(&by_digest, &cache).await.unwrap().is_some());
         assert!(Image::local_in("127.0.0.1:5000/busybox:v2", &cache)
+            .await
             .unwrap()
             .is_none());
 
@@ -639,12 +648,12 @@ mod tests {
             format!("sha256:{}", &hex[..12]),
             hex[..12].to_owned(),
         ] {
-            let found = Image::local_in(&id, &cache).unwrap().unwrap();
+            let found = Image::local_in(&id, &cache).await.unwrap().unwrap();
             assert_eq!(found.digest(), image.digest(), "{id}");
         }
-        assert!(Image::local_in(&hex[..11], &cache).unwrap().is_none());
+        assert!(Image::local_in(&hex[..11], &cache).await.unwrap().is_none());
 
-        let list = Image::list_local_in(&cache).unwrap();
+        let list = Image::list_local_in(&cache).await.unwrap();
         let names: Vec<&str> = list.iter().map(|l| l.name.as_str()).collect();
         assert_eq!(
             names,
@@ -659,12 +668,17 @@ mod tests {
             && l.rootfs_size.is_none()));
 
         // Removing by an ID three names share is ambiguous; by name it works and keeps blobs.
-        let err = Image::remove_local_in(&hex[..12], &cache).unwrap_err();
+        let err = Image::remove_local_in(&hex[..12], &cache)
+            .await
+            .unwrap_err();
         assert!(matches!(err, ImageError::AmbiguousImage { .. }), "{err}");
-        let removed = Image::remove_local_in("busybox", &cache).unwrap();
+        let removed = Image::remove_local_in("busybox", &cache).await.unwrap();
         assert_eq!(removed.name, "docker.io/library/busybox:latest");
         assert_eq!(removed.freed_bytes, 0);
-        assert!(Image::local_in(image.source(), &cache).unwrap().is_some());
+        assert!(Image::local_in(image.source(), &cache)
+            .await
+            .unwrap()
+            .is_some());
     }
 
     #[tokio::test]
@@ -673,11 +687,16 @@ mod tests {
         let cache = tmp.path().join("cache");
         let image = import(&cache, &tmp.path().join("a"), "v1", b"one").await;
         fs::remove_file(blob_path(&cache, &image.layers()[1].digest)).unwrap();
-        assert!(Image::local_in(image.source(), &cache).unwrap().is_none());
+        assert!(Image::local_in(image.source(), &cache)
+            .await
+            .unwrap()
+            .is_none());
         // Still listed, and removable.
-        assert_eq!(Image::list_local_in(&cache).unwrap().len(), 1);
-        Image::remove_local_in(image.source(), &cache).unwrap();
-        assert!(Image::list_local_in(&cache).unwrap().is_empty());
+        assert_eq!(Image::list_local_in(&cache).await.unwrap().len(), 1);
+        Image::remove_local_in(image.source(), &cache)
+            .await
+            .unwrap();
+        assert!(Image::list_local_in(&cache).await.unwrap().is_empty());
     }
 
     #[tokio::test]
@@ -706,11 +725,11 @@ mod tests {
         };
         let snap_a = snap("a", &fs::canonicalize(&ext4).unwrap());
         let snap_other = snap("other", Path::new("/elsewhere/rootfs.ext4"));
-        let listed = Image::list_local_in(&cache).unwrap();
+        let listed = Image::list_local_in(&cache).await.unwrap();
         let rootfs_size = listed.iter().find(|l| l.image_id == a.digest()).unwrap();
         assert!(rootfs_size.rootfs_size.unwrap() >= 8192);
 
-        let removed = Image::remove_local_in(a.source(), &cache).unwrap();
+        let removed = Image::remove_local_in(a.source(), &cache).await.unwrap();
         assert_eq!(removed.name, a.source());
         assert_eq!(removed.image_id, a.digest());
         assert!(removed.freed_bytes >= 8192 + 4096, "{removed:?}");
@@ -723,18 +742,20 @@ mod tests {
         assert!(!ext4.exists());
         assert!(!snap_a.exists());
         assert!(snap_other.exists());
-        assert!(Image::local_in(b.source(), &cache).unwrap().is_some());
-        assert!(Image::local_in(a.source(), &cache).unwrap().is_none());
+        assert!(Image::local_in(b.source(), &cache).await.unwrap().is_some());
+        assert!(Image::local_in(a.source(), &cache).await.unwrap().is_none());
 
         // Absent: a typed error naming it.
-        let err = Image::remove_local_in(a.source(), &cache).unwrap_err();
+        let err = Image::remove_local_in(a.source(), &cache)
+            .await
+            .unwrap_err();
         assert!(
             matches!(&err, ImageError::NotLocal { reference } if reference == a.source()),
             "{err}"
         );
 
         // The last entry takes the shared layer with it.
-        Image::remove_local_in(b.source(), &cache).unwrap();
+        Image::remove_local_in(b.source(), &cache).await.unwrap();
         let left: Vec<_> = fs::read_dir(cache.join("blobs/sha256"))
             .unwrap()
             .flatten()
@@ -747,17 +768,17 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let cache = tmp.path();
         // A missing index is an empty one.
-        assert!(Image::list_local_in(cache).unwrap().is_empty());
-        assert!(Image::local_in("busybox", cache).unwrap().is_none());
+        assert!(Image::list_local_in(cache).await.unwrap().is_empty());
+        assert!(Image::local_in("busybox", cache).await.unwrap().is_none());
 
         fs::create_dir_all(cache.join("images")).unwrap();
         fs::write(index_path(cache), b"{not json").unwrap();
-        let err = Image::list_local_in(cache).unwrap_err();
+        let err = Image::list_local_in(cache).await.unwrap_err();
         assert!(matches!(err, ImageError::CorruptIndex { .. }), "{err}");
         assert!(err.to_string().contains("delete it to reset"), "{err}");
         assert!(err.to_string().contains("index.json"), "{err}");
-        assert!(Image::local_in("busybox", cache).is_err());
-        assert!(Image::remove_local_in("busybox", cache).is_err());
+        assert!(Image::local_in("busybox", cache).await.is_err());
+        assert!(Image::remove_local_in("busybox", cache).await.is_err());
 
         // An import still works (the index failure is only logged) and leaves the file alone.
         let image = import(cache, &tmp.path().join("a"), "v1", b"one").await;
@@ -785,7 +806,7 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
-        let list = Image::list_local_in(&cache).unwrap();
+        let list = Image::list_local_in(&cache).await.unwrap();
         assert_eq!(list.len(), 41, "{list:?}");
     }
 }

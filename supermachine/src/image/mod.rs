@@ -335,8 +335,18 @@ impl Image {
 
     /// Pulls `reference` with `options`.
     pub async fn pull_with(reference: &str, options: PullOptions) -> Result<Image, ImageError> {
-        let reference = ImageReference::parse(reference)?;
-        let cache_root = resolve_cache_root(&options.cache_root)?;
+        // The first parse in a process compiles the reference grammar (a regex: ~0.1 s in a
+        // debug build), so it runs on the blocking pool with the cache lookup.
+        let (reference, cache_root) = {
+            let (reference, cache_root) = (reference.to_owned(), options.cache_root.clone());
+            blocking(move || {
+                Ok((
+                    ImageReference::parse(&reference)?,
+                    resolve_cache_root(&cache_root)?,
+                ))
+            })
+            .await?
+        };
         let image = registry::pull(&reference, &options, cache_root).await?;
         let recorded = image.clone();
         if let Err(e) = blocking(move || {
@@ -345,7 +355,10 @@ impl Image {
         })
         .await
         {
-            tracing::warn!("cannot record the image in the local image index: {e}");
+            tracing::warn!(
+                "cannot record the image in the local image index: {}",
+                crate::Report(&e)
+            );
         }
         Ok(image)
     }
@@ -403,39 +416,45 @@ impl Image {
     /// Every pull and import records its image, under the normalised reference for a registry
     /// (`busybox` finds `docker.io/library/busybox:latest`) and under [`Image::source`] for a
     /// local import (`oci:DIR:TAG`). `reference` may also be an image ID (`sha256:<hex>`, or a
-    /// prefix of at least 12 hex digits). Blocking (small file reads).
-    pub fn local(reference: &str) -> Result<Option<Image>, ImageError> {
-        Self::local_in(reference, &resolve_cache_root(&None)?)
+    /// prefix of at least 12 hex digits). The index is read on the blocking pool.
+    pub async fn local(reference: &str) -> Result<Option<Image>, ImageError> {
+        Self::local_in(reference, &resolve_cache_root(&None)?).await
     }
 
     /// [`Image::local`] in the cache rooted at `cache_dir`.
-    pub fn local_in(reference: &str, cache_dir: &Path) -> Result<Option<Image>, ImageError> {
-        index::local(reference, cache_dir)
+    pub async fn local_in(reference: &str, cache_dir: &Path) -> Result<Option<Image>, ImageError> {
+        let (reference, cache_dir) = (reference.to_owned(), cache_dir.to_owned());
+        blocking(move || index::local(&reference, &cache_dir)).await
     }
 
     /// Every image in the local image index, sorted by name (entries whose blobs are gone
-    /// included). Blocking (small file reads).
-    pub fn list_local() -> Result<Vec<LocalImage>, ImageError> {
-        Self::list_local_in(&resolve_cache_root(&None)?)
+    /// included). The index is read on the blocking pool.
+    pub async fn list_local() -> Result<Vec<LocalImage>, ImageError> {
+        Self::list_local_in(&resolve_cache_root(&None)?).await
     }
 
     /// [`Image::list_local`] in the cache rooted at `cache_dir`.
-    pub fn list_local_in(cache_dir: &Path) -> Result<Vec<LocalImage>, ImageError> {
-        index::list(cache_dir)
+    pub async fn list_local_in(cache_dir: &Path) -> Result<Vec<LocalImage>, ImageError> {
+        let cache_dir = cache_dir.to_owned();
+        blocking(move || index::list(&cache_dir)).await
     }
 
     /// Removes the local image named `reference` (a name or ID as for [`Image::local`]) from the
     /// index, then deletes what no remaining image uses: its blobs, its rootfs, and snapshots
     /// made from that rootfs. [`ImageError::NotLocal`] if there is no such image;
-    /// [`ImageError::AmbiguousImage`] if an ID names several. Blocking (waits for the index
-    /// lock and for a build of that rootfs in progress).
-    pub fn remove_local(reference: &str) -> Result<RemovedImage, ImageError> {
-        Self::remove_local_in(reference, &resolve_cache_root(&None)?)
+    /// [`ImageError::AmbiguousImage`] if an ID names several. Runs on the blocking pool (it
+    /// waits for the index lock and for a build of that rootfs in progress).
+    pub async fn remove_local(reference: &str) -> Result<RemovedImage, ImageError> {
+        Self::remove_local_in(reference, &resolve_cache_root(&None)?).await
     }
 
     /// [`Image::remove_local`] in the cache rooted at `cache_dir`.
-    pub fn remove_local_in(reference: &str, cache_dir: &Path) -> Result<RemovedImage, ImageError> {
-        index::remove(reference, cache_dir)
+    pub async fn remove_local_in(
+        reference: &str,
+        cache_dir: &Path,
+    ) -> Result<RemovedImage, ImageError> {
+        let (reference, cache_dir) = (reference.to_owned(), cache_dir.to_owned());
+        blocking(move || index::remove(&reference, &cache_dir)).await
     }
 
     /// Where the image came from (`127.0.0.1:5000/busybox:latest`, `oci:DIR:TAG`,

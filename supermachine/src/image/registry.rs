@@ -56,37 +56,45 @@ pub(crate) async fn pull(
     options: &PullOptions,
     cache_root: PathBuf,
 ) -> Result<Image, ImageError> {
-    let store = BlobStore::open(&cache_root)?;
-    let credentials = match &options.credentials {
-        Some(c) => c.clone(),
-        None => {
-            let path = options.docker_config.clone().or_else(docker_config_path);
-            match path {
-                Some(path) => from_docker_config(&path, reference.registry())?.unwrap_or_default(),
-                None => Credentials::Anonymous,
-            }
-        }
-    };
     let registry = reference.resolved_registry().to_owned();
     let plain_http = reference.is_loopback_registry()
         || options
             .insecure
             .iter()
             .any(|r| r == reference.registry() || *r == registry);
+    let given_credentials = options.credentials.clone();
+    let docker_config = options.docker_config.clone();
+    let auth_registry = reference.registry().to_owned();
+    let store_root = cache_root.clone();
+    // Opening the store (directories), reading the Docker config and building the HTTP client
+    // (which loads and parses the system's root certificates: ~0.1-0.2 s) block: off the
+    // runtime.
+    let (store, credentials, client) = super::blocking(move || {
+        let store = BlobStore::open(&store_root)?;
+        let credentials = match given_credentials {
+            Some(c) => c,
+            None => match docker_config.or_else(docker_config_path) {
+                Some(path) => from_docker_config(&path, &auth_registry)?.unwrap_or_default(),
+                None => Credentials::Anonymous,
+            },
+        };
+        install_crypto_provider();
+        let client = Client::new(ClientConfig {
+            protocol: if plain_http {
+                ClientProtocol::HttpsExcept(vec![registry])
+            } else {
+                ClientProtocol::Https
+            },
+            // Index entries are resolved here, to report what platforms there are.
+            platform_resolver: None,
+            connect_timeout: Some(Duration::from_secs(30)),
+            read_timeout: Some(Duration::from_secs(120)),
+            ..Default::default()
+        });
+        Ok((store, credentials, client))
+    })
+    .await?;
     tracing::debug!(%reference, plain_http, credentials = ?credentials, "pulling image");
-    install_crypto_provider();
-    let client = Client::new(ClientConfig {
-        protocol: if plain_http {
-            ClientProtocol::HttpsExcept(vec![registry])
-        } else {
-            ClientProtocol::Https
-        },
-        // Index entries are resolved here, to report what platforms there are.
-        platform_resolver: None,
-        connect_timeout: Some(Duration::from_secs(30)),
-        read_timeout: Some(Duration::from_secs(120)),
-        ..Default::default()
-    });
     let puller = Puller {
         client,
         reference,
@@ -134,7 +142,10 @@ impl Puller<'_> {
             false,
         )
         .await?;
-        let config_bytes = self.store.read(&config_digest)?;
+        let config_path = self.store.path(&config_digest);
+        let config_bytes = tokio::fs::read(&config_path).await.map_err(|e| {
+            ImageError::io(format!("cannot read blob {}", config_path.display()), e)
+        })?;
         let (config, diff_ids) = manifest::parse_config(&source, &config_digest, &config_bytes)?;
         manifest::check_diff_id_count(&source, diff_ids.len(), layers.len())?;
 
@@ -402,7 +413,7 @@ impl Puller<'_> {
             }
             other => ImageError::Registry {
                 reference,
-                detail: format!("{what}: {}", error_chain(&other)),
+                detail: format!("{what}: {}", crate::Report(&other)),
             },
         }
     }
@@ -412,18 +423,6 @@ fn is_verification_error(e: &std::io::Error) -> bool {
     e.get_ref()
         .and_then(|inner| inner.downcast_ref::<oci_client::errors::DigestError>())
         .is_some_and(|d| matches!(d, oci_client::errors::DigestError::VerificationError { .. }))
-}
-
-/// `error: cause: cause` (reqwest hides the useful part in sources).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 /// The sha256 state after the first `len` bytes of `path`.

@@ -44,7 +44,7 @@ pub(crate) enum InitramfsError {
     BadGuestPath { path: String },
     #[error("guest path {path} is used twice")]
     Duplicate { path: String },
-    #[error("reading {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: PathBuf,
         #[source]

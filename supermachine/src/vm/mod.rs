@@ -16,10 +16,12 @@ mod exit;
 mod initramfs;
 mod snapshot;
 
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use supermachine_vmm::devices::vsock::VsockConfig;
+use supermachine_vmm::devices::serial::ConsoleLog;
+use supermachine_vmm::devices::vsock::{VsockConfig, VsockHandle};
 use supermachine_vmm::{DiskConfig, Machine, MachineBuilder, MachineConfig};
 use tracing::{debug, info, warn};
 
@@ -77,7 +79,15 @@ const ROOTFS_FLAG: &str = "supermachine.rootfs=1";
 pub struct Vm {
     agent: Agent,
     liveness: Arc<Liveness>,
-    machine: Mutex<Machine>,
+    /// Locked only on the blocking pool (snapshot, pause, resume, stop): those calls hold it
+    /// for as long as they block.
+    machine: Arc<Mutex<Machine>>,
+    /// The machine's console log and vsock device, kept here so reading them never waits for
+    /// the machine lock.
+    console: ConsoleLog,
+    vsock: VsockHandle,
+    /// Set by [`Vm::pause`], cleared by [`Vm::resume`].
+    paused: AtomicBool,
     identity: Identity,
     timings: StartTimings,
     /// The OCI image config whose Env / WorkingDir / User every exec defaults to.
@@ -139,32 +149,52 @@ impl Vm {
     }
 
     async fn start_with_rootfs(config: VmConfig, started: Instant) -> Result<Vm, Error> {
-        let resolved = config.resolve()?;
-        let initramfs = build_initramfs(&config, &resolved.agent)?;
-        let identity = identity_from(&config, &resolved, &initramfs)?;
+        // Reading the agent, building the initramfs and hashing the kernel take file I/O and
+        // tens to hundreds of milliseconds: off the runtime.
+        let (config, resolved, initramfs, identity) = blocking(move || {
+            let resolved = config.resolve()?;
+            let initramfs = build_initramfs(&config, &resolved.agent)?;
+            let identity = identity_from(&config, &resolved, &initramfs)?;
+            Ok((config, resolved, initramfs, identity))
+        })
+        .await?;
         if !config.snapshot_cache {
             return Self::boot(&config, &resolved, &initramfs.path, identity, started).await;
         }
-        let dir = crate::cache::dir("snapshots")
-            .map_err(|source| Error::Cache {
-                what: "snapshots",
-                source,
-            })?
-            .join(identity.key());
+        let key = identity.key();
+        let dir = blocking(move || {
+            crate::cache::dir("snapshots")
+                .map(|dir| dir.join(key))
+                .map_err(|source| Error::Cache {
+                    what: "snapshots",
+                    source,
+                })
+        })
+        .await?;
         let _turn = cache_lock::lock(&dir)
             .await
             .map_err(|source| Error::Cache {
                 what: "the snapshot lock",
                 source,
             })?;
-        if dir.join(snapshot::META_FILE).exists() {
-            match Snapshot::open(&dir) {
+        let cached = {
+            let dir = dir.clone();
+            blocking(move || {
+                Ok(dir
+                    .join(snapshot::META_FILE)
+                    .exists()
+                    .then(|| Snapshot::open_blocking(&dir)))
+            })
+            .await?
+        };
+        if let Some(opened) = cached {
+            match opened {
                 Ok(snap) if snap.identity() == &identity => {
                     match Self::restore_inner(&snap, &config, started).await {
                         Ok(vm) => return Ok(vm),
                         Err(e) => warn!(
                             dir = %dir.display(),
-                            "restoring the cached snapshot failed, booting instead: {e}"
+                            "restoring the cached snapshot failed, booting instead: {}", crate::Report(&e)
                         ),
                     }
                 }
@@ -172,18 +202,25 @@ impl Vm {
                     warn!(dir = %dir.display(), "cached snapshot is of another VM; replacing it")
                 }
                 Err(e) => {
-                    warn!(dir = %dir.display(), "cached snapshot unusable, replacing it: {e}")
+                    warn!(dir = %dir.display(), "cached snapshot unusable, replacing it: {}", crate::Report(&e))
                 }
             }
-            if let Err(e) = std::fs::remove_dir_all(&dir) {
-                warn!(dir = %dir.display(), "cannot remove the old snapshot: {e}");
-            }
+            let old = dir.clone();
+            blocking(move || {
+                if let Err(e) = std::fs::remove_dir_all(&old) {
+                    warn!(dir = %old.display(), "cannot remove the old snapshot: {e}");
+                }
+                Ok(())
+            })
+            .await?;
         }
         let vm = Self::boot(&config, &resolved, &initramfs.path, identity, started).await?;
         match vm.snapshot(&dir).await {
             Ok(_) => info!(dir = %dir.display(), "VM snapshot cached; later starts restore it"),
             // The VM itself is fine; only later starts lose the shortcut.
-            Err(e) => warn!(dir = %dir.display(), "could not cache a snapshot of the VM: {e}"),
+            Err(e) => {
+                warn!(dir = %dir.display(), "could not cache a snapshot of the VM: {}", crate::Report(&e))
+            }
         }
         Ok(vm)
     }
@@ -205,8 +242,13 @@ impl Vm {
         machine_config.vsock = Some(vsock_config());
         machine_config.disks = rootfs_disks(&identity);
 
-        let builder = MachineBuilder::new(machine_config).map_err(Error::from_vmm)?;
-        let machine = builder.start().map_err(Error::from_vmm)?;
+        // Loading the kernel and creating the VM and its vCPUs block (file reads, ioctls).
+        let machine = blocking(move || {
+            MachineBuilder::new(machine_config)
+                .and_then(MachineBuilder::start)
+                .map_err(Error::from_vmm)
+        })
+        .await?;
         let vm = Self::attach(machine, identity, false, started.elapsed())?;
         // On any error below, dropping `vm` stops the machine.
         let agent_ready = vm.wait_for_agent(started, config.boot_timeout).await?;
@@ -242,16 +284,23 @@ impl Vm {
         machine_config.memory_mib = identity.memory_mib;
         machine_config.console_to_stderr = config.console_to_stderr;
         machine_config.vsock = Some(vsock_config());
-        if let Some(rootfs) = &identity.rootfs {
-            // The guest's page cache holds pieces of this image: it must be the same bytes.
-            rootfs.check_unchanged()?;
-        }
         machine_config.disks = rootfs_disks(&identity);
-        let machine = Machine::restore_state(machine_config, snapshot.dir(), snapshot.state())
-            .map_err(|e| match e {
-                supermachine_vmm::Error::Snapshot(e) => Error::Snapshot(SnapshotError::from_vmm(e)),
-                other => Error::from_vmm(other),
-            })?;
+        // Mapping the memory file, creating the VM and loading its state block (ioctls, file
+        // I/O): off the runtime.
+        let snapshot_copy = snapshot.clone();
+        let rootfs = identity.rootfs.clone();
+        let machine = blocking(move || {
+            if let Some(rootfs) = &rootfs {
+                // The guest's page cache holds pieces of this image: it must be the same bytes.
+                rootfs.check_unchanged()?;
+            }
+            Machine::restore_state(machine_config, snapshot_copy.dir(), snapshot_copy.state())
+                .map_err(|e| match e {
+                    supermachine_vmm::Error::Snapshot(e) => Error::Snapshot(e),
+                    other => Error::from_vmm(other),
+                })
+        })
+        .await?;
         let vm = Self::attach(machine, identity, true, started.elapsed())?;
         let entropy = host_entropy()?;
         match tokio::time::timeout(RESTORE_AGENT_TIMEOUT, vm.agent.restored(entropy)).await {
@@ -285,13 +334,16 @@ impl Vm {
         let liveness = Liveness::new(machine.exit_watch());
         tokio::spawn(liveness.clone().monitor());
         let agent = Agent::with_connector(VsockConnector {
-            handle,
+            handle: handle.clone(),
             liveness: liveness.clone(),
         });
         Ok(Vm {
             agent,
             liveness,
-            machine: Mutex::new(machine),
+            console: machine.console_log().clone(),
+            vsock: handle,
+            machine: Arc::new(Mutex::new(machine)),
+            paused: AtomicBool::new(false),
             identity,
             timings: StartTimings {
                 restored,
@@ -345,77 +397,90 @@ impl Vm {
     /// Saves this VM into the new directory `dir` (created; it must not exist or be empty)
     /// and returns the snapshot, ready for [`Vm::restore`]. The VM is paused while its state
     /// and RAM are written (a sparse file: only pages the guest touched), then carries on; its
-    /// running execs and connections are not disturbed.
+    /// running execs and connections are not disturbed. A VM paused with [`Vm::pause`] can be
+    /// snapshotted and stays paused.
     ///
     /// First it waits up to a second for vsock connections that are still open or closing
     /// (a finished exec's connection needs one guest round trip to close): a snapshot without
     /// connections restores faster, as the restored guest then needs no transport reset.
     /// Connections still open are fine too; their guest sockets are reset in restored VMs.
     ///
-    /// Blocks the calling thread while the state is written (a few hundred milliseconds for
-    /// a few hundred MiB of touched RAM).
+    /// The writing (a few hundred milliseconds for a few hundred MiB of touched RAM) runs on
+    /// tokio's blocking pool, not on the calling task's thread.
     pub async fn snapshot(&self, dir: impl AsRef<std::path::Path>) -> Result<Snapshot, Error> {
-        let dir = dir.as_ref();
-        let parent = match dir.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-            _ => std::path::PathBuf::from("."),
-        };
-        if std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some()) {
-            return Err(SnapshotError::Exists(dir.to_owned()).into());
-        }
-        std::fs::create_dir_all(&parent).map_err(|source| SnapshotError::Io {
-            path: parent.clone(),
-            source,
-        })?;
-        // Written under a temporary name and renamed into place, so no reader ever sees a
-        // half-written snapshot.
-        let tmp = tempfile::Builder::new()
-            .prefix(".snapshot-")
-            .tempdir_in(&parent)
-            .map_err(|source| SnapshotError::Io {
-                path: parent.clone(),
-                source,
-            })?;
-        self.settle_connections(SNAPSHOT_SETTLE).await;
-        let info = self.machine().snapshot(tmp.path()).map_err(|e| match e {
-            supermachine_vmm::Error::Snapshot(
-                supermachine_vmm::snapshot::SnapshotError::NotRunning,
-            ) => match self.exit_status() {
-                Some(exit) => Error::VmExited(exit),
-                None => Error::Snapshot(SnapshotError::Vmm("the VM is not running".into())),
-            },
-            supermachine_vmm::Error::Snapshot(e) => Error::Snapshot(SnapshotError::from_vmm(e)),
-            other => Error::Snapshot(SnapshotError::Vmm(other.to_string())),
-        })?;
-        snapshot::write_meta(
-            tmp.path(),
-            &self.identity,
-            self.image.as_ref(),
-            &info.memory_sha256,
-        )?;
-        // An empty directory left at `dir` (checked above) is replaced; a non-empty one makes
-        // the rename fail, and the temporary directory is removed on drop.
-        let _ = std::fs::remove_dir(dir);
-        let tmp_path = tmp.keep();
-        if let Err(source) = std::fs::rename(&tmp_path, dir) {
-            let _ = std::fs::remove_dir_all(&tmp_path);
-            return Err(if dir.exists() {
-                SnapshotError::Exists(dir.to_owned())
-            } else {
-                SnapshotError::Io {
-                    path: dir.to_owned(),
-                    source,
+        let dir = dir.as_ref().to_owned();
+        {
+            let dir = dir.clone();
+            blocking(move || {
+                if std::fs::read_dir(&dir).is_ok_and(|mut entries| entries.next().is_some()) {
+                    return Err(SnapshotError::Exists(dir).into());
                 }
-            }
-            .into());
+                Ok(())
+            })
+            .await?;
         }
+        // Paused VMs have no connection traffic to wait for (and none would settle).
+        if !self.is_paused() {
+            self.settle_connections(SNAPSHOT_SETTLE).await;
+        }
+        let machine = Arc::clone(&self.machine);
+        let identity = self.identity.clone();
+        let image = self.image.clone();
+        let liveness = Arc::clone(&self.liveness);
+        let (snapshot, paused_for, memory_bytes) = blocking(move || {
+            write_snapshot(&lock(&machine), &dir, &identity, image.as_ref(), &liveness)
+        })
+        .await?;
         debug!(
-            dir = %dir.display(),
-            paused_ms = info.paused_for.as_secs_f64() * 1e3,
-            memory_bytes = info.memory_bytes_written,
+            dir = %snapshot.dir().display(),
+            paused_ms = paused_for.as_secs_f64() * 1e3,
+            memory_bytes,
             "snapshot written"
         );
-        Snapshot::open(dir)
+        Ok(snapshot)
+    }
+
+    /// Pauses the VM: its vCPUs stop between two instructions and its devices between two
+    /// requests, until [`Vm::resume`]. Nothing is lost: running execs keep their streams (they
+    /// just see no output meanwhile), published ports keep their listeners (new connections
+    /// wait), and both carry on after the resume. [`Vm::snapshot`] and [`Vm::stop`] work on a
+    /// paused VM. The guest clock is not stopped, so the guest sees the pause as time passed.
+    /// Timeouts of execs (host-side deadlines) keep running. Idempotent.
+    ///
+    /// Fails with [`Error::VmExited`] if the VM has ended. Parking the vCPUs happens on the
+    /// blocking pool.
+    pub async fn pause(&self) -> Result<(), Error> {
+        let machine = Arc::clone(&self.machine);
+        let result = blocking(move || Ok(lock(&machine).pause())).await?;
+        if result.is_ok() {
+            self.paused.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        result.map_err(|e| match (&e, self.exit_status()) {
+            (
+                supermachine_vmm::Error::Pause(supermachine_vmm::PauseError::NotRunning),
+                Some(exit),
+            ) => Error::VmExited(exit),
+            _ => Error::from_vmm(e),
+        })
+    }
+
+    /// Lets a paused VM run again (see [`Vm::pause`]); does nothing if it is not paused.
+    pub async fn resume(&self) -> Result<(), Error> {
+        let machine = Arc::clone(&self.machine);
+        // Waits out a snapshot in progress, which holds the machine.
+        blocking(move || {
+            lock(&machine).resume();
+            Ok(())
+        })
+        .await?;
+        self.paused
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Whether the VM is paused ([`Vm::pause`]). Cheap.
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Waits (at most `limit`) until the vsock device tracks no connection: a snapshot taken
@@ -424,7 +489,7 @@ impl Vm {
     async fn settle_connections(&self, limit: Duration) {
         let deadline = Instant::now() + limit;
         loop {
-            let open = self.machine().vsock().map_or(0, |v| v.connection_count());
+            let open = self.vsock.connection_count();
             if open == 0 || Instant::now() >= deadline {
                 debug!(open, "vsock connections before the snapshot");
                 return;
@@ -448,7 +513,7 @@ impl Vm {
                     return Ok(started.elapsed());
                 }
                 Ok(Err(e @ Error::VmExited(_))) => return Err(e),
-                Ok(Err(e)) => debug!("agent not up yet: {e}"),
+                Ok(Err(e)) => debug!("agent not up yet: {}", crate::Report(&e)),
                 Err(_) => {}
             }
             if Instant::now() >= deadline {
@@ -513,14 +578,9 @@ impl Vm {
         &self,
         path: impl Into<std::path::PathBuf>,
     ) -> impl std::future::Future<Output = std::io::Result<()>> + Send + 'static {
-        let handle = self.machine().vsock().cloned();
+        let handle = self.vsock.clone();
         let path = path.into();
-        async move {
-            match handle {
-                Some(handle) => handle.serve_unix(path).await,
-                None => Err(std::io::Error::other("the machine has no vsock device")),
-            }
-        }
+        async move { handle.serve_unix(path).await }
     }
 
     /// Test hook: makes the guest kernel panic (see [`VmConfig::test_hooks`]).
@@ -535,19 +595,13 @@ impl Vm {
         self.timings.agent_ready
     }
 
-    /// The machine, even if a panicking thread poisoned the lock: `Machine`'s methods keep it
-    /// consistent on their own.
-    fn machine(&self) -> std::sync::MutexGuard<'_, Machine> {
-        self.machine.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// The guest console (serial port) as far as it is kept (the last 256 KiB or so).
     pub fn console(&self) -> String {
-        String::from_utf8_lossy(&self.machine().console()).into_owned()
+        String::from_utf8_lossy(&self.console.contents()).into_owned()
     }
 
     fn console_tail(&self) -> String {
-        self.machine().console_log().tail(CONSOLE_TAIL_BYTES)
+        self.console.tail(CONSOLE_TAIL_BYTES)
     }
 
     /// How the VM ended, or `None` while it runs.
@@ -565,13 +619,110 @@ impl Vm {
         })
     }
 
-    /// Stops the VM (if still running) and frees its vCPUs; every pending exec fails with
-    /// [`Error::VmExited`]. Idempotent. Blocks briefly while the vCPU threads leave the guest.
-    pub fn stop(&self) -> VmExit {
+    /// Stops the VM (if still running, or paused) and frees its vCPUs; every pending exec
+    /// fails with [`Error::VmExited`]. Idempotent. Joining the vCPU threads happens on the
+    /// blocking pool. (Dropping a `Vm` stops it too, but on the dropping thread.)
+    pub async fn stop(&self) -> VmExit {
         // A stopped VM's host ports must be free for the next one at once.
         self.publisher.close();
-        VmExit::from(self.machine().stop())
+        let machine = Arc::clone(&self.machine);
+        let exit = tokio::task::spawn_blocking(move || lock(&machine).stop()).await;
+        self.paused
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        match exit {
+            Ok(exit) => VmExit::from(exit),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // The runtime is shutting down and cancelled the task: stop here instead.
+            Err(_) => self.stop_blocking(),
+        }
     }
+
+    /// [`Vm::stop`] for synchronous code (`Drop` implementations, threads of your own): stops
+    /// the VM and joins its vCPU threads on the calling thread, which it blocks meanwhile
+    /// (usually well under a millisecond; longer while a snapshot or pause is in progress).
+    pub fn stop_blocking(&self) -> VmExit {
+        self.publisher.close();
+        let exit = lock(&self.machine).stop();
+        self.paused
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        VmExit::from(exit)
+    }
+}
+
+/// The machine, even if a panicking thread poisoned the lock: `Machine`'s methods keep it
+/// consistent on their own.
+fn lock(machine: &Mutex<Machine>) -> MutexGuard<'_, Machine> {
+    machine.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs blocking VM work (file I/O, hashing, hypervisor calls) on tokio's blocking pool, so the
+/// runtime that awaits it keeps running its other tasks. A panic in `f` is resumed here.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(result) => result,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        // Only a runtime shutting down cancels a blocking task.
+        Err(e) => Err(Error::VmSetup(Box::new(e))),
+    }
+}
+
+/// Writes a snapshot of `machine` into the new directory `dir` (through a temporary sibling,
+/// renamed into place) with its metadata, and opens it. Blocking.
+fn write_snapshot(
+    machine: &Machine,
+    dir: &std::path::Path,
+    identity: &Identity,
+    image: Option<&crate::image::ImageConfig>,
+    liveness: &Liveness,
+) -> Result<(Snapshot, Duration, u64), Error> {
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => std::path::PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|source| SnapshotError::Io {
+        path: parent.clone(),
+        source,
+    })?;
+    // Written under a temporary name and renamed into place, so no reader ever sees a
+    // half-written snapshot.
+    let tmp = tempfile::Builder::new()
+        .prefix(".snapshot-")
+        .tempdir_in(&parent)
+        .map_err(|source| SnapshotError::Io {
+            path: parent.clone(),
+            source,
+        })?;
+    let info = machine.snapshot(tmp.path()).map_err(|e| match e {
+        supermachine_vmm::Error::Snapshot(
+            supermachine_vmm::snapshot::SnapshotError::NotRunning,
+        ) => match liveness.exit() {
+            Some(exit) => Error::VmExited(exit),
+            None => Error::Snapshot(SnapshotError::NotRunning),
+        },
+        supermachine_vmm::Error::Snapshot(e) => Error::Snapshot(e),
+        other => Error::from_vmm(other),
+    })?;
+    snapshot::write_meta(tmp.path(), identity, image, &info.memory_sha256)?;
+    // An empty directory left at `dir` (checked by the caller) is replaced; a non-empty one
+    // makes the rename fail, and the temporary directory is removed on drop.
+    let _ = std::fs::remove_dir(dir);
+    let tmp_path = tmp.keep();
+    if let Err(source) = std::fs::rename(&tmp_path, dir) {
+        let _ = std::fs::remove_dir_all(&tmp_path);
+        return Err(if dir.exists() {
+            SnapshotError::Exists(dir.to_owned())
+        } else {
+            SnapshotError::Io {
+                path: dir.to_owned(),
+                source,
+            }
+        }
+        .into());
+    }
+    let snapshot = Snapshot::open_blocking(dir)?;
+    Ok((snapshot, info.paused_for, info.memory_bytes_written))
 }
 
 /// The guest kernel parameters this VM adds.

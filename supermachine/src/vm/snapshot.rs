@@ -77,11 +77,11 @@ impl RootfsIdentity {
     /// Checks that the image is still the one hashed: by metadata when that is unchanged,
     /// else by hashing it again.
     pub(crate) fn check_unchanged(&self) -> Result<(), SnapshotError> {
-        let now = Self::of_metadata(&self.path).map_err(SnapshotError::io(&self.path))?;
+        let now = Self::of_metadata(&self.path).map_err(io_error(&self.path))?;
         if (now.0, now.1, now.2) == (self.len, self.mtime_ns, self.ino) {
             return Ok(());
         }
-        let sha256 = sha256_file(&self.path).map_err(SnapshotError::io(&self.path))?;
+        let sha256 = sha256_file(&self.path).map_err(io_error(&self.path))?;
         if sha256 == self.sha256 {
             return Ok(());
         }
@@ -216,98 +216,14 @@ struct Meta {
     image: Option<ImageConfig>,
 }
 
-/// A snapshot could not be used (or written). Each variant names what is wrong.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum SnapshotError {
-    /// A snapshot file could not be read or written.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file or directory.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A file is damaged (bad checksum, bad magic, undecodable) or missing pieces.
-    #[error("{path} is corrupt: {why}")]
-    Corrupt {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        why: String,
-    },
-    /// The snapshot was written by an incompatible version.
-    #[error("snapshot format version {found}, this build reads version {supported}; take the snapshot again")]
-    FormatVersion {
-        /// The snapshot's version.
-        found: u32,
-        /// The version this build reads.
-        supported: u32,
-    },
-    /// The memory file is shorter or longer than the VM's RAM (truncated or replaced).
-    #[error(
-        "{path} is {found} bytes but the VM has {expected} bytes of RAM: truncated or replaced"
-    )]
-    MemoryTruncated {
-        /// The memory file.
-        path: PathBuf,
-        /// Bytes it must have.
-        expected: u64,
-        /// Bytes it has.
-        found: u64,
-    },
-    /// The memory file's contents differ from what was written ([`Snapshot::verify_memory`]).
-    #[error("{path}: contents changed since the snapshot was taken (sha256 mismatch)")]
-    MemoryChanged {
-        /// The memory file.
-        path: PathBuf,
-    },
-    /// The snapshot is of another VM than the one asked for.
-    #[error("snapshot does not match the configuration: {what} is {snapshot} in the snapshot, {requested} requested")]
-    Mismatch {
-        /// Which property differs.
-        what: &'static str,
-        /// The snapshot's value.
-        snapshot: String,
-        /// The requested value.
-        requested: String,
-    },
-    /// The target directory already exists and is not empty.
-    #[error("{0} already exists; snapshots are written to a new directory")]
-    Exists(PathBuf),
-    /// The VMM could not take or restore the snapshot.
-    #[error("{0}")]
-    Vmm(String),
-}
+/// A snapshot could not be taken, opened or restored: the VMM's error type, shared so that
+/// nothing is lost between the layers.
+pub use supermachine_vmm::snapshot::SnapshotError;
 
-impl SnapshotError {
-    fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
-        let path = path.into();
-        move |source| SnapshotError::Io { path, source }
-    }
-
-    /// Translates the VMM's snapshot errors into this crate's.
-    pub(crate) fn from_vmm(error: supermachine_vmm::snapshot::SnapshotError) -> Self {
-        use supermachine_vmm::snapshot::SnapshotError as V;
-        match error {
-            V::Io { path, source } => SnapshotError::Io { path, source },
-            V::Corrupt { path, why } => SnapshotError::Corrupt { path, why },
-            V::FormatVersion { found, supported } => {
-                SnapshotError::FormatVersion { found, supported }
-            }
-            V::MemorySize {
-                path,
-                expected,
-                found,
-            } => SnapshotError::MemoryTruncated {
-                path,
-                expected,
-                found,
-            },
-            other => SnapshotError::Vmm(other.to_string()),
-        }
-    }
+/// [`SnapshotError::Io`] for `path`.
+fn io_error(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> SnapshotError {
+    let path = path.into();
+    move |source| SnapshotError::Io { path, source }
 }
 
 impl From<SnapshotError> for Error {
@@ -330,14 +246,20 @@ impl Snapshot {
     /// Opens the snapshot in `dir` and checks it: `meta.json` readable and of this format
     /// version, `vmstate` intact (magic, version, checksum) and consistent with the metadata,
     /// and `memory` exactly the VM's RAM size. The memory file's contents are not read (see
-    /// [`verify_memory`](Self::verify_memory)).
-    pub fn open(dir: impl AsRef<Path>) -> Result<Snapshot, Error> {
-        Ok(Self::open_inner(dir.as_ref())?)
+    /// [`verify_memory`](Self::verify_memory)). The files are read on the blocking pool.
+    pub async fn open(dir: impl AsRef<Path>) -> Result<Snapshot, Error> {
+        let dir = dir.as_ref().to_owned();
+        super::blocking(move || Self::open_blocking(&dir)).await
+    }
+
+    /// [`open`](Self::open) on the calling thread.
+    pub(crate) fn open_blocking(dir: &Path) -> Result<Snapshot, Error> {
+        Ok(Self::open_inner(dir)?)
     }
 
     fn open_inner(dir: &Path) -> Result<Snapshot, SnapshotError> {
         let meta_path = dir.join(META_FILE);
-        let bytes = std::fs::read(&meta_path).map_err(SnapshotError::io(&meta_path))?;
+        let bytes = std::fs::read(&meta_path).map_err(io_error(&meta_path))?;
         #[derive(Deserialize)]
         struct Version {
             format_version: u32,
@@ -359,8 +281,8 @@ impl Snapshot {
         })?;
 
         let state_path = dir.join(VMSTATE_FILE);
-        let state_bytes = std::fs::read(&state_path).map_err(SnapshotError::io(&state_path))?;
-        let state = format::decode(&state_bytes, &state_path).map_err(SnapshotError::from_vmm)?;
+        let state_bytes = std::fs::read(&state_path).map_err(io_error(&state_path))?;
+        let state = format::decode(&state_bytes, &state_path)?;
         if state.config.vcpus != meta.identity.vcpus
             || state.config.memory_mib != meta.identity.memory_mib
         {
@@ -378,7 +300,7 @@ impl Snapshot {
 
         let memory_path = dir.join(MEMORY_FILE);
         let found = std::fs::metadata(&memory_path)
-            .map_err(SnapshotError::io(&memory_path))?
+            .map_err(io_error(&memory_path))?
             .len();
         let expected = u64::from(meta.identity.memory_mib) << 20;
         if found != expected {
@@ -426,10 +348,11 @@ impl Snapshot {
 
     /// Checks that this snapshot is of the VM `config` describes: same kernel and agent
     /// (by content hash), vCPUs, memory, extra files and guest command line. Fails with
-    /// [`SnapshotError::Mismatch`] naming the first difference. Reads the kernel and agent
-    /// (hashes are cached per process).
-    pub fn check_matches(&self, config: &VmConfig) -> Result<(), Error> {
-        let wanted = super::identity_of(config)?;
+    /// [`SnapshotError::Mismatch`] naming the first difference. Reads and hashes the kernel
+    /// and agent (hashes are cached per process) on the blocking pool.
+    pub async fn check_matches(&self, config: &VmConfig) -> Result<(), Error> {
+        let config = config.clone();
+        let wanted = super::blocking(move || super::identity_of(&config)).await?;
         match self.meta.identity.mismatch(&wanted) {
             Some(e) => Err(e.into()),
             None => Ok(()),
@@ -437,16 +360,19 @@ impl Snapshot {
     }
 
     /// Reads the whole memory file and checks it against the hash taken when the snapshot was
-    /// written ([`SnapshotError::MemoryChanged`] otherwise). Slow (it reads all of RAM), so
-    /// restores never do it.
-    pub fn verify_memory(&self) -> Result<(), Error> {
+    /// written ([`SnapshotError::MemoryChanged`] otherwise). Slow (it reads all of RAM, on
+    /// the blocking pool), so restores never do it.
+    pub async fn verify_memory(&self) -> Result<(), Error> {
         let path = self.dir.join(MEMORY_FILE);
-        let digest =
-            supermachine_vmm::memory::sparse_digest(&path).map_err(SnapshotError::io(&path))?;
-        if hex(&digest) != self.meta.memory_sha256 {
-            return Err(SnapshotError::MemoryChanged { path }.into());
-        }
-        Ok(())
+        let expected = self.meta.memory_sha256.clone();
+        super::blocking(move || {
+            let digest = supermachine_vmm::memory::sparse_digest(&path).map_err(io_error(&path))?;
+            if hex(&digest) != expected {
+                return Err(SnapshotError::MemoryChanged { path }.into());
+            }
+            Ok(())
+        })
+        .await
     }
 }
 
@@ -471,8 +397,8 @@ pub(crate) fn write_meta(
         image: image.cloned(),
     };
     let path = dir.join(META_FILE);
-    let json = serde_json::to_vec_pretty(&meta).map_err(|e| SnapshotError::Vmm(e.to_string()))?;
-    std::fs::write(&path, json).map_err(SnapshotError::io(&path))
+    let json = serde_json::to_vec_pretty(&meta).map_err(|e| SnapshotError::Encode(Box::new(e)))?;
+    std::fs::write(&path, json).map_err(io_error(&path))
 }
 
 /// SHA-256 of a file's contents, in hex.

@@ -574,4 +574,4 @@ mod snapshot;
 #[cfg(test)]
 mod tests;
 
-pub use snapshot::TransportState;
+pub use snapshot::{DeviceStateError, TransportState};

@@ -10,7 +10,7 @@ pub(crate) mod ring;
 pub(crate) mod test_driver;
 pub(crate) mod worker_gate;
 
-pub use mmio::MmioTransport;
+pub use mmio::{DeviceStateError, MmioTransport};
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -89,10 +89,10 @@ pub enum ActivateError {
         got: usize,
     },
     /// A queue-notification EventFd could not be prepared (dup, non-blocking mode).
-    #[error("queue notification eventfd: {0}")]
+    #[error("cannot create the queue notification eventfd")]
     Notify(#[source] std::io::Error),
     /// The device's worker (task or thread) could not be started.
-    #[error("starting the device worker: {0}")]
+    #[error("starting the device worker failed")]
     Worker(#[source] std::io::Error),
     /// The device was activated twice without a reset in between.
     #[error("device is already active")]
@@ -156,11 +156,8 @@ pub trait VirtioDevice: Send {
     /// Holds the device's worker back between two batches (for a snapshot) and returns where
     /// its queues stand, or `None` when it is not active. Until [`resume`](Self::resume) the
     /// device does not touch guest memory. Devices that cannot be snapshotted say why.
-    fn pause(&mut self) -> Result<Option<Vec<QueueState>>, String> {
-        Err(format!(
-            "virtio device type {} does not support snapshots",
-            self.device_type()
-        ))
+    fn pause(&mut self) -> Result<Option<Vec<QueueState>>, DeviceStateError> {
+        Err(DeviceStateError::Unsupported(self.device_type()))
     }
 
     /// Ends a [`pause`](Self::pause): the worker carries on where it stopped.

@@ -160,7 +160,10 @@ impl VirtioDevice for VsockDevice {
             .load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    fn pause(&mut self) -> Result<Option<Vec<virtio_queue::QueueState>>, String> {
+    fn pause(
+        &mut self,
+    ) -> Result<Option<Vec<virtio_queue::QueueState>>, crate::devices::virtio::DeviceStateError>
+    {
         // Connections stay as they are: a paused worker only stops touching the rings.
         Ok(self.worker.as_ref().and_then(|(gate, _)| gate.pause()))
     }

@@ -32,8 +32,12 @@ pub enum Command {
     Exec(ExecArgs),
     /// List running microVMs.
     Ps,
-    /// Stop a running microVM.
-    Stop(StopArgs),
+    /// Stop running microVMs (paused ones too).
+    Stop(NamesArgs),
+    /// Pause running microVMs: their vCPUs and devices stop until `unpause`; nothing is lost.
+    Pause(NamesArgs),
+    /// Let paused microVMs run again.
+    Unpause(NamesArgs),
     /// Show the output of a detached microVM's command, or its guest console.
     Logs(LogsArgs),
     /// Copy a file into or out of a running microVM (`cp FILE NAME:PATH`, `cp NAME:PATH FILE`).
@@ -121,7 +125,7 @@ pub struct ExecArgs {
 }
 
 #[derive(Debug, Args)]
-pub struct StopArgs {
+pub struct NamesArgs {
     /// The VMs' names.
     #[arg(required = true)]
     pub names: Vec<String>,

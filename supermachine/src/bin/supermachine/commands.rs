@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use supermachine::{Agent, Image, UnixConnector};
 
 use crate::attach;
-use crate::cli::{CpArgs, ExecArgs, LogsArgs, PullArgs, RmiArgs, RunArgs, StopArgs};
+use crate::cli::{CpArgs, ExecArgs, LogsArgs, NamesArgs, PullArgs, RmiArgs, RunArgs};
 use crate::control::{self, Request};
 use crate::failure::Failure;
 use crate::host::{self, Host};
@@ -37,7 +37,7 @@ pub async fn pull(args: PullArgs) -> Result<ExitCode, Failure> {
 }
 
 pub async fn images() -> Result<ExitCode, Failure> {
-    let images = Image::list_local()?;
+    let images = Image::list_local().await?;
     let width = images
         .iter()
         .map(|i| i.name.len())
@@ -68,7 +68,7 @@ pub async fn images() -> Result<ExitCode, Failure> {
 pub async fn rmi(args: RmiArgs) -> Result<ExitCode, Failure> {
     let mut failed = None;
     for name in &args.images {
-        match Image::remove_local(name) {
+        match Image::remove_local(name).await {
             Ok(removed) => out!(
                 "Deleted {} ({}, freed {})",
                 removed.name,
@@ -140,17 +140,24 @@ pub async fn exec(args: ExecArgs) -> Result<ExitCode, Failure> {
 pub async fn ps() -> Result<ExitCode, Failure> {
     let registry = Registry::open()?;
     let entries = registry.list()?;
-    let rows: Vec<[String; 6]> = entries
-        .iter()
-        .map(|entry| match &entry.info {
-            Some(info) => [
-                entry.name.clone(),
-                info.image.clone(),
-                quote_command(&info.command),
-                ago(UNIX_EPOCH + Duration::from_secs(info.created_unix)),
-                format!("up, pid {}", entry.host.pid),
-                info.ports.join(", "),
-            ],
+    let mut rows: Vec<[String; 6]> = Vec::with_capacity(entries.len());
+    for entry in &entries {
+        rows.push(match &entry.info {
+            Some(info) => {
+                let socket = entry.dir.join(registry::CONTROL_SOCKET);
+                let state = match control::call(&socket, Request::Ping).await {
+                    Ok(answer) if answer.text.as_deref() == Some(host::PAUSED) => "paused",
+                    _ => "up",
+                };
+                [
+                    entry.name.clone(),
+                    info.image.clone(),
+                    quote_command(&info.command),
+                    ago(UNIX_EPOCH + Duration::from_secs(info.created_unix)),
+                    format!("{state}, pid {}", entry.host.pid),
+                    info.ports.join(", "),
+                ]
+            }
             None => [
                 entry.name.clone(),
                 String::new(),
@@ -159,8 +166,8 @@ pub async fn ps() -> Result<ExitCode, Failure> {
                 format!("starting, pid {}", entry.host.pid),
                 String::new(),
             ],
-        })
-        .collect();
+        });
+    }
     let header = ["NAME", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS"].map(String::from);
     let mut widths = header.clone().map(|h| h.len());
     for row in &rows {
@@ -179,7 +186,7 @@ pub async fn ps() -> Result<ExitCode, Failure> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn stop(args: StopArgs) -> Result<ExitCode, Failure> {
+pub async fn stop(args: NamesArgs) -> Result<ExitCode, Failure> {
     let registry = Registry::open()?;
     let mut failed = false;
     for name in &args.names {
@@ -187,6 +194,35 @@ pub async fn stop(args: StopArgs) -> Result<ExitCode, Failure> {
             Ok(()) => out!("{name}"),
             Err(failure) => {
                 eprintln!("supermachine: {}", failure.message());
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// `pause` (`pausing`) or `unpause`: asks each VM's host; prints the names it did.
+pub async fn pause(args: NamesArgs, pausing: bool) -> Result<ExitCode, Failure> {
+    let registry = Registry::open()?;
+    let request = if pausing {
+        Request::Pause
+    } else {
+        Request::Unpause
+    };
+    let mut failed = false;
+    for name in &args.names {
+        let asked = match registry.find(name) {
+            Ok(entry) => control::call(&entry.dir.join(registry::CONTROL_SOCKET), request).await,
+            Err(failure) => Err(failure),
+        };
+        match asked {
+            Ok(_) => out!("{name}"),
+            Err(failure) => {
+                eprintln!("supermachine: {name}: {}", failure.message());
                 failed = true;
             }
         }

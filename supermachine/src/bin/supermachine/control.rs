@@ -1,8 +1,9 @@
 //! The control socket of a VM host: one JSON request line, one JSON answer line.
 //!
-//! `{"op":"ping"}` → `{"ok":true}`; `{"op":"console"}` → `{"ok":true,"text":"..."}` (the guest
-//! console); `{"op":"stop"}` → `{"ok":true}`, after which the host stops the VM, removes its
-//! registry directory and exits.
+//! `{"op":"ping"}` → `{"ok":true,"text":"running"}` (or `"paused"`); `{"op":"console"}` →
+//! `{"ok":true,"text":"..."}` (the guest console); `{"op":"pause"}` / `{"op":"unpause"}` →
+//! `{"ok":true}` once the VM is paused / running again; `{"op":"stop"}` → `{"ok":true}`, after
+//! which the host stops the VM, removes its registry directory and exits.
 
 use std::path::Path;
 use std::time::Duration;
@@ -23,6 +24,8 @@ const MAX_REQUEST: u64 = 4096;
 pub enum Request {
     Ping,
     Console,
+    Pause,
+    Unpause,
     Stop,
 }
 

@@ -104,7 +104,7 @@ impl Host {
 impl Drop for Host {
     fn drop(&mut self) {
         // The muxer and control tasks hold the VM: stop it rather than wait for them to end.
-        self.vm.stop();
+        self.vm.stop_blocking();
         for task in &self.tasks {
             task.abort();
         }
@@ -125,8 +125,16 @@ async fn serve_control(listener: tokio::net::UnixListener, vm: Arc<Vm>, stop: Ca
                 return;
             };
             let answer = match request {
-                Request::Ping => Answer::ok(),
+                Request::Ping => Answer::text(host_state(&vm).into()),
                 Request::Console => Answer::text(vm.console()),
+                Request::Pause => match vm.pause().await {
+                    Ok(()) => Answer::ok(),
+                    Err(e) => Answer::error(format!("cannot pause: {e}")),
+                },
+                Request::Unpause => match vm.resume().await {
+                    Ok(()) => Answer::ok(),
+                    Err(e) => Answer::error(format!("cannot unpause: {e}")),
+                },
                 Request::Stop => Answer::ok(),
             };
             let _ = control::answer(&mut stream, answer).await;
@@ -136,6 +144,18 @@ async fn serve_control(listener: tokio::net::UnixListener, vm: Arc<Vm>, stop: Ca
         });
     }
 }
+
+/// What a ping answers: whether the VM runs or is paused.
+fn host_state(vm: &Vm) -> &'static str {
+    if vm.is_paused() {
+        PAUSED
+    } else {
+        "running"
+    }
+}
+
+/// The ping answer of a paused VM (`ps` shows it).
+pub const PAUSED: &str = "paused";
 
 /// The command `docker run` would run: the entrypoint (`--entrypoint`, else the image's),
 /// then the given arguments, else the image's Cmd (dropped when `--entrypoint` is given).

@@ -21,7 +21,7 @@ pub async fn resolve(arg: &str) -> Result<Image, Failure> {
             .await
             .map_err(|e| Failure::from(e).context(format!("cannot import {arg}")));
     }
-    match Image::local(arg) {
+    match Image::local(arg).await {
         Ok(Some(image)) => return Ok(image),
         Ok(None) => {}
         Err(e) => tracing::warn!("looking {arg} up in the local cache: {e}"),

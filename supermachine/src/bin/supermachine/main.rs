@@ -54,6 +54,8 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
         Command::Exec(args) => commands::exec(args).await,
         Command::Ps => commands::ps().await,
         Command::Stop(args) => commands::stop(args).await,
+        Command::Pause(args) => commands::pause(args, true).await,
+        Command::Unpause(args) => commands::pause(args, false).await,
         Command::Logs(args) => commands::logs(args).await,
         Command::Cp(args) => commands::cp(args).await,
         Command::Worker(args) => worker::main(args).await,

@@ -9,6 +9,54 @@ use virtio_queue::{Queue, QueueState};
 
 use super::MmioTransport;
 
+/// A transport's (or its device's) state could not be saved or restored.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DeviceStateError {
+    /// The device type has no snapshot support.
+    #[error("virtio device type {0} does not support snapshots")]
+    Unsupported(u32),
+    /// A restore needs a fresh transport; this one was already set up by a driver.
+    #[error("the transport is already in use")]
+    InUse,
+    /// The saved state belongs to another kind of device.
+    #[error("saved state is for virtio device type {saved}, this is type {device}")]
+    DeviceType {
+        /// The saved state's device type.
+        saved: u32,
+        /// This device's type.
+        device: u32,
+    },
+    /// The saved state has another number of queues than the device.
+    #[error("saved state has {saved} queues, the device has {device}")]
+    QueueCount {
+        /// Queues in the saved state.
+        saved: usize,
+        /// Queues of the device.
+        device: usize,
+    },
+    /// The driver's saved features are not all offered by this device.
+    #[error("saved driver features {saved:#x} are not a subset of the device's {offered:#x}")]
+    Features {
+        /// The saved (negotiated) features.
+        saved: u64,
+        /// What this device offers.
+        offered: u64,
+    },
+    /// A saved queue's configuration is invalid.
+    #[error("saved queue {index} is invalid")]
+    Queue {
+        /// The queue index.
+        index: usize,
+        /// What `virtio-queue` found wrong.
+        #[source]
+        source: virtio_queue::Error,
+    },
+    /// Activating the device with the saved queues failed.
+    #[error("the device could not be activated with the saved queues")]
+    Activation,
+}
+
 /// One virtqueue's configuration and position.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SavedQueue {
@@ -40,7 +88,7 @@ impl From<QueueState> for SavedQueue {
 }
 
 impl SavedQueue {
-    fn to_queue(&self) -> Result<Queue, String> {
+    fn to_queue(&self) -> Result<Queue, virtio_queue::Error> {
         Queue::try_from(QueueState {
             max_size: self.max_size,
             next_avail: self.next_avail,
@@ -52,7 +100,6 @@ impl SavedQueue {
             avail_ring: self.avail_ring,
             used_ring: self.used_ring,
         })
-        .map_err(|e| format!("saved queue is invalid: {e}"))
     }
 }
 
@@ -83,7 +130,7 @@ impl TransportState {
 impl MmioTransport {
     /// Holds the device back between two batches and returns the transport's state. The guest
     /// must not run until [`resume`](Self::resume) (its vCPUs are paused first).
-    pub fn pause(&mut self) -> Result<TransportState, String> {
+    pub fn pause(&mut self) -> Result<TransportState, DeviceStateError> {
         let live = if self.activated {
             self.device.pause()?
         } else {
@@ -119,36 +166,39 @@ impl MmioTransport {
     /// Loads `state` into this fresh transport (same device type and queue count, device
     /// never activated) and, if the driver had activated the device, activates it with the
     /// saved queue positions.
-    pub fn restore(&mut self, state: &TransportState) -> Result<(), String> {
+    pub fn restore(&mut self, state: &TransportState) -> Result<(), DeviceStateError> {
         if self.activated || self.status != 0 {
-            return Err("the transport is already in use".into());
+            return Err(DeviceStateError::InUse);
         }
         let device_type = self.device.device_type();
         if state.device_type != device_type {
-            return Err(format!(
-                "saved state is for virtio device type {}, this is type {device_type}",
-                state.device_type
-            ));
+            return Err(DeviceStateError::DeviceType {
+                saved: state.device_type,
+                device: device_type,
+            });
         }
         if state.queues.len() != self.queues.len() || state.queue_invalid.len() != self.queues.len()
         {
-            return Err(format!(
-                "saved state has {} queues, the device has {}",
-                state.queues.len(),
-                self.queues.len()
-            ));
+            return Err(DeviceStateError::QueueCount {
+                saved: state.queues.len(),
+                device: self.queues.len(),
+            });
         }
         let offered = self.device.features();
         if state.driver_features & !offered != 0 {
-            return Err(format!(
-                "saved driver features {:#x} are not a subset of the device's {offered:#x}",
-                state.driver_features
-            ));
+            return Err(DeviceStateError::Features {
+                saved: state.driver_features,
+                offered,
+            });
         }
         self.queues = state
             .queues
             .iter()
-            .map(SavedQueue::to_queue)
+            .enumerate()
+            .map(|(index, q)| {
+                q.to_queue()
+                    .map_err(|source| DeviceStateError::Queue { index, source })
+            })
             .collect::<Result<_, _>>()?;
         self.queue_invalid = state.queue_invalid.clone();
         self.device_features_sel = state.device_features_sel;
@@ -164,7 +214,7 @@ impl MmioTransport {
             self.status = state.status & !virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER_OK;
             self.activate();
             if !self.activated {
-                return Err("the device could not be activated with the saved queues".into());
+                return Err(DeviceStateError::Activation);
             }
         } else {
             if state.status & virtio_bindings::virtio_config::VIRTIO_CONFIG_S_FEATURES_OK != 0 {
