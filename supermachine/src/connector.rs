@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 pub trait AgentStream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> AgentStream for T {}
 
-/// A boxed [`AgentStream`]: what a [`Connector`] hands out.
+/// A boxed `AgentStream` (`AsyncRead + AsyncWrite + Send + Unpin`): what a [`Connector`] hands out.
 pub type BoxedStream = Box<dyn AgentStream>;
 
 /// The future a [`Connector`] returns.

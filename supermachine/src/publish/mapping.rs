@@ -43,7 +43,7 @@ impl PortMapping {
         PortMapping { host, guest_port }
     }
 
-    /// Host port `host_port` on [`DEFAULT_HOST_IP`] (loopback) to guest port `guest_port`.
+    /// Host port `host_port` on `127.0.0.1` (loopback) to guest port `guest_port`.
     pub fn tcp(host_port: u16, guest_port: u16) -> Self {
         PortMapping::new(SocketAddr::new(DEFAULT_HOST_IP, host_port), guest_port)
     }
