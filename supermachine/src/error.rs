@@ -114,6 +114,9 @@ pub enum Error {
     /// (not found, unauthorized, digest mismatch, ...).
     #[error(transparent)]
     Image(#[from] crate::image::ImageError),
+    /// The VM could not be paused ([`Vm::pause`](crate::Vm::pause)); it runs on.
+    #[error("the VM could not be paused")]
+    Pause(#[source] supermachine_vmm::PauseError),
     /// The on-disk cache could not be used.
     #[error("cannot write {what} to the cache (see SUPERMACHINE_CACHE_DIR)")]
     Cache {
@@ -225,6 +228,7 @@ impl Error {
             // Execs (the only callers) never fail with these; kept total, as text.
             Error::Snapshot(e) => Error::VmSetup(Box::new(Flattened::of(e))),
             Error::Image(e) => Error::Image(e.duplicate()),
+            Error::Pause(e) => Error::VmSetup(Box::new(Flattened::of(e))),
             Error::Cache { what, source } => Error::Cache {
                 what,
                 source: io::Error::new(source.kind(), source.to_string()),

@@ -74,6 +74,8 @@ pub use image::{
 };
 pub use publish::{GuestTcpStream, PortMapping, PortMappingError, PublishedPort};
 pub use supermachine_codec::{StagedFile, WindowSize};
+/// Why a VM could not be paused (the source of [`Error::Pause`]).
+pub use supermachine_vmm::PauseError;
 pub use tokio_util::sync::CancellationToken;
 pub use vm::{
     ConfigError, Snapshot, SnapshotError, StartTimings, Vm, VmConfig, VmExit, VmExitReason,

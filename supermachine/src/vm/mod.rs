@@ -447,20 +447,24 @@ impl Vm {
     /// paused VM. The guest clock is not stopped, so the guest sees the pause as time passed.
     /// Timeouts of execs (host-side deadlines) keep running. Idempotent.
     ///
-    /// Fails with [`Error::VmExited`] if the VM has ended. Parking the vCPUs happens on the
-    /// blocking pool.
+    /// Fails with [`Error::VmExited`] if the VM has ended (or is stopping), and with
+    /// [`Error::Pause`] if a vCPU or device could not be held still (the VM then runs on).
+    /// Parking the vCPUs happens on the blocking pool.
     pub async fn pause(&self) -> Result<(), Error> {
         let machine = Arc::clone(&self.machine);
         let result = blocking(move || Ok(lock(&machine).pause())).await?;
         if result.is_ok() {
             self.paused.store(true, std::sync::atomic::Ordering::SeqCst);
         }
-        result.map_err(|e| match (&e, self.exit_status()) {
-            (
-                supermachine_vmm::Error::Pause(supermachine_vmm::PauseError::NotRunning),
-                Some(exit),
-            ) => Error::VmExited(exit),
-            _ => Error::from_vmm(e),
+        result.map_err(|e| match e {
+            supermachine_vmm::Error::Pause(supermachine_vmm::PauseError::NotRunning) => {
+                Error::VmExited(self.exit_status().unwrap_or(VmExit {
+                    reason: VmExitReason::Stopped,
+                    console_tail: String::new(),
+                }))
+            }
+            supermachine_vmm::Error::Pause(e) => Error::Pause(e),
+            other => Error::from_vmm(other),
         })
     }
 
