@@ -188,24 +188,14 @@ pub async fn ps() -> Result<ExitCode, Failure> {
 
 pub async fn stop(args: NamesArgs) -> Result<ExitCode, Failure> {
     let registry = Registry::open()?;
-    let mut failed = false;
+    let mut outcome = EachVm::default();
     for name in &args.names {
-        match stop_one(&registry, name).await {
-            Ok(()) => out!("{name}"),
-            Err(failure) => {
-                eprintln!("supermachine: {}", failure.message());
-                failed = true;
-            }
-        }
+        outcome.record(name, stop_one(&registry, name).await);
     }
-    Ok(if failed {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(outcome.exit_code())
 }
 
-/// `pause` (`pausing`) or `unpause`: asks each VM's host; prints the names it did.
+/// `pause` (`pausing`) or `unpause`: asks each VM's host.
 pub async fn pause(args: NamesArgs, pausing: bool) -> Result<ExitCode, Failure> {
     let registry = Registry::open()?;
     let request = if pausing {
@@ -213,25 +203,44 @@ pub async fn pause(args: NamesArgs, pausing: bool) -> Result<ExitCode, Failure> 
     } else {
         Request::Unpause
     };
-    let mut failed = false;
+    let mut outcome = EachVm::default();
     for name in &args.names {
         let asked = match registry.find(name) {
-            Ok(entry) => control::call(&entry.dir.join(registry::CONTROL_SOCKET), request).await,
+            Ok(entry) => control::call(&entry.dir.join(registry::CONTROL_SOCKET), request)
+                .await
+                .map(drop),
             Err(failure) => Err(failure),
         };
-        match asked {
-            Ok(_) => out!("{name}"),
+        outcome.record(name, asked);
+    }
+    Ok(outcome.exit_code())
+}
+
+/// A command on several named VMs, as `docker stop a b` reports it: the name of each one it
+/// did on stdout, one line per failure on stderr, exit code 1 if any failed.
+#[derive(Default)]
+struct EachVm {
+    failed: bool,
+}
+
+impl EachVm {
+    fn record(&mut self, name: &str, result: Result<(), Failure>) {
+        match result {
+            Ok(()) => out!("{name}"),
             Err(failure) => {
-                eprintln!("supermachine: {name}: {}", failure.message());
-                failed = true;
+                eprintln!("supermachine: {}", failure.message());
+                self.failed = true;
             }
         }
     }
-    Ok(if failed {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    })
+
+    fn exit_code(&self) -> ExitCode {
+        if self.failed {
+            ExitCode::from(1)
+        } else {
+            ExitCode::SUCCESS
+        }
+    }
 }
 
 async fn stop_one(registry: &Registry, name: &str) -> Result<(), Failure> {
