@@ -16,7 +16,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 /// Where the cases run.
 enum Target {
     Host(HostAgent),
-    Vm(Vm),
+    Vm(Box<Vm>),
 }
 
 impl Target {
@@ -365,7 +365,7 @@ fn in_a_vm() {
         let config = supermachine_e2e::test_vm_config().expect("VM config");
         let vm = Vm::start(config).await.expect("start the VM");
         eprintln!("VM ready in {:.1} s", vm.boot_time().as_secs_f64());
-        let t = Target::Vm(vm);
+        let t = Target::Vm(Box::new(vm));
         let step = |name: &str| eprintln!("in_a_vm: {name}");
         step("conditional_builder_calls");
         conditional_builder_calls(&t).await;
