@@ -207,7 +207,8 @@ impl ExecBuilder {
     /// the same as a kill from anywhere else, because the process did end and its output up to
     /// the kill is still worth having; callers that treat a timeout as a failure check
     /// `timed_out()`. If the agent does not confirm the kill within 2 s the connection is
-    /// closed, which makes the agent SIGKILL the group, and the status reports that SIGKILL.
+    /// closed (the agent then ends the group: SIGHUP, then SIGKILL) and the status reports the
+    /// SIGKILL that was sent.
     pub fn timeout(&mut self, limit: Duration) -> &mut Self {
         self.timeout = Some(limit);
         self

@@ -129,7 +129,8 @@ impl Driver {
             _ = expired => {
                 // A timeout is not an error (see ExecBuilder::timeout): the status is the killed
                 // process's. Without an answer within the grace period the connection is closed
-                // below, which makes the agent SIGKILL the group, so report that SIGKILL.
+                // below, and the agent ends the group (SIGHUP, then SIGKILL) when it sees that;
+                // report the SIGKILL the process was sent.
                 let result = kill_and_wait(&command_tx, &mut read, &mut write, KILL_GRACE).await;
                 let info = match result {
                     Some(Ok(info)) => info,
