@@ -34,7 +34,7 @@ impl Stdio {
 }
 
 /// Describes an exec; made by [`Agent::exec`] or [`Vm::exec`](crate::Vm::exec), run by
-/// [`spawn`](Self::spawn) or [`output`](Self::output). Shaped like [`tokio::process::Command`]:
+/// [`spawn`](Self::spawn) or [`output`](Self::output). Shaped like [`tokio::process::Command`](https://docs.rs/tokio/latest/tokio/process/struct.Command.html):
 /// the setters take and return `&mut Self`, so calls can be chained or made conditionally.
 ///
 /// ```no_run
@@ -202,8 +202,8 @@ impl ExecBuilder {
     /// Kills the exec's process group if it has not exited `limit` after the spawn started.
     ///
     /// A timeout is not an error: [`ExecChild::wait`] and [`output`](Self::output) both return
-    /// the killed process's [`ExitStatus`] (normally `signal() == Some(9)`) with
-    /// [`ExitStatus::timed_out`] set (and [`ExecOutcome::timed_out`]). One shape for both, and
+    /// the killed process's [`ExitStatus`](crate::ExitStatus) (normally `signal() == Some(9)`) with
+    /// [`ExitStatus::timed_out`](crate::ExitStatus::timed_out) set (and [`ExecOutcome::timed_out`]). One shape for both, and
     /// the same as a kill from anywhere else, because the process did end and its output up to
     /// the kill is still worth having; callers that treat a timeout as a failure check
     /// `timed_out()`. If the agent does not confirm the kill within 2 s the connection is

@@ -21,7 +21,8 @@ const STDIN_CHUNK: usize = 64 * 1024;
 
 const SIGKILL: u32 = 9;
 
-/// A running exec in the guest; shaped like [`tokio::process::Child`].
+/// A running exec in the guest; shaped like
+/// [`tokio::process::Child`](https://docs.rs/tokio/latest/tokio/process/struct.Child.html).
 ///
 /// * `stdin`, `stdout` and `stderr` are public, as in tokio: `child.stdout.take()`. A stream
 ///   that was not piped (or stderr in tty mode, which is merged into stdout) is `None`.
