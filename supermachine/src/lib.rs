@@ -16,7 +16,8 @@
 //!
 //! The exec API follows [`tokio::process`](https://docs.rs/tokio/latest/tokio/process/) where a
 //! difference would only be an accident, so code moves between the two with few changes. What
-//! differs on purpose: `kill_on_drop` defaults to `true`; a timeout, a
+//! differs on purpose: `spawn` is `async` (it resolves once the guest process runs, so a
+//! missing program fails there, typed); `kill_on_drop` defaults to `true`; a timeout, a
 //! [`CancellationToken`], staged files and `&&` chains are built in; [`ExecChild`] is itself a
 //! future and a reader/writer; [`ExecSignaler`] signals from other tasks; the output read ahead
 //! is bounded (below); guest paths and environment are strings (they travel as UTF-8).
