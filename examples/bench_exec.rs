@@ -87,7 +87,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .exec(["head", "-c", &count, "/dev/zero"])
         .spawn()
         .await?;
-    let read = read_all(child.take_stdout().ok_or("stdout")?).await?;
+    let read = read_all(child.stdout.take().ok_or("stdout")?).await?;
     child.wait().await?;
     let ours = t.elapsed();
     assert_eq!(read, bytes);

@@ -93,8 +93,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // 64-byte round trips through one long-running `cat`.
     let mut child = vm.exec(["cat"]).spawn().await?;
-    let mut stdin = child.take_stdin().ok_or("stdin")?;
-    let mut stdout = child.take_stdout().ok_or("stdout")?;
+    let mut stdin = child.stdin.take().ok_or("stdin")?;
+    let mut stdout = child.stdout.take().ok_or("stdout")?;
     let rtts = round_trips(&mut stdin, &mut stdout, rounds).await?;
     report("vsock 64 B round trip through guest `cat`", rtts);
     drop(stdin);

@@ -39,8 +39,8 @@ async fn run(argv: Vec<String>) -> Result<u32, Box<dyn std::error::Error>> {
 
     let t1 = Instant::now();
     let mut child = vm.exec(argv).spawn().await?;
-    let mut stdout = child.take_stdout().ok_or("stdout already taken")?;
-    let mut stderr = child.take_stderr().ok_or("stderr already taken")?;
+    let mut stdout = child.stdout.take().ok_or("stdout already taken")?;
+    let mut stderr = child.stderr.take().ok_or("stderr already taken")?;
     let (mut host_out, mut host_err) = (tokio::io::stdout(), tokio::io::stderr());
     let copy_out = tokio::io::copy(&mut stdout, &mut host_out);
     let copy_err = tokio::io::copy(&mut stderr, &mut host_err);
@@ -49,11 +49,10 @@ async fn run(argv: Vec<String>) -> Result<u32, Box<dyn std::error::Error>> {
     err?;
     let status = child.await?;
     host_out.flush().await?;
-    eprintln!(
-        "[exec took {:.2} s, exit {}]",
-        t1.elapsed().as_secs_f64(),
-        status.code()
-    );
+    eprintln!("[exec took {:.2} s, {status}]", t1.elapsed().as_secs_f64(),);
     vm.stop().await;
-    Ok(status.code())
+    // As a shell reports it: the exit code, or 128 + N for a signal.
+    Ok(status
+        .code()
+        .unwrap_or_else(|| 128i32.saturating_add(status.signal().unwrap_or(0))) as u32)
 }

@@ -29,7 +29,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let started = Instant::now();
     let mut child = agent.exec(argv).spawn().await?;
-    let mut lines = BufReader::new(child.take_stdout().ok_or("stdout is piped")?).lines();
+    let mut lines = BufReader::new(child.stdout.take().ok_or("stdout is piped")?).lines();
     while let Some(line) = lines.next_line().await? {
         println!("[{:>6.3}s] {line}", started.elapsed().as_secs_f64());
     }
@@ -38,5 +38,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "exited with {status} after {:.3}s",
         started.elapsed().as_secs_f64()
     );
-    std::process::exit(status.code().min(255) as i32);
+    // As a shell reports it: the exit code, or 128 + N for a signal.
+    std::process::exit(
+        status
+            .code()
+            .unwrap_or_else(|| 128i32.saturating_add(status.signal().unwrap_or(0)))
+            .min(255),
+    );
 }

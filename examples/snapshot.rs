@@ -63,8 +63,8 @@ async fn run(dir: &str, argv: &[String]) -> Result<u32, Box<dyn std::error::Erro
         t.agent_ready.as_secs_f64() * 1e3
     );
     let mut child = vm.exec(argv.iter().cloned()).spawn().await?;
-    let mut stdout = child.take_stdout().ok_or("stdout already taken")?;
-    let mut stderr = child.take_stderr().ok_or("stderr already taken")?;
+    let mut stdout = child.stdout.take().ok_or("stdout already taken")?;
+    let mut stderr = child.stderr.take().ok_or("stderr already taken")?;
     let (mut host_out, mut host_err) = (tokio::io::stdout(), tokio::io::stderr());
     let (out, err) = tokio::join!(
         tokio::io::copy(&mut stdout, &mut host_out),
@@ -74,5 +74,8 @@ async fn run(dir: &str, argv: &[String]) -> Result<u32, Box<dyn std::error::Erro
     err?;
     let status = child.await?;
     host_out.flush().await?;
-    Ok(status.code())
+    // As a shell reports it: the exit code, or 128 + N for a signal.
+    Ok(status
+        .code()
+        .unwrap_or_else(|| 128i32.saturating_add(status.signal().unwrap_or(0))) as u32)
 }

@@ -434,6 +434,20 @@ fn run_flags_and_bad_input_one_line_errors_nothing_left() {
         cli.fails(&["run", &image, "no-such-program"], "no-such-program"),
         127
     );
+    // --timeout kills the command and exits 124, as timeout(1) does.
+    let args = [
+        "run",
+        "--timeout",
+        "2",
+        "--entrypoint",
+        "sleep",
+        &image,
+        "100.91",
+    ];
+    assert_eq!(cli.fails(&args, "timed out"), 124);
+    // A command killed by a signal exits 128 + N, as in a shell.
+    let out = cli.run(&["run", "--entrypoint", "sh", &image, "-c", "kill -9 $$"]);
+    assert_eq!(out.status.code(), Some(137), "{out:?}");
     assert!(cli.registered().is_empty(), "{:?}", cli.registered());
 }
 

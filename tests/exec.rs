@@ -58,7 +58,7 @@ async fn killing_the_agent_fails_every_pending_exec_promptly() {
     for _ in 0..5 {
         children.push(client.exec(["sleep", "30.51"]).spawn().await.unwrap());
     }
-    let mut reader = children[0].take_stdout().unwrap();
+    let mut reader = children[0].stdout.take().unwrap();
     let read = tokio::spawn(async move {
         let mut sink = Vec::new();
         reader.read_to_end(&mut sink).await
@@ -126,7 +126,7 @@ async fn awaiting_exit_without_reading_output_neither_deadlocks_nor_drops() {
         "{result:?}"
     );
     // ...and the process is still there: reading while waiting completes it with every byte.
-    let mut stdout = child.take_stdout().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
     let mut out = Vec::new();
     let (read, status) = tokio::join!(stdout.read_to_end(&mut out), child.wait());
     read.unwrap();

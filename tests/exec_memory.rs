@@ -16,7 +16,7 @@ async fn half_a_gibibyte_of_stdout_in_bounded_host_memory() {
         .spawn()
         .await
         .unwrap();
-    let mut stdout = child.take_stdout().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
     let mut buf = vec![0u8; 256 * 1024];
     let mut total = 0u64;
     let mut nonzero = false;

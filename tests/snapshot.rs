@@ -64,7 +64,7 @@ async fn sh(vm: &Vm, script: &str) -> (i32, String) {
         .await
         .unwrap_or_else(|e| panic!("exec {script:?}: {e}"));
     (
-        out.status.code() as i32,
+        supermachine_e2e::shell_code(&out.status),
         String::from_utf8_lossy(&out.stdout).trim().to_owned(),
     )
 }
@@ -427,7 +427,7 @@ fn snapshot_with_an_exec_in_flight_restores_cleanly() {
             .spawn()
             .await
             .expect("spawn");
-        let mut stdout = child.take_stdout().expect("stdout");
+        let mut stdout = child.stdout.take().expect("stdout");
         let mut line = [0u8; 8];
         tokio::io::AsyncReadExt::read_exact(&mut stdout, &mut line)
             .await

@@ -72,7 +72,7 @@ fn kernel_panic_fails_pending_execs_with_the_panic_line() {
         for _ in 0..3 {
             pending.push(vm.exec(["sleep", "1000"]).spawn().await.unwrap());
         }
-        let mut reader = pending[0].take_stdout().unwrap();
+        let mut reader = pending[0].stdout.take().unwrap();
         let read = tokio::spawn(async move {
             let mut sink = Vec::new();
             reader.read_to_end(&mut sink).await

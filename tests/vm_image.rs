@@ -117,7 +117,7 @@ fn an_image_runs_with_its_env_workdir_user_and_command() {
             out(vm
                 .exec(["sh", "-c", "id -u; pwd; echo $GREETING"])
                 .user("root")
-                .cwd("/")
+                .current_dir("/")
                 .env("GREETING", "hi"))
             .await,
             (0, "0\n/\nhi".into())

@@ -60,7 +60,7 @@ fn config(image: &Path) -> VmConfig {
         .rootfs(image)
 }
 
-async fn sh(vm: &Vm, script: &str) -> (u32, String) {
+async fn sh(vm: &Vm, script: &str) -> (i32, String) {
     supermachine_e2e::exec_output(vm.exec(["sh", "-c", script])).await
 }
 

@@ -39,7 +39,8 @@ enum FuzzFrame {
     Resize(u16, u16),
     Signal(u32),
     Started(u32),
-    Exit(u32, Option<u64>),
+    /// code, peak RSS, terminating signal (the 4/8/12/16-byte EXIT layouts).
+    Exit(u32, Option<u64>, Option<u32>),
     Error(u8, String),
     Unknown(u8, Vec<u8>),
 }
@@ -59,6 +60,8 @@ struct FuzzRequest {
     stdio: [bool; 3],
     stage_files: Vec<(String, Vec<u8>, Option<u32>)>,
     chain: Vec<Vec<String>>,
+    env_clear: bool,
+    env_remove: Vec<String>,
 }
 
 /// Mirror of `ControlMessage` (actions flattened in).
@@ -121,6 +124,8 @@ fn request(r: FuzzRequest) -> ExecRequest {
         })
         .collect();
     request.chain = r.chain;
+    request.env_clear = r.env_clear;
+    request.env_remove = r.env_remove;
     request
 }
 
@@ -161,7 +166,11 @@ impl From<FuzzFrame> for Frame {
             FuzzFrame::Resize(cols, rows) => Frame::Resize(WindowSize { cols, rows }),
             FuzzFrame::Signal(s) => Frame::Signal(s),
             FuzzFrame::Started(pid) => Frame::Started { pid },
-            FuzzFrame::Exit(code, peak_rss_kib) => Frame::Exit(ExitInfo { code, peak_rss_kib }),
+            FuzzFrame::Exit(code, peak_rss_kib, signal) => Frame::Exit(ExitInfo {
+                code,
+                peak_rss_kib,
+                signal,
+            }),
             FuzzFrame::Error(code, message) => {
                 Frame::Error(AgentError::new(error_code(code), message))
             }

@@ -45,6 +45,12 @@ impl Reaped {
             128
         }
     }
+
+    /// The signal that ended the process, when it was killed by one (`WIFSIGNALED`); the
+    /// EXIT frame carries it so the host need not guess it from a `128 + N` code.
+    pub fn signal(&self) -> Option<u32> {
+        libc::WIFSIGNALED(self.status).then(|| libc::WTERMSIG(self.status) as u32)
+    }
 }
 
 /// The pid of some child that has exited and is still a zombie, without reaping it
@@ -219,11 +225,13 @@ mod tests {
             max_rss_kib: 0,
         };
         assert_eq!(exited.code(), 7);
+        assert_eq!(exited.signal(), None);
         let killed = Reaped {
             status: 9,
             max_rss_kib: 0,
         };
         assert_eq!(killed.code(), 137);
+        assert_eq!(killed.signal(), Some(9));
     }
 
     #[test]

@@ -30,9 +30,15 @@ async fn true_sends_started_then_exit_zero() {
 #[tokio::test]
 async fn exit_codes_and_signals() {
     let agent = Agent::start();
-    assert_eq!(agent.sh("exit 7").await.code(), 7);
-    assert_eq!(agent.sh("kill -9 $$").await.code(), 128 + 9);
-    assert_eq!(agent.sh("kill -TERM $$").await.code(), 128 + 15);
+    let seven = agent.sh("exit 7").await;
+    assert_eq!((seven.code(), seven.signal()), (7, None));
+    // EXIT says which it was: a kill, or a program that exits with a 128+N code itself.
+    let killed = agent.sh("kill -9 $$").await;
+    assert_eq!((killed.code(), killed.signal()), (128 + 9, Some(9)));
+    let termed = agent.sh("kill -TERM $$").await;
+    assert_eq!((termed.code(), termed.signal()), (128 + 15, Some(15)));
+    let lookalike = agent.sh("exit 137").await;
+    assert_eq!((lookalike.code(), lookalike.signal()), (137, None));
 }
 
 #[tokio::test]
@@ -54,6 +60,20 @@ async fn environment_and_cwd_are_applied() {
     let out = agent.run(request).await;
     let expected = format!("hello there\n{}\n", dir.path().display());
     assert_eq!(out.out(), expected);
+}
+
+#[tokio::test]
+async fn env_clear_and_env_remove_apply_to_the_agents_own_environment() {
+    // Host mode: the base environment is the agent's own, which has PATH and HOME.
+    let agent = Agent::start();
+    let mut cleared = ExecRequest::new(["/usr/bin/env"]);
+    cleared.env_clear = true;
+    cleared.env.insert("ONLY".into(), "this".into());
+    assert_eq!(agent.run(cleared).await.out(), "ONLY=this\n");
+
+    let mut removed = ExecRequest::new(["sh", "-c", "echo \"${HOME-unset}\""]);
+    removed.env_remove = vec!["HOME".into()];
+    assert_eq!(agent.run(removed).await.out(), "unset\n");
 }
 
 #[tokio::test]

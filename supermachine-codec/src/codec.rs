@@ -129,24 +129,27 @@ fn parse_payload(frame_kind: u8, payload: Bytes) -> Result<Frame, CodecError> {
             pid: u32::from_be_bytes(fixed::<4>(&payload, "STARTED", "4")?),
         },
         kind::EXIT => {
+            // Layouts by length (see ExitInfo): the original 4 and 12, and 8 and 16 with the
+            // terminating signal appended.
             let mut p = &payload[..];
-            match p.len() {
-                4 => Frame::Exit(ExitInfo {
-                    code: p.get_u32(),
-                    peak_rss_kib: None,
-                }),
-                12 => Frame::Exit(ExitInfo {
-                    code: p.get_u32(),
-                    peak_rss_kib: Some(p.get_u64()),
-                }),
+            let (has_rss, has_signal) = match p.len() {
+                4 => (false, false),
+                8 => (false, true),
+                12 => (true, false),
+                16 => (true, true),
                 got => {
                     return Err(CodecError::BadPayloadLength {
                         frame: "EXIT",
-                        expected: "4 or 12",
+                        expected: "4, 8, 12 or 16",
                         got,
                     })
                 }
-            }
+            };
+            Frame::Exit(ExitInfo {
+                code: p.get_u32(),
+                peak_rss_kib: has_rss.then(|| p.get_u64()),
+                signal: has_signal.then(|| p.get_u32()),
+            })
         }
         kind::ERROR => {
             let text = std::str::from_utf8(&payload).map_err(|_| CodecError::BadUtf8)?;
@@ -331,6 +334,9 @@ fn write_payload(frame: &Frame, dst: &mut BytesMut) -> Result<(), CodecError> {
             dst.put_u32(info.code);
             if let Some(rss) = info.peak_rss_kib {
                 dst.put_u64(rss);
+            }
+            if let Some(signal) = info.signal {
+                dst.put_u32(signal);
             }
         }
         Frame::Error(error) => dst.extend_from_slice(error.to_string().as_bytes()),

@@ -21,7 +21,8 @@ pub mod kind {
     pub const RESIZE: u8 = 0x03;
     /// Host → agent: signal number u32 BE, for the child's process group.
     pub const SIGNAL: u8 = 0x04;
-    /// Agent → host: exit code u32 BE, optionally peak RSS KiB u64 BE.
+    /// Agent → host: exit code u32 BE, optionally peak RSS KiB u64 BE, optionally the
+    /// terminating signal u32 BE (payload of 4, 8, 12 or 16 bytes; see [`ExitInfo`](crate::ExitInfo)).
     pub const EXIT: u8 = 0x05;
     /// Agent → host: UTF-8 error message; last frame.
     pub const ERROR: u8 = 0x06;
@@ -47,12 +48,52 @@ pub struct WindowSize {
 }
 
 /// The payload of an EXIT frame.
+///
+/// On the wire the payload is `code u32 BE`, then `peak_rss_kib u64 BE` when known, then
+/// `signal u32 BE` when the process was ended by a signal — 4, 12, 8 or 16 bytes, told apart by
+/// length:
+///
+/// | length | fields                    |
+/// |--------|---------------------------|
+/// | 4      | code                      |
+/// | 8      | code, signal              |
+/// | 12     | code, peak_rss_kib        |
+/// | 16     | code, peak_rss_kib, signal|
+///
+/// The 4- and 12-byte forms are the original protocol's; agents from before the signal field
+/// send only those, so for them `signal` is `None` even after a kill (their `code` says
+/// `128 + N` and nothing more can be known). An agent that knows the field sends it whenever
+/// `WIFSIGNALED` was true, so `signal: None` from such an agent means a normal exit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ExitInfo {
-    /// Exit code; `128 + N` when the child was killed by signal `N`.
+    /// Exit code. When the child was killed by signal `N` this is `128 + N`, as a shell reports
+    /// it, so a reader that only looks at `code` keeps working.
     pub code: u32,
     /// Peak resident set size of the exec's processes in KiB (from `rusage`), when known.
     pub peak_rss_kib: Option<u64>,
+    /// The signal that ended the child (`WTERMSIG`), when the agent reported one; `None` for a
+    /// normal exit, and always for the original 4- and 12-byte payloads.
+    pub signal: Option<u32>,
+}
+
+impl ExitInfo {
+    /// A normal exit with `code`, without resource usage.
+    pub fn exited(code: u32) -> Self {
+        ExitInfo {
+            code,
+            peak_rss_kib: None,
+            signal: None,
+        }
+    }
+
+    /// An end by signal `signal` (`code` is `128 + signal`, saturating), without resource usage.
+    pub fn signaled(signal: u32) -> Self {
+        ExitInfo {
+            code: signal.saturating_add(128),
+            peak_rss_kib: None,
+            signal: Some(signal),
+        }
+    }
 }
 
 /// Why the agent could not run (or finish running) an exec; the payload of an ERROR frame.

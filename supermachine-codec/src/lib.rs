@@ -24,6 +24,15 @@
 //! * `STARTED` (kind `0x07`, agent → host, payload: pid u32 BE) is sent once the first program of
 //!   an exec has been spawned, so the host can report "program not found" from `spawn()` itself.
 //! * ERROR messages start with a stable code (`not-found: ...`), see [`AgentError`].
+//! * EXIT says how the process ended, exactly: besides the original `code u32 [peak_rss u64]`
+//!   (4 or 12 bytes) an agent appends `signal u32 BE` when the process was killed by a signal
+//!   (8 or 16 bytes), so a host tells `kill -9` from `exit 137`. Old 4- and 12-byte frames
+//!   still decode (with `signal: None`); see [`ExitInfo`] for the layouts. A host from before
+//!   this addition refuses the 8- and 16-byte forms, so host and agent should be upgraded
+//!   together (the host ships the agent it boots).
+//! * REQUEST may carry `env_clear: true` (start from an empty environment) and `env_remove`
+//!   (names dropped from the base environment), for `Command::env_clear`/`env_remove`-style
+//!   execs. Agents that predate them ignore them like any unknown field.
 
 // The codec parses untrusted bytes; it has no reason to be unsafe, and must not become so.
 #![forbid(unsafe_code)]

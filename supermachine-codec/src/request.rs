@@ -88,9 +88,22 @@ pub struct ExecRequest {
     pub version: u32,
     /// Program and arguments; `argv[0]` is resolved through `PATH` in the guest. Must not be empty.
     pub argv: Vec<String>,
-    /// Environment variables merged over the image's environment.
+    /// Environment variables set over the base environment (see `env_clear`, `env_remove`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// Start from an empty environment instead of the agent's base environment (its own in host
+    /// mode; `PATH`, `HOME` and a tty's `TERM` in a guest). Only `env` is then set (and, on PVM
+    /// hosts, the `GLIBC_TUNABLES` workaround, unless `env_remove` names it).
+    ///
+    /// Agents older than this field ignore it, as they ignore every unknown field.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub env_clear: bool,
+    /// Variables removed from the base environment before `env` is applied. A name that is
+    /// also in `env` is set: `env` wins.
+    ///
+    /// Agents older than this field ignore it, as they ignore every unknown field.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env_remove: Vec<String>,
     /// Working directory; defaults to the image's `WorkingDir`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cwd: Option<String>,
@@ -134,6 +147,8 @@ impl ExecRequest {
             version: PROTOCOL_VERSION,
             argv: argv.into_iter().map(Into::into).collect(),
             env: BTreeMap::new(),
+            env_clear: false,
+            env_remove: Vec::new(),
             cwd: None,
             user: None,
             tty: false,

@@ -30,6 +30,7 @@ async fn framed_read_over_a_small_duplex_pipe() {
         Frame::Exit(ExitInfo {
             code: 3,
             peak_rss_kib: Some(1024),
+            signal: None,
         }),
     ];
     let sent = frames.clone();
@@ -127,6 +128,7 @@ async fn host_and_agent_exchange_over_framed() {
             .send(Frame::Exit(ExitInfo {
                 code: 0,
                 peak_rss_kib: Some(echoed.len() as u64),
+                signal: None,
             }))
             .await
             .unwrap();
@@ -159,7 +161,8 @@ async fn host_and_agent_exchange_over_framed() {
         host.next().await.unwrap().unwrap(),
         Frame::Exit(ExitInfo {
             code: 0,
-            peak_rss_kib: Some(1000)
+            peak_rss_kib: Some(1000),
+            signal: None
         })
     );
     agent.await.unwrap();

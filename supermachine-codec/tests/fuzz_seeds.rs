@@ -75,11 +75,16 @@ fn valid_frames() -> Vec<(&'static str, Frame)> {
         vec!["true".into()],
         vec!["sh".into(), "-c".into(), "exit 0".into()],
     ];
+    let mut cleared = ExecRequest::new(["env"]);
+    cleared.env_clear = true;
+    cleared.env_remove = vec!["HOME".into()];
+    cleared.env.insert("ONLY".into(), "this".into());
     let action = |a| Frame::control(ControlMessage::Action(a));
     vec![
         ("request", Frame::Request(ExecRequest::new(["true"]))),
         ("request_tty", Frame::Request(tty)),
         ("request_staged", Frame::Request(staged)),
+        ("request_env_clear", Frame::Request(cleared)),
         ("control_ping", action(ControlAction::Ping)),
         (
             "control_read_file",
@@ -163,6 +168,7 @@ fn valid_frames() -> Vec<(&'static str, Frame)> {
             Frame::Exit(ExitInfo {
                 code: 7,
                 peak_rss_kib: None,
+                signal: None,
             }),
         ),
         (
@@ -170,6 +176,16 @@ fn valid_frames() -> Vec<(&'static str, Frame)> {
             Frame::Exit(ExitInfo {
                 code: 137,
                 peak_rss_kib: Some(2048),
+                signal: None,
+            }),
+        ),
+        ("exit_signal", Frame::Exit(ExitInfo::signaled(9))),
+        (
+            "exit_rss_signal",
+            Frame::Exit(ExitInfo {
+                code: 143,
+                peak_rss_kib: Some(4096),
+                signal: Some(15),
             }),
         ),
         (
@@ -248,7 +264,7 @@ fn decode_stream_seeds() -> Vec<(String, Vec<u8>, Expect)> {
         "resize",
         "stdout",
         "signal",
-        "exit",
+        "exit_signal",
     ]
     .iter()
     .flat_map(|n| wire_of(n))
@@ -371,7 +387,7 @@ fn decode_stream_seeds() -> Vec<(String, Vec<u8>, Expect)> {
         ("exit_len_2", raw(kind::EXIT, &[0, 0]).to_vec(), |e| {
             matches!(e, CodecError::BadPayloadLength { .. })
         }),
-        ("exit_len_8", raw(kind::EXIT, &[0; 8]).to_vec(), |e| {
+        ("exit_len_10", raw(kind::EXIT, &[0; 10]).to_vec(), |e| {
             matches!(e, CodecError::BadPayloadLength { .. })
         }),
         ("resize_len_5", raw(kind::RESIZE, &[0; 5]).to_vec(), |e| {

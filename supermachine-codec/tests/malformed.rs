@@ -184,7 +184,8 @@ fn complete_frames_before_a_truncated_one_are_delivered() {
         codec.decode_eof(&mut buf).unwrap(),
         Some(Frame::Exit(ExitInfo {
             code: 0,
-            peak_rss_kib: None
+            peak_rss_kib: None,
+            signal: None
         }))
     );
     assert!(matches!(
@@ -445,9 +446,9 @@ fn fixed_size_payloads_with_wrong_lengths() {
         (kind::RESIZE, "RESIZE", &[4usize][..]),
         (kind::SIGNAL, "SIGNAL", &[4]),
         (kind::STARTED, "STARTED", &[4]),
-        (kind::EXIT, "EXIT", &[4, 12]),
+        (kind::EXIT, "EXIT", &[4, 8, 12, 16]),
     ] {
-        for len in 0..=16 {
+        for len in 0..=20 {
             let result = decode(raw(k, &vec![1u8; len]));
             if valid.contains(&len) {
                 assert!(
@@ -596,6 +597,7 @@ fn encoder_refuses_frames_over_the_maximum() {
         &Frame::Exit(ExitInfo {
             code: 0,
             peak_rss_kib: Some(1),
+            signal: None,
         }),
         |e| matches!(e, CodecError::FrameTooLarge { len: 12, .. }),
     );
@@ -605,6 +607,7 @@ fn encoder_refuses_frames_over_the_maximum() {
             Frame::Exit(ExitInfo {
                 code: 0,
                 peak_rss_kib: None,
+                signal: None,
             }),
             &mut buf,
         )

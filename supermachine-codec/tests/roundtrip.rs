@@ -220,10 +220,18 @@ fn every_variant_by_hand() {
         Frame::Exit(ExitInfo {
             code: 0,
             peak_rss_kib: None,
+            signal: None,
         }),
         Frame::Exit(ExitInfo {
             code: 137,
             peak_rss_kib: Some(u64::MAX),
+            signal: None,
+        }),
+        Frame::Exit(ExitInfo::signaled(9)),
+        Frame::Exit(ExitInfo {
+            code: 143,
+            peak_rss_kib: Some(0),
+            signal: Some(15),
         }),
         Frame::Error(AgentError::new(ErrorCode::NotFound, "nope: not here")),
         Frame::Error(AgentError::new(ErrorCode::Other, "internal: looks nested")),
@@ -251,4 +259,48 @@ fn frame_of_exactly_the_maximum_length() {
     codec.encode(&frame, &mut wire).unwrap();
     assert_eq!(wire.len(), HEADER_LEN + 64);
     assert_eq!(codec.decode(&mut wire).unwrap(), Some(frame));
+}
+
+/// The four EXIT layouts, byte for byte: the original 4- and 12-byte payloads still decode (with
+/// no signal), and a signal is appended as a trailing u32 (8 and 16 bytes).
+#[test]
+fn exit_layouts_on_the_wire() {
+    let cases: [(&[u8], ExitInfo); 4] = [
+        (&[0, 0, 0, 137], ExitInfo::exited(137)),
+        (
+            &[0, 0, 0, 137, 0, 0, 0, 9],
+            ExitInfo {
+                code: 137,
+                peak_rss_kib: None,
+                signal: Some(9),
+            },
+        ),
+        (
+            &[0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 4, 0],
+            ExitInfo {
+                code: 7,
+                peak_rss_kib: Some(1024),
+                signal: None,
+            },
+        ),
+        (
+            &[0, 0, 0, 143, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 15],
+            ExitInfo {
+                code: 143,
+                peak_rss_kib: Some(2),
+                signal: Some(15),
+            },
+        ),
+    ];
+    for (payload, info) in cases {
+        let wire = support::raw(supermachine_codec::kind::EXIT, payload);
+        assert_eq!(encode_all(&[Frame::Exit(info)]), wire, "{info:?}");
+        let mut buf = wire.clone();
+        assert_eq!(
+            ExecCodec::new().decode(&mut buf).unwrap(),
+            Some(Frame::Exit(info))
+        );
+    }
+    assert_eq!(ExitInfo::signaled(9).code, 137);
+    assert_eq!(ExitInfo::signaled(u32::MAX).code, u32::MAX);
 }

@@ -59,9 +59,6 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    /// The exec ran longer than its timeout and was killed.
-    #[error("exec timed out after {0:?} and was killed")]
-    TimedOut(Duration),
     /// The exec was cancelled (token, `select!`, or drop) and was killed.
     #[error("exec was cancelled and killed")]
     Cancelled,
@@ -205,7 +202,6 @@ impl Error {
                 guest_port: *guest_port,
                 source: io::Error::new(source.kind(), source.to_string()),
             },
-            Error::TimedOut(d) => Error::TimedOut(*d),
             Error::Cancelled => Error::Cancelled,
             Error::Aborted => Error::Aborted,
             Error::OutputLimitExceeded { buffered, limit } => Error::OutputLimitExceeded {
@@ -305,7 +301,6 @@ impl From<Error> for io::Error {
             Error::ConnectionLost { .. } => io::ErrorKind::ConnectionAborted,
             Error::InvalidRequest(_) => io::ErrorKind::InvalidInput,
             Error::ProgramNotFound { .. } => io::ErrorKind::NotFound,
-            Error::TimedOut(_) => io::ErrorKind::TimedOut,
             Error::Protocol(_) => io::ErrorKind::InvalidData,
             Error::VmExited(_) => io::ErrorKind::ConnectionAborted,
             _ => io::ErrorKind::Other,

@@ -5,12 +5,22 @@
 //! * [`Agent`] — a handle to a guest agent. Every exec and control action is one fresh connection
 //!   to it, made through a [`Connector`]. Today the agent is reached over a Unix socket (the agent
 //!   in host mode, for development and tests); the same API runs over a VM's vsock.
-//! * [`ExecBuilder`] — what to run and how (`env`, `cwd`, `user`, `tty`, `timeout`, staged files,
-//!   `&&` chains, cancellation), from [`Agent::exec`].
-//! * [`ExecChild`] — a running exec: [`AsyncRead`](tokio::io::AsyncRead) of its stdout,
-//!   [`AsyncWrite`](tokio::io::AsyncWrite) to its stdin, and a [`Future`](std::future::Future) of
-//!   its [`ExitStatus`]. Dropping it kills the process group in the guest.
+//! * [`ExecBuilder`] — what to run and how (`arg`, `env`, `current_dir`, `user`, `tty`,
+//!   `timeout`, staged files, `&&` chains, cancellation), from [`Agent::exec`] or
+//!   [`Vm::exec`].
+//! * [`ExecChild`] — a running exec: its `stdin`/`stdout`/`stderr` handles,
+//!   [`AsyncRead`](tokio::io::AsyncRead) of its stdout, [`AsyncWrite`](tokio::io::AsyncWrite) to
+//!   its stdin, and a [`Future`](std::future::Future) of its [`ExitStatus`]. Dropping it kills
+//!   the process group in the guest (unless [`ExecBuilder::kill_on_drop`] says otherwise).
 //! * [`ExecOutcome`] — everything about a finished exec, from [`ExecBuilder::output`].
+//!
+//! The exec API follows [`tokio::process`](https://docs.rs/tokio/latest/tokio/process/) where a
+//! difference would only be an accident, so code moves between the two with few changes. What
+//! differs on purpose: `spawn` is `async` (it resolves once the guest process runs, so a
+//! missing program fails there, typed); `kill_on_drop` defaults to `true`; a timeout, a
+//! [`CancellationToken`], staged files and `&&` chains are built in; [`ExecChild`] is itself a
+//! future and a reader/writer; [`ExecSignaler`] signals from other tasks; the output read ahead
+//! is bounded (below); guest paths and environment are strings (they travel as UTF-8).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), supermachine::Error> {
@@ -21,6 +31,25 @@
 //! assert_eq!(&out.stdout[..], b"hello\n");
 //! # Ok(()) }
 //! ```
+//!
+//! # Migrating from the earlier exec API
+//!
+//! | before | now |
+//! |---|---|
+//! | builder methods `fn x(self, ..) -> Self` | `fn x(&mut self, ..) -> &mut Self`; `spawn(&mut self)` and `output(&mut self)` return futures that own their settings |
+//! | `ExecBuilder::cwd(dir)` | [`ExecBuilder::current_dir`] (`cwd` is gone: one name, tokio's) |
+//! | — | [`ExecBuilder::arg`], [`args`](ExecBuilder::args), [`env_remove`](ExecBuilder::env_remove), [`env_clear`](ExecBuilder::env_clear), [`kill_on_drop`](ExecBuilder::kill_on_drop) |
+//! | `child.take_stdin()` / `take_stdout()` / `take_stderr()` | `child.stdin.take()` / `child.stdout.take()` / `child.stderr.take()` (public fields; `None` when not piped, and `stderr` in tty mode) |
+//! | `child.pid() -> u32` | [`ExecChild::id`] `-> Option<u32>` (`None` once the exec has ended) |
+//! | `child.kill()` (sync, sends SIGKILL) | [`ExecChild::start_kill`]; [`ExecChild::kill`] is now `async` and also waits for the exit |
+//! | — | [`ExecChild::try_wait`], [`ExecChild::wait_with_output`] |
+//! | `ExitStatus::code() -> u32` (`128 + N` after signal `N`) | [`ExitStatus::code`] `-> Option<i32>`, `None` when a signal ended the process |
+//! | `ExitStatus::signal() -> Option<u32>` (guessed from `128 + N`) | [`ExitStatus::signal`] `-> Option<i32>`, as the agent reported it |
+//! | `wait()` on a timed-out exec: `Err(Error::TimedOut)` | `Ok(status)` with [`ExitStatus::timed_out`] (and normally `signal() == Some(9)`), as `output()` already did with [`ExecOutcome::timed_out`] |
+//! | `Display` for `ExitStatus`: `exit code 137 (signal 9)` | as std's: `exit status: 3`, `signal: 9 (SIGKILL)` |
+//!
+//! A host with this API needs an agent that reports signals in its EXIT frames to tell a kill
+//! from `exit 137`; with an older agent a kill shows as `code() == Some(128 + N)`.
 //!
 //! # Output that nobody reads
 //! An exec's stdout and stderr are buffered on the host in a small window (1 MiB per stream by

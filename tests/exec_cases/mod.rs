@@ -129,13 +129,17 @@ async fn sh(target: &Target, script: &str) -> ExecOutcome {
 }
 
 pub async fn exit_codes_are_reported(t: &Target) {
-    assert_eq!(sh(t, "true").await.status.code(), 0);
+    assert_eq!(sh(t, "true").await.status.code(), Some(0));
     let seven = sh(t, "exit 7").await.status;
-    assert_eq!(seven.code(), 7);
+    assert_eq!((seven.code(), seven.signal()), (Some(7), None));
     assert!(!seven.success());
+    assert_eq!(seven.to_string(), "exit status: 7");
     let killed = sh(t, "kill -9 $$").await.status;
-    assert_eq!(killed.code(), 128 + 9);
-    assert_eq!(killed.signal(), Some(9));
+    assert_eq!((killed.code(), killed.signal()), (None, Some(9)));
+    assert_eq!(killed.to_string(), "signal: 9 (SIGKILL)");
+    // The agent says which it was: an exit with a 128+N code is not a signal.
+    let lookalike = sh(t, "exit 137").await.status;
+    assert_eq!((lookalike.code(), lookalike.signal()), (Some(137), None));
 }
 
 pub async fn stdout_and_stderr_stay_separate(t: &Target) {
@@ -150,8 +154,8 @@ pub async fn stdout_and_stderr_stay_separate(t: &Target) {
 /// proves streaming), then `blob` bytes in bulk with EOF.
 pub async fn stdin_streams_through_cat(t: &Target, lines: usize, blob: usize) {
     let mut child = t.agent().exec(["cat"]).spawn().await.unwrap();
-    let mut stdin = child.take_stdin().unwrap();
-    let mut stdout = BufReader::new(child.take_stdout().unwrap());
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
     for i in 0..lines {
         stdin
             .write_all(format!("line {i}\n").as_bytes())
@@ -214,7 +218,7 @@ pub async fn sigterm_reaches_a_trapping_shell(t: &Target) {
         .spawn()
         .await
         .unwrap();
-    let mut stdout = BufReader::new(child.take_stdout().unwrap());
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
     stdout.read_line(&mut line).await.unwrap();
     assert_eq!(line, "ready\n");
@@ -222,7 +226,7 @@ pub async fn sigterm_reaches_a_trapping_shell(t: &Target) {
     let mut rest = String::new();
     stdout.read_to_string(&mut rest).await.unwrap();
     assert_eq!(rest, "got-term\n");
-    assert_eq!(child.wait().await.unwrap().code(), 3);
+    assert_eq!(child.wait().await.unwrap().code(), Some(3));
     assert_eq!(t.wait_until_gone("100.17").await, Vec::<String>::new());
 }
 
@@ -240,11 +244,11 @@ pub async fn timeout_kills_the_whole_process_group(t: &Target) {
         .output()
         .await
         .unwrap();
-    assert!(out.timed_out);
-    assert_eq!(out.status.code(), 128 + 9);
+    assert!(out.timed_out && out.status.timed_out(), "{out:?}");
+    assert_eq!(out.status.signal(), Some(9));
     assert_eq!(t.wait_until_gone("100.21").await, Vec::<String>::new());
 
-    // wait() on a spawned child reports the timeout as an error.
+    // wait() on a spawned child has the same shape: the killed process's status, not an error.
     let mut child = t
         .agent()
         .exec(["sleep", "100.22"])
@@ -252,7 +256,9 @@ pub async fn timeout_kills_the_whole_process_group(t: &Target) {
         .spawn()
         .await
         .unwrap();
-    assert!(matches!(child.wait().await, Err(Error::TimedOut(_))));
+    let status = child.wait().await.unwrap();
+    assert!(status.timed_out(), "{status}");
+    assert_eq!((status.code(), status.signal()), (None, Some(9)));
     assert_eq!(t.wait_until_gone("100.22").await, Vec::<String>::new());
 }
 
@@ -355,7 +361,7 @@ pub async fn staged_files_and_chain(t: &Target) {
         .output()
         .await
         .unwrap();
-    assert_eq!(out.status.code(), 3);
+    assert_eq!(out.status.code(), Some(3));
     assert_eq!(&out.stdout[..], b"first\n");
 }
 

@@ -240,14 +240,27 @@ pub fn sha256sum(path: &Path) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
-/// Runs `exec` to completion: its exit code and its stdout, trimmed. Panics on failure (for
-/// tests).
-pub async fn exec_output(exec: supermachine::ExecBuilder) -> (u32, String) {
-    let out = exec.output().await.unwrap_or_else(|e| panic!("exec: {e}"));
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
-    )
+/// Runs `exec` (a builder, or `&mut` one) to completion: its exit code as a shell reports it
+/// (`128 + N` for signal `N`) and its stdout, trimmed. Panics on failure (for tests).
+pub fn exec_output(
+    mut exec: impl std::borrow::BorrowMut<supermachine::ExecBuilder>,
+) -> impl std::future::Future<Output = (i32, String)> {
+    let output = exec.borrow_mut().output();
+    async move {
+        let out = output.await.unwrap_or_else(|e| panic!("exec: {e}"));
+        (
+            shell_code(&out.status),
+            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        )
+    }
+}
+
+/// An exit status as a shell reports it: the exit code, or `128 + N` for signal `N`.
+pub fn shell_code(status: &supermachine::ExitStatus) -> i32 {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => code,
+        (_, signal) => 128i32.saturating_add(signal.unwrap_or(0)),
+    }
 }
 
 /// A multi-threaded runtime shared by every test of a binary that uses VMs: a VM's devices run
@@ -455,7 +468,7 @@ pub async fn start_nc_server(
         // Waiting on the child doubles as the pause between polls: nc must not exit first.
         if let Ok(status) = tokio::time::timeout(Duration::from_millis(200), child.wait()).await {
             let mut stderr = String::new();
-            if let Some(mut err) = child.take_stderr() {
+            if let Some(mut err) = child.stderr.take() {
                 let _ = err.read_to_string(&mut stderr).await;
             }
             panic!("nc exited before listening on {port}: {status:?}; stderr: {stderr}");

@@ -448,7 +448,10 @@ pub async fn read_input<R>(
                 return;
             }
             Err(e) => {
-                tracing::warn!("malformed frame from the host, dropping the exec: {e}");
+                tracing::warn!(
+                    "malformed frame from the host, dropping the exec: {}",
+                    crate::error::chain(&e)
+                );
                 return;
             }
         };

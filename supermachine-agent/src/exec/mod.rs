@@ -128,12 +128,17 @@ pub async fn run<R, W>(
     };
     match result {
         Ok(Outcome::Exited(info)) => {
-            tracing::debug!(program, code = info.code, "exec finished");
+            tracing::debug!(
+                program,
+                code = info.code,
+                signal = info.signal,
+                "exec finished"
+            );
             conn.finish(Frame::Exit(info)).await;
         }
         Ok(Outcome::HostGone) => tracing::debug!(program, "host went away; exec killed"),
         Err(e) => {
-            tracing::info!(program, "exec failed: {e}");
+            tracing::info!(program, "exec failed: {}", crate::error::chain(&e));
             conn.finish(Frame::Error(e.to_agent_error())).await;
         }
     }
@@ -165,6 +170,7 @@ async fn run_plan(
     }
 
     let mut code = 0;
+    let mut signal = None;
     let mut peak_rss_kib = 0;
     let links = plan.links.len();
     for (i, argv) in plan.links.iter().enumerate() {
@@ -228,6 +234,7 @@ async fn run_plan(
             _ = conn.host_gone() => return Ok(Outcome::HostGone),
         }
         code = reaped.code();
+        signal = reaped.signal();
         peak_rss_kib = peak_rss_kib.max(reaped.max_rss_kib);
         if code != 0 {
             break;
@@ -236,6 +243,7 @@ async fn run_plan(
     Ok(Outcome::Exited(ExitInfo {
         code,
         peak_rss_kib: Some(peak_rss_kib),
+        signal,
     }))
 }
 

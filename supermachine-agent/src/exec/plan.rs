@@ -81,28 +81,35 @@ pub fn plan(request: ExecRequest, mode: Mode, flags: BootFlags) -> Result<Plan, 
         })
         .collect::<Result<Vec<_>, _>>()?;
 
-    let mut env: BTreeMap<OsString, OsString> = match mode {
-        Mode::Host => std::env::vars_os().collect(),
-        Mode::Guest => {
+    // The base environment: the agent's own in host mode, a small default set in a guest; none
+    // at all with `env_clear` (the caller asked for exactly the variables it set).
+    let mut env: BTreeMap<OsString, OsString> = match (request.env_clear, mode) {
+        (true, _) => BTreeMap::new(),
+        (false, Mode::Host) => std::env::vars_os().collect(),
+        (false, Mode::Guest) => {
             let home = user
                 .as_ref()
                 .map(|u| u.home.clone().unwrap_or_else(|| PathBuf::from("/")))
                 .unwrap_or_else(user::own_home);
-            let mut env = BTreeMap::from([
+            BTreeMap::from([
                 ("PATH".into(), GUEST_PATH.into()),
                 ("HOME".into(), home.into_os_string()),
-            ]);
-            // A default, so a request that sets its own GLIBC_TUNABLES (below) wins.
-            if flags.pvm {
-                env.insert("GLIBC_TUNABLES".into(), PVM_GLIBC_TUNABLES.into());
-            }
-            env
+            ])
         }
     };
     // The terminal is the host's, not whatever the agent itself runs on: a tty exec gets our
-    // TERM unless the request names one.
-    if request.tty && !request.env.contains_key("TERM") {
+    // TERM unless the request names one (or asked for an empty environment).
+    if request.tty && !request.env_clear && !request.env.contains_key("TERM") {
         env.insert("TERM".into(), DEFAULT_TERM.into());
+    }
+    // A platform workaround rather than part of the environment the caller chose, so it stays
+    // even with `env_clear` (programs would crash on the broken AVX without it); naming it in
+    // `env_remove`, or setting it, is how a request opts out.
+    if flags.pvm && mode == Mode::Guest {
+        env.insert("GLIBC_TUNABLES".into(), PVM_GLIBC_TUNABLES.into());
+    }
+    for key in &request.env_remove {
+        env.remove(&OsString::from(key));
     }
     for (key, value) in request.env {
         if key.is_empty() || key.contains(['=', '\0']) || value.contains('\0') {
@@ -225,6 +232,41 @@ mod tests {
         );
         let plain = plan(request(&["env"]), Mode::Guest, BootFlags::default()).unwrap();
         assert!(!plain.launch.env.contains_key(&tunables));
+    }
+
+    #[test]
+    fn env_clear_and_env_remove_shape_the_base_environment() {
+        let pvm = BootFlags {
+            pvm: true,
+            ..BootFlags::default()
+        };
+        let key = |k: &str| OsString::from(k);
+        let mut cleared = request(&["env"]);
+        cleared.tty = true;
+        cleared.env_clear = true;
+        cleared.env.insert("ONLY".into(), "this".into());
+        let env = plan(cleared.clone(), Mode::Guest, BootFlags::default())
+            .unwrap()
+            .launch
+            .env;
+        assert_eq!(env, BTreeMap::from([(key("ONLY"), key("this"))]));
+        // On PVM the AVX workaround survives env_clear unless removed by name.
+        let env = plan(cleared.clone(), Mode::Guest, pvm).unwrap().launch.env;
+        assert_eq!(env.len(), 2, "{env:?}");
+        assert!(env.contains_key(&key("GLIBC_TUNABLES")));
+        cleared.env_remove = vec!["GLIBC_TUNABLES".into()];
+        let env = plan(cleared, Mode::Guest, pvm).unwrap().launch.env;
+        assert_eq!(env.len(), 1, "{env:?}");
+
+        let mut removed = request(&["env"]);
+        removed.env_remove = vec!["HOME".into(), "PATH".into()];
+        removed.env.insert("PATH".into(), "/set/wins".into());
+        let env = plan(removed, Mode::Guest, BootFlags::default())
+            .unwrap()
+            .launch
+            .env;
+        assert!(!env.contains_key(&key("HOME")), "{env:?}");
+        assert_eq!(env.get(&key("PATH")).unwrap(), "/set/wins");
     }
 
     #[test]

@@ -147,6 +147,14 @@ impl Outcome {
         }
     }
 
+    /// The terminating signal the EXIT frame reported; panics if there was no EXIT.
+    pub fn signal(&self) -> Option<u32> {
+        match self.exit {
+            Some(exit) => exit.signal,
+            None => panic!("no EXIT: {self:?}"),
+        }
+    }
+
     /// Stdout as text.
     pub fn out(&self) -> String {
         String::from_utf8_lossy(&self.stdout).into_owned()

@@ -176,9 +176,17 @@ pub fn request() -> impl Strategy<Value = ExecRequest> {
         (option::of(any::<u16>()), option::of(any::<u16>())),
         (stdio(), stdio(), stdio()),
         (vec(staged_file(), 0..4), vec(argv(), 0..3)),
+        (any::<bool>(), vec(text(8), 0..3)),
     )
         .prop_map(
-            |((version, argv, env), (cwd, user, tty), (cols, rows), (i, o, e), (files, chain))| {
+            |(
+                (version, argv, env),
+                (cwd, user, tty),
+                (cols, rows),
+                (i, o, e),
+                (files, chain),
+                (env_clear, env_remove),
+            )| {
                 let mut request = ExecRequest::new(argv);
                 request.version = version;
                 request.env = env;
@@ -192,6 +200,8 @@ pub fn request() -> impl Strategy<Value = ExecRequest> {
                 request.stderr = e;
                 request.stage_files = files;
                 request.chain = chain;
+                request.env_clear = env_clear;
+                request.env_remove = env_remove;
                 request
             },
         )
@@ -291,8 +301,16 @@ pub fn frame() -> impl Strategy<Value = Frame> {
             .prop_map(|(cols, rows)| Frame::Resize(WindowSize { cols, rows })),
         any::<u32>().prop_map(Frame::Signal),
         any::<u32>().prop_map(|pid| Frame::Started { pid }),
-        (any::<u32>(), option::of(any::<u64>()))
-            .prop_map(|(code, peak_rss_kib)| Frame::Exit(ExitInfo { code, peak_rss_kib })),
+        (
+            any::<u32>(),
+            option::of(any::<u64>()),
+            option::of(any::<u32>())
+        )
+            .prop_map(|(code, peak_rss_kib, signal)| Frame::Exit(ExitInfo {
+                code,
+                peak_rss_kib,
+                signal
+            })),
         (error_code(), error_message())
             .prop_map(|(code, message)| Frame::Error(AgentError::new(code, message))),
         (unknown_kind(), bytes(100)).prop_map(|(kind, payload)| Frame::Unknown { kind, payload }),

@@ -5,15 +5,15 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Instant;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use supermachine_codec::WindowSize;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::PollSender;
 
 use super::driver::Command;
 use super::state::{ExecState, Finished, Stream};
-use super::status::ExitStatus;
+use super::status::{ExecOutcome, ExitStatus};
 use crate::error::Error;
 
 /// Largest stdin chunk sent as one frame.
@@ -21,25 +21,62 @@ const STDIN_CHUNK: usize = 64 * 1024;
 
 const SIGKILL: u32 = 9;
 
-/// A running exec in the guest.
+/// A running exec in the guest; shaped like
+/// [`tokio::process::Child`](https://docs.rs/tokio/latest/tokio/process/struct.Child.html).
 ///
-/// * [`AsyncRead`] reads its stdout (until taken with [`take_stdout`](Self::take_stdout)).
-/// * [`AsyncWrite`] writes its stdin (until taken); shutting the writer down sends EOF.
-/// * Awaiting it (it is a [`Future`]) gives the [`ExitStatus`]; like `tokio::process`, stdin is
+/// * `stdin`, `stdout` and `stderr` are public, as in tokio: `child.stdout.take()`. A stream
+///   that was not piped (or stderr in tty mode, which is merged into stdout) is `None`.
+/// * [`AsyncRead`] reads its stdout and [`AsyncWrite`] writes its stdin, while they have not
+///   been taken; shutting the writer down sends EOF.
+/// * Awaiting it (it is a [`Future`]) is [`wait`](Self::wait): like `tokio::process`, stdin is
 ///   closed first if it was not taken, so a program reading stdin to EOF can finish.
 ///
-/// Dropping an `ExecChild` kills the exec's process group in the guest.
+/// Dropping an `ExecChild` kills the exec's process group in the guest unless the builder set
+/// [`kill_on_drop(false)`](crate::ExecBuilder::kill_on_drop).
 #[derive(Debug)]
 pub struct ExecChild {
+    /// Writes to the process's stdin; `None` when stdin is not piped or has been taken.
+    pub stdin: Option<ExecStdin>,
+    /// Reads the process's stdout (and stderr, in tty mode); `None` when not piped or taken.
+    pub stdout: Option<ExecStdout>,
+    /// Reads the process's stderr; `None` when not piped, in tty mode, or taken.
+    pub stderr: Option<ExecStderr>,
     pid: u32,
     started_at: Instant,
-    stdin: Option<ExecStdin>,
-    stdout: Option<ExecStdout>,
-    stderr: Option<ExecStderr>,
     state: Arc<ExecState>,
     signaler: ExecSignaler,
-    /// Dropping this tells the driver the child is gone.
-    _drop_guard: oneshot::Sender<()>,
+    /// Tells the driver, when dropped, whether to kill the exec or to detach from it.
+    _drop_guard: DropGuard,
+}
+
+/// Sent to the driver when the [`ExecChild`] (or the spawn future, before the child exists)
+/// is dropped: a `()` means "detach" (`kill_on_drop(false)`); the channel closing without one
+/// means "kill".
+#[derive(Debug)]
+pub(crate) struct DropGuard {
+    tx: Option<oneshot::Sender<()>>,
+    detach: bool,
+}
+
+impl DropGuard {
+    pub(crate) fn new(tx: oneshot::Sender<()>) -> Self {
+        DropGuard {
+            tx: Some(tx),
+            detach: false,
+        }
+    }
+
+    pub(crate) fn detach_on_drop(&mut self, detach: bool) {
+        self.detach = detach;
+    }
+}
+
+impl Drop for DropGuard {
+    fn drop(&mut self) {
+        if let (true, Some(tx)) = (self.detach, self.tx.take()) {
+            let _ = tx.send(());
+        }
+    }
 }
 
 impl ExecChild {
@@ -48,46 +85,29 @@ impl ExecChild {
         pid: u32,
         started_at: Instant,
         stdin: Option<ExecStdin>,
-        stdout: ExecStdout,
-        stderr: ExecStderr,
+        stdout: Option<ExecStdout>,
+        stderr: Option<ExecStderr>,
         state: Arc<ExecState>,
         signaler: ExecSignaler,
-        drop_guard: oneshot::Sender<()>,
+        drop_guard: DropGuard,
     ) -> Self {
         ExecChild {
+            stdin,
+            stdout,
+            stderr,
             pid,
             started_at,
-            stdin,
-            stdout: Some(stdout),
-            stderr: Some(stderr),
             state,
             signaler,
             _drop_guard: drop_guard,
         }
     }
 
-    /// The guest pid of the first command.
-    pub fn pid(&self) -> u32 {
-        self.pid
-    }
-
-    pub(crate) fn started_at(&self) -> Instant {
-        self.started_at
-    }
-
-    /// Takes the stdin writer (absent with [`Stdio::null`](crate::Stdio::null)).
-    pub fn take_stdin(&mut self) -> Option<ExecStdin> {
-        self.stdin.take()
-    }
-
-    /// Takes the stdout reader.
-    pub fn take_stdout(&mut self) -> Option<ExecStdout> {
-        self.stdout.take()
-    }
-
-    /// Takes the stderr reader.
-    pub fn take_stderr(&mut self) -> Option<ExecStderr> {
-        self.stderr.take()
+    /// The guest pid of the first command, or `None` once the exec has ended (the agent has
+    /// reaped it by the time it reports the exit, and the pid may be reused), as
+    /// `tokio::process::Child::id` does.
+    pub fn id(&self) -> Option<u32> {
+        (!self.state.is_finished()).then_some(self.pid)
     }
 
     /// A handle other tasks can use to signal or resize this exec.
@@ -100,9 +120,22 @@ impl ExecChild {
         self.signaler.signal(signal)
     }
 
-    /// Sends SIGKILL to the exec's process group; the exit status follows (`128 + 9`).
-    pub fn kill(&self) -> Result<(), Error> {
+    /// Sends SIGKILL to the exec's process group without waiting for it to die, like tokio's
+    /// `start_kill`. Fails with [`Error::NotRunning`] once the exec has ended.
+    pub fn start_kill(&self) -> Result<(), Error> {
+        if self.state.is_finished() {
+            return Err(Error::NotRunning);
+        }
         self.signaler.kill()
+    }
+
+    /// Kills the exec's process group and waits for it to end, like tokio's `kill`: the exit
+    /// status (`signal() == Some(9)`) is then available from [`try_wait`](Self::try_wait) and
+    /// [`wait`](Self::wait). Fails with [`Error::NotRunning`] once the exec has ended.
+    pub async fn kill(&mut self) -> Result<(), Error> {
+        self.start_kill()?;
+        self.wait().await?;
+        Ok(())
     }
 
     /// Changes the terminal size (tty mode; ignored otherwise).
@@ -121,31 +154,73 @@ impl ExecChild {
         self.state.abort.notify_one();
     }
 
-    /// Waits for the exit status. Equivalent to awaiting the child itself.
+    /// Waits for the exec to end and returns its status. Equivalent to awaiting the child
+    /// itself. Closes stdin first (if it was not taken), as tokio does. A timeout is not an
+    /// error: see [`ExitStatus::timed_out`].
     pub async fn wait(&mut self) -> Result<ExitStatus, Error> {
         poll_fn(|cx| self.poll_exit(cx)).await
     }
 
-    /// Waits for the end, returning the raw result and whether the timeout fired.
-    pub(crate) async fn wait_finished(&mut self) -> Result<Finished, Error> {
+    /// The exit status if the exec has ended, `Ok(None)` if it is still running; does not
+    /// wait, and leaves stdin open.
+    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>, Error> {
+        self.state.try_finished().map(status_of).transpose()
+    }
+
+    /// Waits for the end while collecting the stdout and stderr still held by the child (a
+    /// stream taken earlier comes back empty), like tokio's `wait_with_output`. Closes stdin
+    /// first if it was not taken.
+    pub async fn wait_with_output(mut self) -> Result<ExecOutcome, Error> {
         self.stdin = None;
-        poll_fn(|cx| self.state.poll_finished(cx)).await
+        let mut stdout = self.stdout.take();
+        let mut stderr = self.stderr.take();
+        let state = self.state.clone();
+        let (out, err, finished) = tokio::join!(
+            collect(stdout.as_mut()),
+            collect(stderr.as_mut()),
+            poll_fn(|cx| state.poll_finished(cx))
+        );
+        let finished = finished?;
+        let timed_out = finished.timed_out;
+        let info = finished.result?;
+        Ok(ExecOutcome {
+            status: ExitStatus::from_info(&info, timed_out),
+            stdout: out.map_err(|e| Error::from_io("reading stdout", e))?,
+            stderr: err.map_err(|e| Error::from_io("reading stderr", e))?,
+            duration: self.started_at.elapsed(),
+            peak_rss_kib: info.peak_rss_kib,
+            timed_out,
+        })
     }
 
     fn poll_exit(&mut self, cx: &mut Context<'_>) -> Poll<Result<ExitStatus, Error>> {
         // Close stdin first so a child reading it to EOF can exit (tokio::process does the same).
         self.stdin = None;
-        let Finished { result, timed_out } = ready!(self.state.poll_finished(cx))?;
-        Poll::Ready(match (result, timed_out) {
-            (Ok(_), true) => Err(Error::TimedOut(self.state.timeout.unwrap_or_default())),
-            (Ok(info), false) => Ok(ExitStatus::from_code(info.code)),
-            (Err(e), _) => Err(e),
-        })
+        let finished = ready!(self.state.poll_finished(cx))?;
+        Poll::Ready(status_of(finished))
     }
 
     /// Peak resident memory of the exec's processes in KiB, once it has exited.
     pub fn peak_rss_kib(&self) -> Option<u64> {
         self.state.exit_info().and_then(|info| info.peak_rss_kib)
+    }
+}
+
+fn status_of(finished: Finished) -> Result<ExitStatus, Error> {
+    let Finished { result, timed_out } = finished;
+    result.map(|info| ExitStatus::from_info(&info, timed_out))
+}
+
+async fn collect<R: AsyncRead + Unpin>(reader: Option<&mut R>) -> io::Result<Bytes> {
+    let Some(reader) = reader else {
+        return Ok(Bytes::new());
+    };
+    let mut buf = BytesMut::new();
+    loop {
+        buf.reserve(64 * 1024);
+        if reader.read_buf(&mut buf).await? == 0 {
+            return Ok(buf.freeze());
+        }
     }
 }
 
@@ -348,7 +423,8 @@ impl ExecSignaler {
         self.send(Command::Signal(signal))
     }
 
-    /// Sends SIGKILL to the exec's process group.
+    /// Sends SIGKILL to the exec's process group; does not wait for it to die (the child's
+    /// [`ExecChild::kill`] does).
     pub fn kill(&self) -> Result<(), Error> {
         self.send(Command::Signal(SIGKILL))
     }

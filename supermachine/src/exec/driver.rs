@@ -44,7 +44,8 @@ pub(crate) struct Driver {
     /// The driver's own sender, for the SIGKILL it sends during teardown.
     pub(crate) command_tx: mpsc::UnboundedSender<Command>,
     pub(crate) stdin: Option<mpsc::Receiver<Bytes>>,
-    /// Resolves (with an error) when the `ExecChild` is dropped.
+    /// Resolves when the `ExecChild` (or the spawn future) is dropped: with `()` to detach
+    /// (`kill_on_drop(false)`), with an error to kill.
     pub(crate) dropped: oneshot::Receiver<()>,
     pub(crate) cancel: Option<CancellationToken>,
     pub(crate) deadline: Option<Instant>,
@@ -99,6 +100,14 @@ impl Driver {
                 None => pending().await,
             }
         };
+        // Completes only for a drop that should kill. A detaching drop (`kill_on_drop(false)`)
+        // leaves this pending forever: the driver then keeps the connection open, discarding
+        // output nobody reads, until the exit or until the agent goes away.
+        let drop_kills = async {
+            if (&mut dropped).await.is_ok() {
+                pending::<()>().await;
+            }
+        };
 
         tokio::select! {
             result = &mut read => {
@@ -118,18 +127,21 @@ impl Driver {
                 kill_and_wait(&command_tx, &mut read, &mut write, KILL_GRACE).await;
             }
             _ = expired => {
-                let limit = state.timeout.unwrap_or_default();
+                // A timeout is not an error (see ExecBuilder::timeout): the status is the killed
+                // process's. Without an answer within the grace period the connection is closed
+                // below, and the agent ends the group (SIGHUP, then SIGKILL) when it sees that;
+                // report the SIGKILL the process was sent.
                 let result = kill_and_wait(&command_tx, &mut read, &mut write, KILL_GRACE).await;
-                let result = match result {
-                    Some(Ok(info)) => Ok(info),
-                    _ => Err(Error::TimedOut(limit)),
+                let info = match result {
+                    Some(Ok(info)) => info,
+                    _ => ExitInfo::signaled(SIGKILL),
                 };
-                state.finish(Finished { result, timed_out: true });
+                state.finish(Finished { result: Ok(info), timed_out: true });
             }
             _ = state.abort.notified() => {
                 state.finish(Finished { result: Err(Error::Aborted), timed_out: false });
             }
-            _ = &mut dropped => {
+            _ = drop_kills => {
                 state.finish(Finished { result: Err(Error::Cancelled), timed_out: false });
                 kill_and_wait(&command_tx, &mut read, &mut write, DROP_GRACE).await;
             }

@@ -4,7 +4,6 @@ use std::collections::VecDeque;
 use std::io;
 use std::sync::{Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use supermachine_codec::ExitInfo;
@@ -132,7 +131,6 @@ pub(crate) struct ExecState {
     /// Wakes the driver to tear the connection down now.
     pub(crate) abort: Notify,
     max_buffered: usize,
-    pub(crate) timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for ExecState {
@@ -144,11 +142,7 @@ impl std::fmt::Debug for ExecState {
 }
 
 impl ExecState {
-    pub(crate) fn new(
-        started: oneshot::Sender<Result<u32, Error>>,
-        max_buffered: usize,
-        timeout: Option<Duration>,
-    ) -> Self {
+    pub(crate) fn new(started: oneshot::Sender<Result<u32, Error>>, max_buffered: usize) -> Self {
         ExecState {
             inner: Mutex::new(Inner {
                 stdout: OutputBuffer::default(),
@@ -162,7 +156,6 @@ impl ExecState {
             room: Notify::new(),
             abort: Notify::new(),
             max_buffered,
-            timeout,
         }
     }
 
@@ -197,7 +190,7 @@ impl ExecState {
         }
         let stream_error = finished.result.as_ref().err().and_then(|e| match e {
             // After a kill the streams simply end; the exit result says why.
-            Error::Cancelled | Error::TimedOut(_) | Error::Aborted => None,
+            Error::Cancelled | Error::Aborted => None,
             other => Some((io::ErrorKind::ConnectionAborted, other.to_string())),
         });
         inner.stdout.close(stream_error.clone());
@@ -218,6 +211,12 @@ impl ExecState {
 
     pub(crate) fn is_finished(&self) -> bool {
         self.lock().finished.is_some()
+    }
+
+    /// How the exec ended, if it has; unlike `poll_finished` this does not count as awaiting
+    /// the exit (no read-ahead past the window).
+    pub(crate) fn try_finished(&self) -> Option<Finished> {
+        self.lock().finished.as_ref().map(Finished::duplicate)
     }
 
     /// The exit information, if the exec has ended with one.

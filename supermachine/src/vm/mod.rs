@@ -538,17 +538,17 @@ impl Vm {
 
     /// Starts building an exec of `argv` in the guest; see [`Agent::exec`]. In a VM that
     /// runs an image, the image's `Env`, `WorkingDir` and `User` are the defaults (the
-    /// builder's own `env`, `cwd` and `user` override them).
+    /// builder's own `env`, `current_dir` and `user` override them).
     pub fn exec<I, S>(&self, argv: I) -> ExecBuilder
     where
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        let builder = self.agent.exec(argv);
-        match &self.image {
-            Some(image) => builder.image_defaults(image),
-            None => builder,
+        let mut builder = self.agent.exec(argv);
+        if let Some(image) = &self.image {
+            builder.image_defaults(image);
         }
+        builder
     }
 
     /// Opens a TCP connection to `127.0.0.1:port` in the guest (published or not); see

@@ -5,12 +5,12 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use supermachine::{Error, ExecBuilder, Stdio};
+use supermachine::{Error, ExecBuilder, ExitStatus, Stdio};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cli::ProcessArgs;
-use crate::failure::Failure;
+use crate::failure::{Failure, EXIT_FAILURE};
 use crate::terminal::{self, RawMode};
 
 /// Exit code when `--timeout` killed the command (as `timeout(1)`).
@@ -47,28 +47,31 @@ fn timeout(secs: f64) -> Result<Duration, Failure> {
 pub fn configure(mut builder: ExecBuilder, args: &ProcessArgs) -> Result<ExecBuilder, Failure> {
     validate(args)?;
     for kv in &args.env {
-        builder = match kv.split_once('=') {
-            Some((key, value)) => builder.env(key, value),
+        match kv.split_once('=') {
+            Some((key, value)) => {
+                builder.env(key, value);
+            }
             // `-e KEY`: the host's value, and nothing if the host has none (as Docker does).
-            None => match std::env::var(kv) {
-                Ok(value) => builder.env(kv, value),
-                Err(_) => builder,
-            },
-        };
+            None => {
+                if let Ok(value) = std::env::var(kv) {
+                    builder.env(kv, value);
+                }
+            }
+        }
     }
     if let Some(dir) = &args.workdir {
-        builder = builder.cwd(dir);
+        builder.current_dir(dir);
     }
     if let Some(user) = &args.user {
-        builder = builder.user(user);
+        builder.user(user);
     }
     if let Some(secs) = args.timeout {
-        builder = builder.timeout(timeout(secs)?);
+        builder.timeout(timeout(secs)?);
     }
     if args.tty {
-        builder = builder.tty(true);
+        builder.tty(true);
         if let Some((cols, rows)) = terminal::size() {
-            builder = builder.winsize(cols, rows);
+            builder.winsize(cols, rows);
         }
     }
     let stdin = if args.interactive {
@@ -76,11 +79,26 @@ pub fn configure(mut builder: ExecBuilder, args: &ProcessArgs) -> Result<ExecBui
     } else {
         Stdio::null()
     };
-    Ok(builder.stdin(stdin))
+    builder.stdin(stdin);
+    Ok(builder)
+}
+
+/// The exit code the CLI reports for a guest command's status: a timeout is 124 (as
+/// `timeout(1)`), an exit its code, a signal `128 + N` (as a shell).
+pub fn exit_code(status: &ExitStatus) -> u8 {
+    if status.timed_out() {
+        return EXIT_TIMED_OUT;
+    }
+    let code = match (status.code(), status.signal()) {
+        (Some(code), _) => code,
+        (None, Some(signal)) => 128i32.saturating_add(signal),
+        (None, None) => i32::from(EXIT_FAILURE),
+    };
+    (code & 0xff) as u8
 }
 
 /// Spawns the exec and runs it to its end attached to our stdio; returns its exit code.
-pub async fn run(builder: ExecBuilder, args: &ProcessArgs) -> Result<ExitCode, Failure> {
+pub async fn run(mut builder: ExecBuilder, args: &ProcessArgs) -> Result<ExitCode, Failure> {
     let mut child = builder.spawn().await.map_err(exec_failure)?;
     // Raw mode only for an interactive terminal session; restored on every way out.
     let _raw = if args.tty && args.interactive {
@@ -88,7 +106,7 @@ pub async fn run(builder: ExecBuilder, args: &ProcessArgs) -> Result<ExitCode, F
     } else {
         None
     };
-    let stdin_task = child.take_stdin().map(|mut guest| {
+    let stdin_task = child.stdin.take().map(|mut guest| {
         tokio::spawn(async move {
             let mut host = tokio::io::stdin();
             let _ = tokio::io::copy(&mut host, &mut guest).await;
@@ -96,8 +114,8 @@ pub async fn run(builder: ExecBuilder, args: &ProcessArgs) -> Result<ExitCode, F
         })
     });
     // Once our stdout is gone (`... | head -1`) the guest's further output is discarded.
-    let out = drain(child.take_stdout(), tokio::io::stdout());
-    let err = drain(child.take_stderr(), tokio::io::stderr());
+    let out = drain(child.stdout.take(), tokio::io::stdout());
+    let err = drain(child.stderr.take(), tokio::io::stderr());
     let signaler = child.signaler();
     let tty = args.tty;
     let forward_signals = async move {
@@ -139,12 +157,13 @@ pub async fn run(builder: ExecBuilder, args: &ProcessArgs) -> Result<ExitCode, F
     }
     let _ = tokio::io::stdout().flush().await;
     match status {
-        Ok(status) => Ok(ExitCode::from((status.code() & 0xff) as u8)),
-        Err(Error::TimedOut(after)) => {
+        Ok(status) if status.timed_out() => {
             drop(_raw);
-            eprintln!("supermachine: the command timed out after {after:?} and was killed");
+            let after = args.timeout.unwrap_or_default();
+            eprintln!("supermachine: the command timed out after {after}s and was killed");
             Ok(ExitCode::from(EXIT_TIMED_OUT))
         }
+        Ok(status) => Ok(ExitCode::from(exit_code(&status))),
         Err(e) => Err(exec_failure(e)),
     }
 }

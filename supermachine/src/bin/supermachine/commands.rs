@@ -131,7 +131,7 @@ pub async fn exec(args: ExecArgs) -> Result<ExitCode, Failure> {
     let agent = Agent::with_connector(UnixConnector::muxed(entry.dir.join(registry::MUXER_SOCKET)));
     let mut builder = agent.exec(args.command.clone());
     if let Some(image) = &info.image_config {
-        builder = builder.image_defaults(image);
+        builder.image_defaults(image);
     }
     let builder = attach::configure(builder, &args.process)?;
     attach::run(builder, &args.process).await

@@ -104,7 +104,8 @@ pub async fn main(args: WorkerArgs) -> Result<ExitCode, Failure> {
         let image = crate::image_arg::resolve(&run.image).await?;
         let argv = command(&run, image.config())?;
         let host = Host::start(&run, image, &argv, claim, true).await?;
-        let builder = crate::attach::configure(host.vm.exec(argv), &run.process)?
+        let mut builder = crate::attach::configure(host.vm.exec(argv), &run.process)?;
+        builder
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -122,7 +123,7 @@ pub async fn main(args: WorkerArgs) -> Result<ExitCode, Failure> {
 
     let output = host.dir().join(registry::OUTPUT_LOG);
     let copy_output = {
-        let (stdout, stderr) = (child.take_stdout(), child.take_stderr());
+        let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
         let (out_log, err_log) = (append(&output)?, append(&output)?);
         // A full disk discards the command's output (see `drain`).
         async move { tokio::join!(drain(stdout, out_log), drain(stderr, err_log)) }
@@ -136,7 +137,7 @@ pub async fn main(args: WorkerArgs) -> Result<ExitCode, Failure> {
     let _hangup = signal(SignalKind::hangup())?;
     let code = tokio::select! {
         (_, status) = async { tokio::join!(copy_output, child.wait()) } => match status {
-            Ok(status) => status.code(),
+            Ok(status) => crate::attach::exit_code(&status).into(),
             Err(e) => {
                 tracing::warn!("the command ended with an error: {e}");
                 EXIT_FAILURE.into()
