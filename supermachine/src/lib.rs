@@ -47,6 +47,12 @@
 //! | `ExitStatus::signal() -> Option<u32>` (guessed from `128 + N`) | [`ExitStatus::signal`] `-> Option<i32>`, as the agent reported it |
 //! | `wait()` on a timed-out exec: `Err(Error::TimedOut)` | `Ok(status)` with [`ExitStatus::timed_out`] (and normally `signal() == Some(9)`), as `output()` already did with [`ExecOutcome::timed_out`] |
 //! | `Display` for `ExitStatus`: `exit code 137 (signal 9)` | as std's: `exit status: 3`, `signal: 9 (SIGKILL)` |
+//! | `vm.stop()` (sync, joined the vCPU threads on the caller's thread) | `vm.stop().await` (blocking pool); [`Vm::stop_blocking`] for `Drop` impls |
+//! | `Snapshot::open`, `verify_memory`, `check_matches` (sync) | the same names, `async` (blocking pool) |
+//! | `Image::local`, `list_local`, `remove_local` and their `_in` forms (sync) | the same names, `async` |
+//! | `Error::TimedOut` | gone: see the `wait()` row |
+//! | `{}` of an error showed its cause too (some causes twice with `{:#}`) | `{}` says what failed, [`std::error::Error::source`] says why; [`Report`] prints the whole chain on one line |
+//! | two `SnapshotError` enums (VMM and library) | one, the VMM's, re-exported ([`SnapshotError`]); `Vmm(String)` is gone, `MemoryTruncated`, `Mismatch`, ... keep their names |
 //!
 //! A host with this API needs an agent that reports signals in its EXIT frames to tell a kill
 //! from `exit 137`; with an older agent a kill shows as `code() == Some(128 + N)`.
