@@ -110,14 +110,35 @@ fn a_paused_vm_loses_nothing_and_still_stops() {
         assert_eq!(reply.trim(), "pong");
         drop(server);
 
-        // A paused VM snapshots and stays paused; the snapshot restores into a working VM.
+        // A paused VM snapshots and stays paused (a running ticker stays silent through the
+        // snapshot); the snapshot restores into a working VM; the ticker goes on after resume.
+        let mut ticker = vm
+            .exec(["sh", "-c", "while true; do echo t; sleep 0.2; done"])
+            .spawn()
+            .await
+            .expect("spawn ticker");
+        let mut ticks = BufReader::new(ticker.stdout.take().expect("stdout")).lines();
+        let tick = tokio::time::timeout(GUEST, ticks.next_line())
+            .await
+            .expect("ticker runs");
+        assert_eq!(tick.expect("read").as_deref(), Some("t"));
         let work = tempfile::tempdir().expect("temp dir");
         vm.pause().await.expect("pause");
+        while tokio::time::timeout(Duration::from_millis(300), ticks.next_line())
+            .await
+            .is_ok()
+        {}
         let snapshot: Snapshot = vm
             .snapshot(work.path().join("snap"))
             .await
             .expect("snapshot while paused");
         assert!(vm.is_paused(), "a snapshot ended the owner's pause");
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), ticks.next_line())
+                .await
+                .is_err(),
+            "the guest ran after the snapshot: the snapshot ended the owner's pause"
+        );
         let restored = Vm::restore(&snapshot).await.expect("restore");
         let out = restored
             .exec(["echo", "restored"])
@@ -126,13 +147,23 @@ fn a_paused_vm_loses_nothing_and_still_stops() {
             .expect("exec in the restored VM");
         assert_eq!(&out.stdout[..], b"restored\n");
         restored.stop().await;
+        vm.resume().await.expect("resume");
+        let tick = tokio::time::timeout(GUEST, ticks.next_line())
+            .await
+            .expect("the ticker goes on after the resume");
+        assert_eq!(tick.expect("read").as_deref(), Some("t"));
 
-        // A paused VM stops at once.
+        // A paused VM stops at once (with an exec still running in it).
+        vm.pause().await.expect("pause");
         let exit = tokio::time::timeout(Duration::from_secs(10), vm.stop())
             .await
             .expect("a paused VM stops promptly");
         assert!(matches!(exit.reason, VmExitReason::Stopped), "{exit:?}");
         assert!(!vm.is_paused());
         assert!(vm.pause().await.is_err(), "a stopped VM cannot be paused");
+        let ended = tokio::time::timeout(Duration::from_secs(10), ticker.wait())
+            .await
+            .expect("the ticker's exec ends with the VM");
+        assert!(ended.is_err(), "{ended:?}");
     });
 }

@@ -42,6 +42,17 @@ async fn exit_codes_and_signals() {
 }
 
 #[tokio::test]
+async fn a_version_1_host_gets_version_1_exit_frames() {
+    // A host from before protocol version 2 refuses an EXIT longer than 12 bytes, so its
+    // requests are answered without the signal (a kill is then only `128 + N`).
+    let agent = Agent::start();
+    let mut request = ExecRequest::new(["sh", "-c", "kill -9 $$"]);
+    request.version = 1;
+    let killed = agent.run(request).await;
+    assert_eq!((killed.code(), killed.signal()), (128 + 9, None));
+}
+
+#[tokio::test]
 async fn stdout_and_stderr_stay_separate() {
     let agent = Agent::start();
     let out = agent.sh("echo out; echo err >&2; echo out2").await;

@@ -47,7 +47,7 @@ pub use codec::{ExecCodec, DEFAULT_MAX_FRAME_LENGTH, HEADER_LEN};
 pub use control::{ControlAck, ControlAction, ControlMessage};
 pub use error::CodecError;
 pub use frame::{kind, AgentError, ErrorCode, ExitInfo, Frame, WindowSize};
-pub use request::{ExecRequest, StagedFile, StdioMode, PROTOCOL_VERSION};
+pub use request::{ExecRequest, StagedFile, StdioMode, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
 /// The guest vsock port the agent listens on for exec and control connections.
 pub const AGENT_VSOCK_PORT: u32 = 1024;

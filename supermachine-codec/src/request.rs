@@ -4,7 +4,16 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// The exec protocol version this crate speaks; sent in every [`ExecRequest`].
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// * 1 — the original protocol.
+/// * 2 — REQUEST may carry `env_clear` and `env_remove`; EXIT may carry the terminating signal
+///   (8- and 16-byte payloads). An agent answers a version-1 request with version-1 EXIT
+///   frames, so older hosts keep working; an older agent refuses a version-2 request (rather
+///   than silently ignoring `env_clear`).
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// The oldest protocol version an agent of this crate still serves.
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
 
 /// What the agent connects a child's standard stream to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

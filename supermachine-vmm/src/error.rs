@@ -66,6 +66,19 @@ pub enum Error {
     },
 }
 
+/// `error` and its causes on one line (`what: why: cause`), for the places that keep an error
+/// as text (a vCPU failure is reported through a `Clone` exit reason).
+pub(crate) fn flatten(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    line
+}
+
 impl Error {
     /// Whether this is "the hypervisor cannot be used on this host" (as opposed to a bad config
     /// or a failure of a working hypervisor).

@@ -32,5 +32,5 @@ pub use vcpu::PauseError;
 pub use error::{BootError, ConfigError, Error, HvError, MemoryError};
 pub use machine::{
     is_pvm_host, platform_cmdline, DiskConfig, ExitReason, Machine, MachineBuilder, MachineConfig,
-    MachineExit, VcpuFailure, BASE_CMDLINE, CONSOLE_STDERR_ENV, MIN_MEMORY_MIB,
+    MachineExit, PausedFlag, VcpuFailure, BASE_CMDLINE, CONSOLE_STDERR_ENV, MIN_MEMORY_MIB,
 };

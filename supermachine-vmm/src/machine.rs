@@ -1,6 +1,7 @@
 //! A running microVM: memory, VM, devices and vCPU threads, and its lifecycle.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -654,6 +655,7 @@ impl MachineBuilder {
             opaque_devices: self.opaque_devices,
             saved_config,
             hold: Mutex::new(None),
+            paused: PausedFlag::default(),
             vm: self.vm,
             memory: self.memory,
             runtime: self.runtime,
@@ -706,6 +708,19 @@ impl Drop for DeviceRuntimeGuard {
     }
 }
 
+/// Whether a machine is paused by [`Machine::pause`]; cheap to clone and read from anywhere
+/// (see [`Machine::paused_flag`]). Reads `false` once the machine has been stopped; a machine
+/// that ends on its own while paused keeps it set, so check the machine's exit too.
+#[derive(Debug, Clone, Default)]
+pub struct PausedFlag(Arc<std::sync::atomic::AtomicBool>);
+
+impl PausedFlag {
+    /// Whether the machine is paused.
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
 /// A paused machine: every vCPU parked between two instructions (with the state each saved as
 /// it parked) and every device worker held between two batches (with its transport's state).
 /// Nothing in the guest runs while it exists, so the saved states stay current; dropping it lets
@@ -713,6 +728,9 @@ impl Drop for DeviceRuntimeGuard {
 struct Hold {
     _devices: PausedDevices,
     _vcpus: ParkedVcpus,
+    /// VM-wide state (clock, interrupt controllers) taken with the vCPUs', so a snapshot of a
+    /// machine paused long ago is of one moment.
+    vm_state: hypervisor::HvState,
     vcpu_states: Vec<hypervisor::HvState>,
     transport_states: Vec<crate::devices::virtio::mmio::TransportState>,
 }
@@ -804,6 +822,8 @@ pub struct Machine {
     saved_config: SavedConfig,
     /// Set while the machine is paused (by [`Machine::pause`] or a snapshot in progress).
     hold: Mutex<Option<Hold>>,
+    /// Set while paused by [`Machine::pause`] (not by a snapshot), under `hold`'s lock.
+    paused: PausedFlag,
     // Dropped after the threads are joined (in `Drop`): the VM fd, then guest RAM.
     vm: Box<dyn HvVm>,
     memory: Arc<GuestMemoryMmap>,
@@ -925,7 +945,8 @@ impl Machine {
     /// guest I/O carries on after the resume, and [`snapshot`](Self::snapshot) and
     /// [`stop`](Self::stop) work on a paused machine. The guest's clock is not stopped, so
     /// after a resume the guest sees the time that passed. Idempotent. Blocks for as long as
-    /// the vCPUs take to leave the guest (microseconds on hardware KVM).
+    /// the vCPUs take to leave the guest (microseconds on hardware KVM), and for a snapshot
+    /// in progress to finish.
     pub fn pause(&self) -> Result<(), Error> {
         if self.exit_status().is_some() {
             return Err(PauseError::NotRunning.into());
@@ -934,19 +955,27 @@ impl Machine {
         if hold.is_none() {
             *hold = Some(self.hold_still()?);
         }
+        self.paused.0.store(true, Ordering::SeqCst);
         Ok(())
     }
 
     /// Lets a paused machine run again (see [`pause`](Self::pause)); does nothing when it is
     /// not paused.
     pub fn resume(&self) {
-        let held = lock(&self.hold).take();
-        drop(held);
+        let mut hold = lock(&self.hold);
+        self.paused.0.store(false, Ordering::SeqCst);
+        drop(hold.take());
     }
 
-    /// Whether the machine is paused by [`pause`](Self::pause).
+    /// Whether the machine is paused by [`pause`](Self::pause) (and has not ended since).
     pub fn is_paused(&self) -> bool {
-        lock(&self.hold).is_some()
+        self.paused.get() && self.exit_status().is_none()
+    }
+
+    /// A handle that reads [`is_paused`](Self::is_paused)'s flag without the machine (and
+    /// without waiting for a pause or snapshot in progress).
+    pub fn paused_flag(&self) -> PausedFlag {
+        self.paused.clone()
     }
 
     /// Parks the vCPUs, then holds the device workers, keeping what each saved.
@@ -965,9 +994,14 @@ impl Machine {
             devices.0.push(Arc::clone(transport));
             transport_states.push(state);
         }
+        let vm_state = self
+            .vm
+            .save_state()
+            .map_err(|source| PauseError::VmState { source })?;
         Ok(Hold {
             _devices: devices,
             _vcpus: vcpus,
+            vm_state,
             vcpu_states,
             transport_states,
         })
@@ -977,7 +1011,7 @@ impl Machine {
     fn save(&self, dir: &Path, held: &Hold) -> Result<memory::SparseWrite, SnapshotError> {
         let state = MachineState {
             config: self.saved_config.clone(),
-            vm: self.vm.save_state()?,
+            vm: held.vm_state.clone(),
             vcpus: held.vcpu_states.clone(),
             serial: lock(&self.serial).save(),
             transports: held.transport_states.clone(),
@@ -1075,6 +1109,7 @@ impl Machine {
                 .unwrap_or_else(|p| p.into_inner())
                 .take(),
         );
+        self.paused.0.store(false, Ordering::SeqCst);
         // Threads that never ran far enough to report leave the slot empty.
         self.control.finish(ExitReason::Stopped);
         self.stopped_exit()

@@ -71,10 +71,14 @@ struct KickState {
     kicked: bool,
 }
 
-/// A pause in progress (for a snapshot): each vCPU parks and leaves its saved state here.
+/// A pause in progress (for a snapshot or `Machine::pause`): each vCPU parks and leaves its
+/// saved state here.
 #[derive(Default)]
 struct PauseState {
     requested: bool,
+    /// Counts pauses. A vCPU still parked from the previous pause (a resume woke it, but a new
+    /// pause took the lock before it left) sees a new generation and reports again.
+    generation: u64,
     /// Indexed by vCPU id; filled as each vCPU parks.
     saved: Vec<Option<Result<HvState, HvError>>>,
 }
@@ -95,6 +99,13 @@ pub enum PauseError {
     Save {
         /// vCPU index.
         vcpu: usize,
+        /// The hypervisor's error.
+        #[source]
+        source: HvError,
+    },
+    /// The VM-wide state (clock, interrupt controllers) could not be saved.
+    #[error("the VM-wide state could not be saved")]
+    VmState {
         /// The hypervisor's error.
         #[source]
         source: HvError,
@@ -176,7 +187,10 @@ impl RunControl {
         {
             let mut pause = self.pause_state();
             pause.requested = true;
+            pause.generation += 1;
             pause.saved = (0..vcpus).map(|_| None).collect();
+            // vCPUs still parked from an earlier pause must report for this one.
+            self.pause_changed.notify_all();
         }
         self.pause_requested.store(true, Ordering::SeqCst);
         {
@@ -249,17 +263,29 @@ impl RunControl {
     /// Called by a vCPU thread that noticed a pause: saves its state, reports it and waits
     /// until the pause ends.
     fn park(&self, vcpu: &mut dyn HvVcpu) {
-        let state = vcpu.save_state();
+        let id = vcpu.id() as usize;
+        let mut reported = None;
         let mut pause = self.pause_state();
-        if let Some(slot) = pause.saved.get_mut(vcpu.id() as usize) {
-            *slot = Some(state);
-        }
-        self.pause_changed.notify_all();
         while pause.requested && !self.stopping() {
-            pause = self
-                .pause_changed
-                .wait(pause)
-                .unwrap_or_else(|p| p.into_inner());
+            if reported == Some(pause.generation) {
+                pause = self
+                    .pause_changed
+                    .wait(pause)
+                    .unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            // Saved without the lock (ioctls); reported only to the pause it was saved for.
+            let generation = pause.generation;
+            drop(pause);
+            let state = vcpu.save_state();
+            pause = self.pause_state();
+            if pause.generation == generation {
+                if let Some(slot) = pause.saved.get_mut(id) {
+                    *slot = Some(state);
+                }
+                self.pause_changed.notify_all();
+                reported = Some(generation);
+            }
         }
     }
 
@@ -451,7 +477,7 @@ fn dispatch_exits(
             Err(e) => {
                 return ExitReason::Failed(VcpuFailure::RunFailed {
                     vcpu: id,
-                    message: e.to_string(),
+                    message: crate::error::flatten(&e),
                 })
             }
         };

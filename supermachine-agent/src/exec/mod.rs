@@ -84,7 +84,10 @@ impl Conn {
         tokio::select! {
             written = &mut self.writer => {
                 if let Ok(Err(e)) = written {
-                    tracing::debug!("writing the last frames failed: {e}");
+                    tracing::debug!(
+                        "writing the last frames failed: {}",
+                        crate::error::chain(&e)
+                    );
                 }
             }
             // The host left without reading everything; nothing more to do.
@@ -152,6 +155,7 @@ async fn run_plan(
     conn: &mut Conn,
     stdin_rx: StdinQueue,
 ) -> Result<Outcome, ExecError> {
+    let report_signal = plan.report_signal;
     let (pty_tx, pty_rx) = watch::channel(None);
     let (target, mut stdin_read) = stdin_plumbing(&plan, pty_rx)?;
     let _stdin = Task::spawn(io::feed_stdin(stdin_rx, target));
@@ -243,7 +247,8 @@ async fn run_plan(
     Ok(Outcome::Exited(ExitInfo {
         code,
         peak_rss_kib: Some(peak_rss_kib),
-        signal,
+        // A version-1 host refuses the longer EXIT frame that carries it.
+        signal: signal.filter(|_| report_signal),
     }))
 }
 

@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use supermachine_codec::{ExecRequest, StagedFile, StdioMode, WindowSize, PROTOCOL_VERSION};
+use supermachine_codec::{
+    ExecRequest, StagedFile, StdioMode, WindowSize, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
 
 use super::spawn::LaunchSpec;
 use crate::boot_flags::{BootFlags, PVM_GLIBC_TUNABLES};
@@ -40,6 +42,9 @@ pub struct Plan {
     pub stderr: StdioMode,
     /// Files to write before the first link, with their checked paths.
     pub files: Vec<(PathBuf, StagedFile)>,
+    /// Whether EXIT may carry the terminating signal (protocol version 2 and later; a
+    /// version-1 host would refuse the longer frame).
+    pub report_signal: bool,
 }
 
 fn invalid(message: impl Into<String>) -> ExecError {
@@ -48,9 +53,10 @@ fn invalid(message: impl Into<String>) -> ExecError {
 
 /// Validates `request` for an agent running in `mode` with the guest's `flags`.
 pub fn plan(request: ExecRequest, mode: Mode, flags: BootFlags) -> Result<Plan, ExecError> {
-    if request.version != PROTOCOL_VERSION {
+    if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&request.version) {
         return Err(invalid(format!(
-            "unsupported protocol version {} (this agent speaks {PROTOCOL_VERSION})",
+            "unsupported protocol version {} (this agent speaks {MIN_PROTOCOL_VERSION} to \
+             {PROTOCOL_VERSION})",
             request.version
         )));
     }
@@ -136,6 +142,7 @@ pub fn plan(request: ExecRequest, mode: Mode, flags: BootFlags) -> Result<Plan, 
         stdin: request.stdin,
         stdout: request.stdout,
         stderr: request.stderr,
+        report_signal: request.version >= 2,
         files,
     })
 }
@@ -179,8 +186,11 @@ mod tests {
         chain.chain = vec![vec!["true".into()], vec![]];
         assert_eq!(rejection(chain), "chain[1] has an empty argv");
         let mut version = request(&["true"]);
-        version.version = 2;
-        assert!(rejection(version).contains("version 2"));
+        version.version = PROTOCOL_VERSION + 1;
+        assert!(rejection(version).contains(&format!("version {}", PROTOCOL_VERSION + 1)));
+        let mut version = request(&["true"]);
+        version.version = 0;
+        assert!(rejection(version).contains("version 0"));
         let mut user = request(&["true"]);
         user.user = Some("no-such-user-xyz".into());
         assert!(rejection(user).contains("no-such-user-xyz"));

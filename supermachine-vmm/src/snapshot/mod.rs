@@ -161,7 +161,8 @@ pub enum SnapshotError {
 }
 
 impl SnapshotError {
-    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+    /// [`SnapshotError::Io`] for `path`, as a `map_err` argument.
+    pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
         let path = path.into();
         move |source| SnapshotError::Io { path, source }
     }

@@ -191,7 +191,10 @@ impl ExecState {
         let stream_error = finished.result.as_ref().err().and_then(|e| match e {
             // After a kill the streams simply end; the exit result says why.
             Error::Cancelled | Error::Aborted => None,
-            other => Some((io::ErrorKind::ConnectionAborted, other.to_string())),
+            other => Some((
+                io::ErrorKind::ConnectionAborted,
+                crate::Report(other).to_string(),
+            )),
         });
         inner.stdout.close(stream_error.clone());
         inner.stderr.close(stream_error);

@@ -155,7 +155,7 @@ async fn forward(mut tcp: TcpStream, peer: SocketAddr, guest_port: u16, agent: A
             // Reset rather than close, so the client sees a refused-like failure instead of
             // an empty reply. A zero linger resets at once; the blocking close that got
             // `set_linger` deprecated only happens with a non-zero linger.
-            debug!(%peer, guest_port, "published port: {e}");
+            debug!(%peer, guest_port, "published port: {}", crate::Report(&e));
             #[allow(deprecated)]
             let _ = tcp.set_linger(Some(std::time::Duration::ZERO));
             return;

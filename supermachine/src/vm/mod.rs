@@ -16,13 +16,12 @@ mod exit;
 mod initramfs;
 mod snapshot;
 
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use supermachine_vmm::devices::serial::ConsoleLog;
 use supermachine_vmm::devices::vsock::{VsockConfig, VsockHandle};
-use supermachine_vmm::{DiskConfig, Machine, MachineBuilder, MachineConfig};
+use supermachine_vmm::{DiskConfig, Machine, MachineBuilder, MachineConfig, PausedFlag};
 use tracing::{debug, info, warn};
 
 pub use config::{ConfigError, VmConfig, AGENT_ENV, KERNEL_ENV, MAX_MEMORY_MIB, MIN_MEMORY_MIB};
@@ -79,15 +78,15 @@ const ROOTFS_FLAG: &str = "supermachine.rootfs=1";
 pub struct Vm {
     agent: Agent,
     liveness: Arc<Liveness>,
-    /// Locked only on the blocking pool (snapshot, pause, resume, stop): those calls hold it
-    /// for as long as they block.
+    /// Locked on the blocking pool by snapshot, pause, resume and stop (for as long as they
+    /// block), and on the caller's thread only by `stop_blocking` and drop.
     machine: Arc<Mutex<Machine>>,
     /// The machine's console log and vsock device, kept here so reading them never waits for
     /// the machine lock.
     console: ConsoleLog,
     vsock: VsockHandle,
-    /// Set by [`Vm::pause`], cleared by [`Vm::resume`].
-    paused: AtomicBool,
+    /// The machine's own "paused" flag (set and cleared under the machine's pause lock).
+    paused: PausedFlag,
     identity: Identity,
     timings: StartTimings,
     /// The OCI image config whose Env / WorkingDir / User every exec defaults to.
@@ -171,7 +170,7 @@ impl Vm {
                 })
         })
         .await?;
-        let _turn = cache_lock::lock(&dir)
+        let turn = cache_lock::lock(&dir)
             .await
             .map_err(|source| Error::Cache {
                 what: "the snapshot lock",
@@ -215,7 +214,9 @@ impl Vm {
             .await?;
         }
         let vm = Self::boot(&config, &resolved, &initramfs.path, identity, started).await?;
-        match vm.snapshot(&dir).await {
+        // The lock goes with the write: a start cancelled meanwhile must not let another
+        // start boot the same configuration while this snapshot is still being written.
+        match vm.snapshot_holding(dir.clone(), turn).await {
             Ok(_) => info!(dir = %dir.display(), "VM snapshot cached; later starts restore it"),
             // The VM itself is fine; only later starts lose the shortcut.
             Err(e) => {
@@ -341,9 +342,9 @@ impl Vm {
             agent,
             liveness,
             console: machine.console_log().clone(),
+            paused: machine.paused_flag(),
             vsock: handle,
             machine: Arc::new(Mutex::new(machine)),
-            paused: AtomicBool::new(false),
             identity,
             timings: StartTimings {
                 restored,
@@ -406,9 +407,20 @@ impl Vm {
     /// Connections still open are fine too; their guest sockets are reset in restored VMs.
     ///
     /// The writing (a few hundred milliseconds for a few hundred MiB of touched RAM) runs on
-    /// tokio's blocking pool, not on the calling task's thread.
+    /// tokio's blocking pool, not on the calling task's thread. Dropping this future does not
+    /// cancel a write that has begun: it completes (or fails) in the background, and the VM
+    /// stays paused until it has.
     pub async fn snapshot(&self, dir: impl AsRef<std::path::Path>) -> Result<Snapshot, Error> {
-        let dir = dir.as_ref().to_owned();
+        self.snapshot_holding(dir.as_ref().to_owned(), ()).await
+    }
+
+    /// [`Vm::snapshot`], keeping `keep` (a lock) alive until the write has ended, even when
+    /// this future is dropped first.
+    async fn snapshot_holding(
+        &self,
+        dir: std::path::PathBuf,
+        keep: impl Send + 'static,
+    ) -> Result<Snapshot, Error> {
         {
             let dir = dir.clone();
             blocking(move || {
@@ -428,7 +440,10 @@ impl Vm {
         let image = self.image.clone();
         let liveness = Arc::clone(&self.liveness);
         let (snapshot, paused_for, memory_bytes) = blocking(move || {
-            write_snapshot(&lock(&machine), &dir, &identity, image.as_ref(), &liveness)
+            let written =
+                write_snapshot(&lock(&machine), &dir, &identity, image.as_ref(), &liveness);
+            drop(keep);
+            written
         })
         .await?;
         debug!(
@@ -453,9 +468,6 @@ impl Vm {
     pub async fn pause(&self) -> Result<(), Error> {
         let machine = Arc::clone(&self.machine);
         let result = blocking(move || Ok(lock(&machine).pause())).await?;
-        if result.is_ok() {
-            self.paused.store(true, std::sync::atomic::Ordering::SeqCst);
-        }
         result.map_err(|e| match e {
             supermachine_vmm::Error::Pause(supermachine_vmm::PauseError::NotRunning) => {
                 Error::VmExited(self.exit_status().unwrap_or(VmExit {
@@ -477,14 +489,12 @@ impl Vm {
             Ok(())
         })
         .await?;
-        self.paused
-            .store(false, std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
 
     /// Whether the VM is paused ([`Vm::pause`]). Cheap.
     pub fn is_paused(&self) -> bool {
-        self.paused.load(std::sync::atomic::Ordering::SeqCst)
+        self.paused.get() && self.liveness.exit().is_none()
     }
 
     /// Waits (at most `limit`) until the vsock device tracks no connection: a snapshot taken
@@ -631,8 +641,6 @@ impl Vm {
         self.publisher.close();
         let machine = Arc::clone(&self.machine);
         let exit = tokio::task::spawn_blocking(move || lock(&machine).stop()).await;
-        self.paused
-            .store(false, std::sync::atomic::Ordering::SeqCst);
         match exit {
             Ok(exit) => VmExit::from(exit),
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
@@ -647,8 +655,6 @@ impl Vm {
     pub fn stop_blocking(&self) -> VmExit {
         self.publisher.close();
         let exit = lock(&self.machine).stop();
-        self.paused
-            .store(false, std::sync::atomic::Ordering::SeqCst);
         VmExit::from(exit)
     }
 }
@@ -827,7 +833,9 @@ fn identity_from(
 
 /// Builds (or finds in the cache) the initramfs for `config`.
 fn build_initramfs(config: &VmConfig, agent: &std::path::Path) -> Result<BuiltInitramfs, Error> {
-    let invalid = |e: initramfs::InitramfsError| Error::from(ConfigError::Initramfs(e.to_string()));
+    let invalid = |e: initramfs::InitramfsError| {
+        Error::from(ConfigError::Initramfs(crate::Report(&e).to_string()))
+    };
     let agent_bytes = initramfs::read_host_file(agent).map_err(invalid)?;
     let agent_sha256 = snapshot::sha256_hex(&agent_bytes);
     let mut fs = Initramfs::with_agent(agent_bytes);

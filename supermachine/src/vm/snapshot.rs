@@ -77,11 +77,11 @@ impl RootfsIdentity {
     /// Checks that the image is still the one hashed: by metadata when that is unchanged,
     /// else by hashing it again.
     pub(crate) fn check_unchanged(&self) -> Result<(), SnapshotError> {
-        let now = Self::of_metadata(&self.path).map_err(io_error(&self.path))?;
+        let now = Self::of_metadata(&self.path).map_err(SnapshotError::io(&self.path))?;
         if (now.0, now.1, now.2) == (self.len, self.mtime_ns, self.ino) {
             return Ok(());
         }
-        let sha256 = sha256_file(&self.path).map_err(io_error(&self.path))?;
+        let sha256 = sha256_file(&self.path).map_err(SnapshotError::io(&self.path))?;
         if sha256 == self.sha256 {
             return Ok(());
         }
@@ -220,12 +220,6 @@ struct Meta {
 /// nothing is lost between the layers.
 pub use supermachine_vmm::snapshot::SnapshotError;
 
-/// [`SnapshotError::Io`] for `path`.
-fn io_error(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> SnapshotError {
-    let path = path.into();
-    move |source| SnapshotError::Io { path, source }
-}
-
 impl From<SnapshotError> for Error {
     fn from(e: SnapshotError) -> Self {
         Error::Snapshot(e)
@@ -259,7 +253,7 @@ impl Snapshot {
 
     fn open_inner(dir: &Path) -> Result<Snapshot, SnapshotError> {
         let meta_path = dir.join(META_FILE);
-        let bytes = std::fs::read(&meta_path).map_err(io_error(&meta_path))?;
+        let bytes = std::fs::read(&meta_path).map_err(SnapshotError::io(&meta_path))?;
         #[derive(Deserialize)]
         struct Version {
             format_version: u32,
@@ -281,7 +275,7 @@ impl Snapshot {
         })?;
 
         let state_path = dir.join(VMSTATE_FILE);
-        let state_bytes = std::fs::read(&state_path).map_err(io_error(&state_path))?;
+        let state_bytes = std::fs::read(&state_path).map_err(SnapshotError::io(&state_path))?;
         let state = format::decode(&state_bytes, &state_path)?;
         if state.config.vcpus != meta.identity.vcpus
             || state.config.memory_mib != meta.identity.memory_mib
@@ -300,7 +294,7 @@ impl Snapshot {
 
         let memory_path = dir.join(MEMORY_FILE);
         let found = std::fs::metadata(&memory_path)
-            .map_err(io_error(&memory_path))?
+            .map_err(SnapshotError::io(&memory_path))?
             .len();
         let expected = u64::from(meta.identity.memory_mib) << 20;
         if found != expected {
@@ -366,7 +360,8 @@ impl Snapshot {
         let path = self.dir.join(MEMORY_FILE);
         let expected = self.meta.memory_sha256.clone();
         super::blocking(move || {
-            let digest = supermachine_vmm::memory::sparse_digest(&path).map_err(io_error(&path))?;
+            let digest =
+                supermachine_vmm::memory::sparse_digest(&path).map_err(SnapshotError::io(&path))?;
             if hex(&digest) != expected {
                 return Err(SnapshotError::MemoryChanged { path }.into());
             }
@@ -398,7 +393,7 @@ pub(crate) fn write_meta(
     };
     let path = dir.join(META_FILE);
     let json = serde_json::to_vec_pretty(&meta).map_err(|e| SnapshotError::Encode(Box::new(e)))?;
-    std::fs::write(&path, json).map_err(io_error(&path))
+    std::fs::write(&path, json).map_err(SnapshotError::io(&path))
 }
 
 /// SHA-256 of a file's contents, in hex.

@@ -137,27 +137,32 @@ pub async fn exec(args: ExecArgs) -> Result<ExitCode, Failure> {
     attach::run(builder, &args.process).await
 }
 
+/// How long `ps` waits for each VM's host to say whether it is paused.
+const PS_PING_TIMEOUT: Duration = Duration::from_secs(2);
+
 pub async fn ps() -> Result<ExitCode, Failure> {
     let registry = Registry::open()?;
     let entries = registry.list()?;
+    // Asked all at once, briefly: a wedged host must not hold up the listing.
+    let states = futures::future::join_all(entries.iter().map(|entry| async {
+        let socket = entry.dir.join(registry::CONTROL_SOCKET);
+        match control::call_within(&socket, Request::Ping, PS_PING_TIMEOUT).await {
+            Ok(answer) if answer.text.as_deref() == Some(host::PAUSED) => "paused",
+            _ => "up",
+        }
+    }))
+    .await;
     let mut rows: Vec<[String; 6]> = Vec::with_capacity(entries.len());
-    for entry in &entries {
+    for (entry, state) in entries.iter().zip(states) {
         rows.push(match &entry.info {
-            Some(info) => {
-                let socket = entry.dir.join(registry::CONTROL_SOCKET);
-                let state = match control::call(&socket, Request::Ping).await {
-                    Ok(answer) if answer.text.as_deref() == Some(host::PAUSED) => "paused",
-                    _ => "up",
-                };
-                [
-                    entry.name.clone(),
-                    info.image.clone(),
-                    quote_command(&info.command),
-                    ago(UNIX_EPOCH + Duration::from_secs(info.created_unix)),
-                    format!("{state}, pid {}", entry.host.pid),
-                    info.ports.join(", "),
-                ]
-            }
+            Some(info) => [
+                entry.name.clone(),
+                info.image.clone(),
+                quote_command(&info.command),
+                ago(UNIX_EPOCH + Duration::from_secs(info.created_unix)),
+                format!("{state}, pid {}", entry.host.pid),
+                info.ports.join(", "),
+            ],
             None => [
                 entry.name.clone(),
                 String::new(),

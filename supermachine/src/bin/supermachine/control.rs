@@ -16,6 +16,9 @@ use crate::failure::Failure;
 
 /// How long a client waits for an answer; a host that takes longer is wedged.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client waits for a pause or unpause: longer than the VMM gives its vCPUs to
+/// park (10 s), so its own error comes back rather than a time-out here.
+const PAUSE_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest request line a host reads.
 const MAX_REQUEST: u64 = 4096;
 
@@ -40,6 +43,19 @@ pub struct Answer {
 
 /// Sends `request` to the host listening at `socket` and returns its answer.
 pub async fn call(socket: &Path, request: Request) -> Result<Answer, Failure> {
+    let limit = match request {
+        Request::Pause | Request::Unpause => PAUSE_ANSWER_TIMEOUT,
+        _ => ANSWER_TIMEOUT,
+    };
+    call_within(socket, request, limit).await
+}
+
+/// [`call`] with its own time limit.
+pub async fn call_within(
+    socket: &Path,
+    request: Request,
+    limit: Duration,
+) -> Result<Answer, Failure> {
     let exchange = async {
         let stream = UnixStream::connect(socket).await?;
         let (read, mut write) = stream.into_split();
@@ -53,7 +69,7 @@ pub async fn call(socket: &Path, request: Request) -> Result<Answer, Failure> {
         }
         Ok(serde_json::from_str::<Answer>(&answer)?)
     };
-    let answer = tokio::time::timeout(ANSWER_TIMEOUT, exchange)
+    let answer = tokio::time::timeout(limit, exchange)
         .await
         .map_err(|_| Failure::new("the VM host did not answer in time"))??;
     match answer.ok {

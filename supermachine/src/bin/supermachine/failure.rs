@@ -54,8 +54,9 @@ impl Failure {
     }
 }
 
-/// The error and its sources on one line, skipping sources whose text the message already
-/// carries (thiserror messages often include their source).
+/// The error and its sources on one line (as `supermachine::Report`), skipping a source whose
+/// text the line already carries: this crate's errors never repeat their cause, but errors of
+/// other crates (I/O, HTTP, JSON) sometimes do.
 fn one_line(error: &dyn std::error::Error) -> String {
     let mut line = error.to_string();
     let mut source = error.source();

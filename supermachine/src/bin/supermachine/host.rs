@@ -129,11 +129,13 @@ async fn serve_control(listener: tokio::net::UnixListener, vm: Arc<Vm>, stop: Ca
                 Request::Console => Answer::text(vm.console()),
                 Request::Pause => match vm.pause().await {
                     Ok(()) => Answer::ok(),
-                    Err(e) => Answer::error(format!("cannot pause: {e}")),
+                    Err(e) => Answer::error(format!("cannot pause: {}", supermachine::Report(&e))),
                 },
                 Request::Unpause => match vm.resume().await {
                     Ok(()) => Answer::ok(),
-                    Err(e) => Answer::error(format!("cannot unpause: {e}")),
+                    Err(e) => {
+                        Answer::error(format!("cannot unpause: {}", supermachine::Report(&e)))
+                    }
                 },
                 Request::Stop => Answer::ok(),
             };

@@ -24,7 +24,10 @@ pub async fn resolve(arg: &str) -> Result<Image, Failure> {
     match Image::local(arg).await {
         Ok(Some(image)) => return Ok(image),
         Ok(None) => {}
-        Err(e) => tracing::warn!("looking {arg} up in the local cache: {e}"),
+        Err(e) => tracing::warn!(
+            "looking {arg} up in the local cache: {}",
+            supermachine::Report(&e)
+        ),
     }
     pull(arg).await
 }

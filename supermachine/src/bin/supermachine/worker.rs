@@ -139,7 +139,7 @@ pub async fn main(args: WorkerArgs) -> Result<ExitCode, Failure> {
         (_, status) = async { tokio::join!(copy_output, child.wait()) } => match status {
             Ok(status) => crate::attach::exit_code(&status).into(),
             Err(e) => {
-                tracing::warn!("the command ended with an error: {e}");
+                tracing::warn!("the command ended with an error: {}", supermachine::Report(&e));
                 EXIT_FAILURE.into()
             }
         },
