@@ -53,10 +53,17 @@ load kvm
 mount -t proc proc /host/proc
 mount -t sysfs sys /host/sys
 mount -t devtmpfs dev /host/dev
+# What udev would add: bash's process substitution and many scripts need /dev/fd.
+ln -sf /proc/self/fd /host/dev/fd
+ln -sf /proc/self/fd/0 /host/dev/stdin
+ln -sf /proc/self/fd/1 /host/dev/stdout
+ln -sf /proc/self/fd/2 /host/dev/stderr
 mkdir -p /host/dev/pts /host/dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666 devpts /host/dev/pts
 mount -t tmpfs -o mode=1777 shm /host/dev/shm
 [ -c /host/dev/kvm ] || fail "no /dev/kvm in L1: kvm_amd did not initialise (dmesg: $(dmesg | grep -i -m1 -e kvm -e svm))"
+# Loopback, as any booted system has: tests connect to published ports on 127.0.0.1.
+ip link set lo up || fail "cannot bring up L1's loopback"
 # Snapshot cache, temp files and runtime dirs on an L1 tmpfs, not on 9p (lane/run.sh points
 # SUPERMACHINE_CACHE_DIR, TMPDIR and XDG_RUNTIME_DIR into it).
 mount -t tmpfs -o mode=0700 lane "/host$RUN/l1" || fail "cannot mount L1's tmpfs"
