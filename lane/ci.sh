@@ -71,6 +71,7 @@ if ((status == 125)) && [[ -z ${SUPERMACHINE_REQUIRE_KVM:-} ]]; then
   echo "lane/ci.sh: the nested lane could not start (above); skipped, as SUPERMACHINE_REQUIRE_KVM is unset"
   exit 0
 fi
+((status != 125)) || { echo "lane/ci.sh: error: the nested lane could not start (above), and SUPERMACHINE_REQUIRE_KVM is set" >&2; exit 1; }
 ((status == 0)) || { echo "lane/ci.sh: error: the lane's VM suites failed (exit $status)" >&2; exit 1; }
 
 step "lane: teardown checks"

@@ -16,7 +16,8 @@
 # * In L1: SUPERMACHINE_CACHE_DIR, TMPDIR and XDG_RUNTIME_DIR point into an L1 tmpfs (snapshots
 #   and sockets do not belong on 9p); everything else in the environment is passed as is. Host
 #   code runs under TCG there too: slow, so keep host-side work out of the lane.
-# * Output: the command's stdout and stderr, merged, stream on stdout (L1's serial console).
+# * Output: the command's stdout and stderr, merged, stream on stdout (L1's serial console);
+#   its stdin is /dev/null.
 # * Exit status: the command's; 124 when --timeout expired (L1 is killed); 125 when the lane
 #   could not start or L1 stopped without reporting (the message says why); 130/143 on SIGINT/TERM.
 # * Teardown: QEMU dies with this script (PR_SET_PDEATHSIG through setpriv), even on SIGKILL;
