@@ -69,7 +69,7 @@ while (($#)); do
 done
 (($#)) || usage
 [[ $cpus =~ ^[1-9][0-9]*$ && $memory =~ ^[1-9][0-9]*$ && $timeout =~ ^[1-9][0-9]*$ ]] \
-  || die "--cpus, --memory and --timeout take positive integers"
+  || { printf 'lane/run.sh: error: --cpus, --memory and --timeout take positive integers\n' >&2; usage; }
 ((EUID == 0)) || die "run as root: installing QEMU and serving the host's / to L1 over 9p (passthrough) need it"
 [[ $(uname -m) == x86_64 ]] || die "the x86_64 nested lane needs an x86_64 host (this is $(uname -m))"
 
@@ -201,13 +201,13 @@ trap 'exit 143' TERM HUP
 # removes the run directory. It holds neither the lock nor our stdout.
 flock "$RUN/lock" "${BASH_SOURCE[0]}" --reap "$RUN" </dev/null >/dev/null 2>&1 {lock_fd}>&- &
 
-{
-  exec 9>"$CACHE/.install.lock"
-  flock 9
-  ensure_qemu
-  ensure_l1_kernel
-  ensure_initrd
-}
+# One installer at a time; the lock is released before L1 boots, so runs go in parallel.
+exec {install_fd}>"$CACHE/.install.lock"
+flock "$install_fd"
+ensure_qemu
+ensure_l1_kernel
+ensure_initrd
+exec {install_fd}>&-
 command -v setpriv >/dev/null || die "setpriv (util-linux) is missing: apt-get install -y util-linux"
 
 # What L1 runs, chrooted into the host's /: this environment (minus bash's own variables), the
