@@ -9,7 +9,7 @@
 #   LANE_TIMEOUT (s, 1800) size the L1.
 #
 # Suites, by time measured in the lane (2026-12-04, 2-core host, L1 with 4 vCPUs; the whole script
-# ~3.5 min with the host build cached, of which teardown checks ~1 min): exec_vm 14 s, snapshot
+# ~4 min with the host build cached, of which teardown checks ~1 min): exec_vm 14 s, snapshot
 # 45 s, vm_faults 9 s, pause 24 s, smp 18 s, supermachine-vmm's boot 9 s, devices_in_guest 7 s,
 # lifecycle 3 s, vm_rootfs 9 s, publish 8 s. Not here: vm_image needs network for debootstrap (L1 has none); cli builds the CLI with cargo,
 # which under TCG takes minutes; runtime_stall's 25 ms bound on host-side code does not hold
