@@ -63,14 +63,22 @@ fn guest_sees(vcpus: u32) {
     runtime().block_on(async {
         let vm = boot(vcpus).await;
         let (code, nproc) = exec_output(vm.exec(["nproc"])).await;
-        assert_eq!((code, nproc.as_str()), (0, vcpus.to_string().as_str()), "nproc");
+        assert_eq!(
+            (code, nproc.as_str()),
+            (0, vcpus.to_string().as_str()),
+            "nproc"
+        );
         let (code, online) = exec_output(vm.exec(["cat", "/sys/devices/system/cpu/online"])).await;
         let expected = if vcpus == 1 {
             "0".to_owned()
         } else {
             format!("0-{}", vcpus - 1)
         };
-        assert_eq!((code, online), (0, expected), "/sys/devices/system/cpu/online");
+        assert_eq!(
+            (code, online),
+            (0, expected),
+            "/sys/devices/system/cpu/online"
+        );
         vm.stop().await;
     });
 }
