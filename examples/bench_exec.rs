@@ -36,6 +36,8 @@ async fn read_all(mut reader: impl AsyncReadExt + Unpin) -> std::io::Result<u64>
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // Figures from different lanes must never share a ratio: say which this is.
+    println!("lane: {}", supermachine_e2e::lane());
     let mut args = std::env::args().skip(1);
     let rounds: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(300);
     let mib: u64 = args.next().map(|a| a.parse()).transpose()?.unwrap_or(2048);

@@ -36,6 +36,8 @@ fn private_dirty_kib() -> u64 {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // Figures from different lanes must never share a ratio: say which this is.
+    println!("lane: {}", supermachine_e2e::lane());
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)

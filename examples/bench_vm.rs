@@ -23,6 +23,8 @@ fn rss_kib() -> u64 {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // Figures from different lanes must never share a ratio: say which this is.
+    println!("lane: {}", supermachine_e2e::lane());
     let boots = arg(1, 5).max(1);
     let rounds = arg(2, 30).max(1);
     let mib = arg(3, 4).max(1);

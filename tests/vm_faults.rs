@@ -17,6 +17,17 @@ fn count(what: &str) -> usize {
         .unwrap_or(0)
 }
 
+/// This process's threads' names (`comm`), to say which one leaked.
+fn thread_names() -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| {
+            d.filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("comm")).ok())
+                .map(|n| n.trim().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Guest RAM is one mapping of exactly the VM's memory size.
 const GUEST_MIB: u32 = 256;
 
@@ -52,6 +63,9 @@ fn kernel_panic_fails_pending_execs_with_the_panic_line() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        // Idle blocking-pool threads (VM start and teardown run there) otherwise live on for
+        // tokio's default 10 s and read as leaked when the whole test takes less (real KVM).
+        .thread_keep_alive(Duration::from_millis(100))
         .enable_all()
         .build()
         .unwrap();
@@ -131,7 +145,12 @@ fn kernel_panic_fails_pending_execs_with_the_panic_line() {
     {
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(count("task"), threads, "threads leaked");
+    assert_eq!(
+        count("task"),
+        threads,
+        "threads leaked; live now: {:?}",
+        thread_names()
+    );
     assert_eq!(count("fd"), fds, "descriptors leaked");
     assert!(
         guest_sized_mappings() <= maps,

@@ -475,3 +475,36 @@ pub async fn start_nc_server(
         }
     }
 }
+
+/// Which kind of KVM this process runs on, for benchmark and test reports (figures from
+/// different lanes must never be compared):
+/// * `"PVM host"` when `kvm_pvm` is loaded (the development machines' own `/dev/kvm`);
+/// * `"nested kvm_amd (L1 under QEMU TCG)"` when `kvm_amd` is loaded and the CPU is QEMU's TCG
+///   (hypervisor CPUID leaf `TCGTCGTCGTCG`): the nested lane of `lane/run.sh`;
+/// * `"hardware KVM"` otherwise.
+pub fn lane() -> &'static str {
+    let module = |name: &str| Path::new("/sys/module").join(name).exists();
+    if module("kvm_pvm") {
+        "PVM host"
+    } else if module("kvm_amd") && hypervisor_vendor() == *b"TCGTCGTCGTCG" {
+        "nested kvm_amd (L1 under QEMU TCG)"
+    } else {
+        "hardware KVM"
+    }
+}
+
+/// The hypervisor's CPUID vendor signature (leaf 0x4000_0000), zeros on bare metal or off x86_64.
+fn hypervisor_vendor() -> [u8; 12] {
+    let mut vendor = [0u8; 12];
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: CPUID exists on every x86_64 CPU; leaf 0x4000_0000 is reserved for
+        // hypervisors and reads as zeros or unrelated data elsewhere, which only fails the match.
+        #[allow(unused_unsafe)]
+        let r = unsafe { std::arch::x86_64::__cpuid(0x4000_0000) };
+        vendor[..4].copy_from_slice(&r.ebx.to_le_bytes());
+        vendor[4..8].copy_from_slice(&r.ecx.to_le_bytes());
+        vendor[8..].copy_from_slice(&r.edx.to_le_bytes());
+    }
+    vendor
+}

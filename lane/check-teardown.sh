@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Checks that lane/run.sh always tears down: after SIGKILL of the runner, SIGKILL of its QEMU,
+# and its --timeout, while the command runs in L1, no QEMU of it, no run directory and no new
+# mount are left behind; and that a lane without svm fails with exit 125. ~2 min (four L1 boots).
+#
+#   lane/check-teardown.sh        (root; lane/ci.sh runs it)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+base="${TMPDIR:-/tmp}/supermachine-lane"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+failures=0
+fail() { printf 'check-teardown: FAIL: %s\n' "$*" >&2; failures=$((failures + 1)); }
+pass() { printf 'check-teardown: ok: %s\n' "$*"; }
+
+mounts() { awk '{print $5}' /proc/self/mountinfo | sort; }
+lane_qemus() { # pids of QEMUs serving a lane run directory
+  local pid
+  for pid in $(pgrep -x qemu-system-x86 2>/dev/null || true) $(pgrep -f '^qemu-system-x86_64 ' 2>/dev/null || true); do
+    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF "lane.run=$base/run." && echo "$pid"
+  done | sort -u
+}
+runs() { find "$base" -maxdepth 1 -name 'run.*' 2>/dev/null | sort; }
+
+# Starts `lane/run.sh ARGS` in the background (log in $work/log), waits for L1 to start the
+# command, and sets runner (its pid) and rundir (its run directory).
+start_lane() {
+  local before
+  before="$(runs)"
+  lane/run.sh "$@" >"$work/log" 2>&1 &
+  runner=$!
+  local i
+  for ((i = 0; i < 300; i++)); do
+    grep -q '^lane: L1 up' "$work/log" && break
+    kill -0 "$runner" 2>/dev/null || { cat "$work/log"; fail "the runner exited before L1 came up"; return 1; }
+    sleep 1
+  done
+  rundir="$(comm -13 <(echo "$before") <(runs) | head -n1)"
+  [[ -n $rundir ]] || { fail "no run directory appeared under $base"; return 1; }
+}
+
+# Waits up to 20 s for the run to be gone without a trace.
+expect_clean() {
+  local what="$1" i
+  for ((i = 0; i < 40; i++)); do
+    [[ -z $(lane_qemus) && ! -e $rundir ]] && [[ $(mounts) == "$mounts_before" ]] && break
+    sleep 0.5
+  done
+  local left=0
+  [[ -z $(lane_qemus) ]] || { fail "$what: QEMU still running: $(lane_qemus)"; left=1; }
+  [[ ! -e $rundir ]] || { fail "$what: run directory $rundir left behind"; left=1; }
+  [[ $(mounts) == "$mounts_before" ]] || { fail "$what: mounts changed"; left=1; }
+  ((left)) || pass "$what: no QEMU, no run directory, no mount left"
+}
+
+mounts_before="$(mounts)"
+
+# 1. SIGKILL of the runner: its QEMU dies with it (PDEATHSIG), its watchdog removes the directory.
+if start_lane --timeout 300 -- sleep 600; then
+  kill -KILL "$runner"
+  wait "$runner" 2>/dev/null || true
+  expect_clean "SIGKILL of the runner"
+fi
+
+# 2. SIGKILL of QEMU: the runner reports the lane failure (125) and cleans up.
+if start_lane --timeout 300 -- sleep 600; then
+  kill -KILL "$(<"$rundir/qemu.pid")"
+  status=0
+  wait "$runner" || status=$?
+  ((status == 125)) && pass "SIGKILL of QEMU: runner exited 125" \
+    || { cat "$work/log"; fail "SIGKILL of QEMU: runner exited $status, not 125"; }
+  expect_clean "SIGKILL of QEMU"
+fi
+
+# 3. --timeout: L1 is killed and the runner exits 124.
+if start_lane --timeout 45 -- sleep 600; then
+  status=0
+  wait "$runner" || status=$?
+  ((status == 124)) && pass "--timeout: runner exited 124" \
+    || { cat "$work/log"; fail "--timeout: runner exited $status, not 124"; }
+  expect_clean "--timeout"
+fi
+
+# 4. No svm in L1: a clear error and exit 125 (what CI's SUPERMACHINE_REQUIRE_KVM relies on).
+status=0
+SUPERMACHINE_LANE_CPU=qemu64,-svm lane/run.sh --timeout 120 -- true >"$work/log" 2>&1 || status=$?
+if ((status == 125)) && grep -q 'no svm flag' "$work/log"; then
+  pass "no svm: exit 125 with \"$(grep -m1 'error:' "$work/log")\""
+else
+  cat "$work/log"
+  fail "no svm: exit $status (expected 125 and an error naming svm)"
+fi
+
+((failures == 0)) || { echo "check-teardown: $failures failure(s)" >&2; exit 1; }
+echo "check-teardown: all passed"

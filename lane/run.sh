@@ -1,0 +1,270 @@
+#!/usr/bin/env bash
+# The nested lane: runs one command, as root, in the same working directory and environment, on
+# real vendor-standard KVM (kvm_amd) inside a QEMU TCG guest ("L1") that emulates AMD-V with
+# nested paging. The host's /dev/kvm here is PVM (slow guest kernel work, one vCPU); L1's is
+# what a user's machine has. Recipe and measurements: the repository's design note NESTED-LANE.md.
+#
+#   lane/run.sh [--cpus N] [--memory MiB] [--timeout SECONDS] [--verbose] -- COMMAND [ARG...]
+#
+# * Installs what it needs, once (root; cached under ${XDG_CACHE_HOME:-~/.cache}/supermachine/lane):
+#   QEMU >= 10 from bookworm-backports, Debian's linux-image-6.1.0-*-amd64 (unpacked, not
+#   installed), an initramfs with a static busybox and lane/init.sh as /init.
+# * L1 sees the host's whole `/` over 9p (checkout, target/, caches, the guest kernel and agent):
+#   build on the host, run only guest-bound tests and benchmarks here, e.g.
+#     cargo test --no-run --message-format=json | jq -r 'select(.executable) | .executable'
+#   lists the test binaries; run one with `lane/run.sh -- target/debug/deps/snapshot-HASH`.
+# * In L1: SUPERMACHINE_CACHE_DIR, TMPDIR and XDG_RUNTIME_DIR point into an L1 tmpfs (snapshots
+#   and sockets do not belong on 9p); everything else in the environment is passed as is. Host
+#   code runs under TCG there too: slow, so keep host-side work out of the lane.
+# * Output: the command's stdout and stderr, merged, stream on stdout (L1's serial console);
+#   its stdin is /dev/null.
+# * Exit status: the command's; 124 when --timeout expired (L1 is killed); 125 when the lane
+#   could not start or L1 stopped without reporting (the message says why); 130/143 on SIGINT/TERM.
+# * Teardown: QEMU dies with this script (PR_SET_PDEATHSIG through setpriv), even on SIGKILL;
+#   temp state lives in one directory, removed by a trap, by a watchdog once this script and its
+#   QEMU are gone, and as a last resort by the next start. The host mounts nothing.
+set -euo pipefail
+
+LANE_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/supermachine/lane"
+TMP_BASE="${TMPDIR:-/tmp}/supermachine-lane"
+# Modules L1's /init loads (KVM for AMD, virtio-pci, 9p). ensure_initrd orders them by their
+# `depends=` (the design note's order put virtio before virtio_ring, which 6.1.0-57 rejects).
+MODULES=(irqbypass kvm ccp kvm-amd virtio_ring virtio virtio_pci_modern_dev
+  virtio_pci_legacy_dev virtio_pci 9pnet 9pnet_virtio netfs fscache 9p)
+
+# AMD-V with nested paging; minus the EPYC-v4 features TCG lacks (QEMU warns about each).
+# SUPERMACHINE_LANE_CPU replaces it (lane/check-teardown.sh uses that to test the no-svm error).
+CPU="${SUPERMACHINE_LANE_CPU:-EPYC-v4,+svm,+npt,-fxsr-opt,-misalignsse,-osvw,-topoext,-perfctr-core,-clzero,-ibpb,-nrip-save,-xsavec,-xsaves}"
+
+die() { printf 'lane/run.sh: error: %s\n' "$*" >&2; exit 125; }
+say() { printf 'lane: %s\n' "$*" >&2; }
+usage() {
+  sed -n 's/^#   \(lane\/run.sh .*\)/usage: \1/p' "${BASH_SOURCE[0]}" >&2
+  exit 2
+}
+
+cpus=2 memory=4096 timeout=1800 verbose=0
+while (($#)); do
+  case "$1" in
+    --cpus) cpus="${2:?--cpus needs a number}"; shift 2 ;;
+    --memory) memory="${2:?--memory needs MiB}"; shift 2 ;;
+    --timeout) timeout="${2:?--timeout needs seconds}"; shift 2 ;;
+    --verbose) verbose=1; shift ;;
+    --reap) # internal: the watchdog's and the next start's cleanup of one run directory
+      reap_dir="${2:?}"
+      if [[ -f $reap_dir/qemu.pid ]]; then
+        pid="$(<"$reap_dir/qemu.pid")"
+        # Only a QEMU of this run: its command line names the run directory.
+        if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF "lane.run=$reap_dir "; then
+          kill -KILL "$pid" 2>/dev/null || true
+        fi
+      fi
+      rm -rf "$reap_dir"
+      exit 0 ;;
+    --) shift; break ;;
+    -h | --help) usage ;;
+    *) usage ;;
+  esac
+done
+(($#)) || usage
+[[ $cpus =~ ^[1-9][0-9]*$ && $memory =~ ^[1-9][0-9]*$ && $timeout =~ ^[1-9][0-9]*$ ]] \
+  || { printf 'lane/run.sh: error: --cpus, --memory and --timeout take positive integers\n' >&2; usage; }
+((EUID == 0)) || die "run as root: installing QEMU and serving the host's / to L1 over 9p (passthrough) need it"
+[[ $(uname -m) == x86_64 ]] || die "the x86_64 nested lane needs an x86_64 host (this is $(uname -m))"
+
+# --- installs, cached and serialised between concurrent runners -------------------------------
+
+qemu_major() {
+  { qemu-system-x86_64 --version 2>/dev/null || true; } | sed -n 's/^QEMU emulator version \([0-9]*\).*/\1/p'
+}
+
+ensure_qemu() {
+  local major
+  major="$(qemu_major)"
+  [[ -n $major ]] && ((major >= 10)) && return
+  say "installing QEMU 10 from bookworm-backports (once)"
+  # bookworm's QEMU 7.2 conflicts with the qemu-utils 10 that the machine image ships.
+  if ! grep -rqs '^[^#]*bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    local keyring=/usr/share/keyrings/debian-archive-keyring.gpg opts=
+    [[ -f $keyring ]] && opts="[signed-by=$keyring] "
+    echo "deb ${opts}http://deb.debian.org/debian bookworm-backports main" \
+      >/etc/apt/sources.list.d/bookworm-backports.list
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >&2 || true
+  apt-get install -y -q --no-install-recommends -t bookworm-backports qemu-system-x86 >&2 \
+    || die "could not install qemu-system-x86 from bookworm-backports (apt-get failed above)"
+  major="$(qemu_major)"
+  [[ -n $major ]] && ((major >= 10)) || die "qemu-system-x86_64 >= 10 is still missing after installing it"
+}
+
+# Debian's bookworm kernel, unpacked into $CACHE/linux-VERSION; $CACHE/linux points at it.
+ensure_l1_kernel() {
+  [[ -f $CACHE/linux/vmlinuz && -d $CACHE/linux/modules ]] && return
+  local pkg
+  pkg="$(apt-cache depends linux-image-amd64 2>/dev/null \
+    | sed -n 's/^ *Depends: \(linux-image-6\.1\.0-[0-9]*-amd64\)$/\1/p' | head -n1)"
+  [[ -n $pkg ]] || pkg="$(apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-amd64$' \
+    | awk '{print $1}' | sort -V | tail -n1)"
+  [[ -n $pkg ]] || die "apt knows no linux-image-6.1.0-*-amd64 package: run apt-get update (Debian 12 sources)"
+  say "fetching L1 kernel $pkg (once)"
+  local work="$CACHE/.fetch.$$"
+  rm -rf "$work" && mkdir -p "$work/x"
+  (cd "$work" && apt-get download -q "$pkg" >&2) || die "apt-get download $pkg failed"
+  dpkg-deb -x "$work"/*.deb "$work/x"
+  local version="${pkg#linux-image-}"
+  local out="$CACHE/linux-$version"
+  rm -rf "$out" && mkdir -p "$out/modules"
+  cp "$work/x/boot/vmlinuz-$version" "$out/vmlinuz"
+  local m path
+  for m in "${MODULES[@]}"; do
+    path="$(find "$work/x/lib/modules/$version" -name "$m.ko*" | head -n1)"
+    [[ -n $path ]] || die "$pkg has no module $m"
+    case "$path" in
+      *.ko) cp "$path" "$out/modules/$m.ko" ;;
+      *.ko.xz) xz -dc "$path" >"$out/modules/$m.ko" ;;
+      *) die "unexpected module file $path" ;;
+    esac
+  done
+  ln -sfn "linux-$version" "$CACHE/linux"
+  rm -rf "$work"
+}
+
+# The initramfs, keyed by what goes into it.
+ensure_initrd() {
+  local busybox=/usr/bin/busybox
+  [[ -x $busybox ]] && file -L "$busybox" | grep -q 'statically linked' \
+    || die "a static busybox is needed at $busybox: apt-get install -y busybox-static"
+  local key
+  key="$(cat "$LANE_DIR/init.sh" "$busybox" "$CACHE"/linux/modules/*.ko | sha256sum | cut -c1-16)"
+  INITRD="$CACHE/initrd-$key.gz"
+  [[ -f $INITRD ]] && return
+  say "building the L1 initramfs (once)"
+  local stage="$RUN/initrd"
+  mkdir -p "$stage"/{bin,lib/modules,proc,sys,dev,host}
+  cp "$busybox" "$stage/bin/busybox"
+  install -m 0755 "$LANE_DIR/init.sh" "$stage/init"
+  cp "$CACHE"/linux/modules/*.ko "$stage/lib/modules/"
+  # Load order: each module after everything in its `depends=` (insmod does not resolve them).
+  local -A placed=()
+  local order=() m dep ready progress=1
+  while ((${#order[@]} < ${#MODULES[@]} && progress)); do
+    progress=0
+    for m in "${MODULES[@]}"; do
+      [[ -n ${placed[$m]:-} ]] && continue
+      ready=1
+      for dep in $(strings "$CACHE/linux/modules/$m.ko" | sed -n 's/^depends=//p' | tr ',' ' '); do
+        [[ -n ${placed[${dep//_/-}]:-} || -n ${placed[${dep//-/_}]:-} ]] || ready=0
+      done
+      ((ready)) && { placed[$m]=1; order+=("$m"); progress=1; }
+    done
+  done
+  ((${#order[@]} == ${#MODULES[@]})) || die "cannot order the L1 modules by their dependencies"
+  printf '%s\n' "${order[@]}" >"$stage/lib/modules/order"
+  (cd "$stage" && find . | cpio -o -H newc --quiet | gzip -1) >"$INITRD.tmp.$$"
+  mv "$INITRD.tmp.$$" "$INITRD"
+  rm -rf "$stage"
+}
+
+# --- one run directory per run --------------------------------------------------------------
+
+mkdir -p "$TMP_BASE" "$CACHE"
+chmod 0700 "$TMP_BASE"
+# Reap what earlier runs left (a runner SIGKILLed before its watchdog could clean up): a
+# directory whose lock nobody holds belongs to a dead run. One without a lock file is a run
+# starting right now, unless it is old.
+for dir in "$TMP_BASE"/run.*; do
+  [[ -d $dir ]] || continue
+  if [[ -e $dir/lock ]]; then
+    flock -n "$dir/lock" "${BASH_SOURCE[0]}" --reap "$dir" || true
+  elif [[ -n $(find "$dir" -maxdepth 0 -mmin +10) ]]; then
+    rm -rf "$dir"
+  fi
+done
+
+RUN="$(mktemp -d "$TMP_BASE/run.XXXXXXXX")"
+exec {lock_fd}>"$RUN/lock"
+flock -n "$lock_fd" || die "cannot lock $RUN/lock"
+qemu_pid= timer_pid=
+cleanup() {
+  set +e
+  [[ -n $qemu_pid ]] && kill -KILL "$qemu_pid" 2>/dev/null && wait "$qemu_pid" 2>/dev/null
+  [[ -n $timer_pid ]] && kill -KILL "$timer_pid" 2>/dev/null && wait "$timer_pid" 2>/dev/null
+  rm -rf "$RUN"
+  return 0
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM HUP
+# The watchdog: once this script and its QEMU are gone (even by SIGKILL) the lock is free, and it
+# removes the run directory. It holds neither the lock nor our stdout.
+flock "$RUN/lock" "${BASH_SOURCE[0]}" --reap "$RUN" </dev/null >/dev/null 2>&1 {lock_fd}>&- &
+
+# One installer at a time; the lock is released before L1 boots, so runs go in parallel.
+exec {install_fd}>"$CACHE/.install.lock"
+flock "$install_fd"
+ensure_qemu
+ensure_l1_kernel
+ensure_initrd
+exec {install_fd}>&-
+command -v setpriv >/dev/null || die "setpriv (util-linux) is missing: apt-get install -y util-linux"
+
+# What L1 runs, chrooted into the host's /: this environment (minus bash's own variables), the
+# L1 tmpfs for caches and sockets, this directory, the command.
+mkdir -m 0700 "$RUN/l1"
+{
+  echo "# generated by lane/run.sh"
+  for name in $(compgen -e); do
+    case "$name" in
+      BASH* | SHELLOPTS | SHLVL | PWD | OLDPWD | _ | SUPERMACHINE_CACHE_DIR | TMPDIR | XDG_RUNTIME_DIR) continue ;;
+    esac
+    printf 'export %s=%q\n' "$name" "${!name}"
+  done
+  printf 'mkdir -m 0700 %q %q %q\n' "$RUN/l1/cache" "$RUN/l1/tmp" "$RUN/l1/run"
+  printf 'export SUPERMACHINE_CACHE_DIR=%q TMPDIR=%q XDG_RUNTIME_DIR=%q\n' \
+    "$RUN/l1/cache" "$RUN/l1/tmp" "$RUN/l1/run"
+  printf 'cd %q || exit 125\n' "$PWD"
+  printf 'exec'
+  printf ' %q' "$@"
+  printf '\n'
+} >"$RUN/cmd.sh"
+
+append="console=ttyS0 panic=-1 kvm_amd.npt=1 lane.run=$RUN "
+((verbose)) || append="quiet loglevel=3 $append"
+say "booting L1: $cpus vCPUs, $memory MiB, QEMU TCG with AMD-V (timeout ${timeout}s)"
+start=$SECONDS
+# stdin from /dev/null: QEMU leaves the terminal alone and the command reads nothing.
+setpriv --pdeathsig KILL -- qemu-system-x86_64 \
+  -accel tcg,thread=multi -cpu "$CPU" -smp "$cpus" -m "$memory" \
+  -nographic -no-reboot -vga none -nic none -bios qboot.rom \
+  -kernel "$CACHE/linux/vmlinuz" -initrd "$INITRD" -append "$append" \
+  -virtfs local,path=/,mount_tag=host,security_model=passthrough,id=host \
+  </dev/null {lock_fd}>&- &
+qemu_pid=$!
+echo "$qemu_pid" >"$RUN/qemu.pid"
+setpriv --pdeathsig KILL -- sleep "$timeout" </dev/null >/dev/null {lock_fd}>&- &
+timer_pid=$!
+
+finished=
+set +e
+wait -n -p finished "$qemu_pid" "$timer_pid"
+qemu_status=$?
+set -e
+if [[ $finished == "$timer_pid" ]]; then
+  timer_pid=
+  kill -KILL "$qemu_pid" 2>/dev/null || true
+  wait "$qemu_pid" 2>/dev/null || true
+  qemu_pid=
+  printf 'lane/run.sh: error: timed out after %ss; L1 killed\n' "$timeout" >&2
+  exit 124
+fi
+qemu_pid=
+elapsed=$((SECONDS - start))
+if [[ -f $RUN/rc ]]; then
+  rc="$(<"$RUN/rc")"
+  say "command exited $rc; L1 ran ${elapsed}s"
+  exit "$rc"
+fi
+[[ -f $RUN/error ]] && die "L1: $(<"$RUN/error")"
+die "L1 stopped (QEMU exit $qemu_status) without reporting the command's exit code: see its console output above"
