@@ -46,7 +46,7 @@ fi
 step() { printf '\n=== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
 
 # Suites: test target names (tests/*.rs of the e2e package, supermachine-vmm/tests/*.rs).
-read -ra suites <<<"${LANE_SUITES:-exec_vm snapshot vm_faults pause smp vm_rootfs publish boot devices_in_guest lifecycle}"
+read -ra suites <<<"${LANE_SUITES:-exec_vm snapshot vm_faults pause smp platform vm_rootfs publish boot devices_in_guest lifecycle}"
 
 step "lane: guest kernel and static agent (host)"
 SUPERMACHINE_KERNEL="${SUPERMACHINE_KERNEL:-$(supermachine-vmm/guest/build-kernel.sh)}"

@@ -155,3 +155,82 @@ fn four_cpu_bound_execs_run_in_parallel_on_4_vcpus() {
         );
     });
 }
+
+/// The guest CPU a pinned exec runs on: field 39 of `/proc/self/stat` of the shell `taskset`
+/// started (`read` is a builtin, so "self" is that shell).
+const WHICH_CPU: &str = "read -r stat </proc/self/stat; set -- $stat; echo ${39}";
+
+#[test]
+fn a_4_vcpu_snapshot_with_execs_in_flight_restores_twice_at_once() {
+    if !runnable(
+        "a_4_vcpu_snapshot_with_execs_in_flight_restores_twice_at_once",
+        4,
+    ) {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    runtime().block_on(async {
+        let vm = boot(4).await;
+        // One exec per vCPU, pinned there and still running when the snapshot is taken.
+        let mut in_flight = Vec::new();
+        for cpu in 0..4 {
+            let child = vm
+                .exec([
+                    "taskset",
+                    "-c",
+                    &cpu.to_string(),
+                    "sh",
+                    "-c",
+                    "while true; do sleep 0.1; done",
+                ])
+                .spawn()
+                .await
+                .unwrap_or_else(|e| panic!("exec pinned to CPU {cpu}: {e}"));
+            in_flight.push(child);
+        }
+        let work = tempfile::tempdir().expect("temp dir");
+        let snapshot = vm
+            .snapshot(work.path().join("snap"))
+            .await
+            .expect("snapshot of a 4-vCPU VM with execs in flight");
+        assert_eq!(snapshot.vcpus(), 4);
+
+        // Two restores of it at once; each sees 4 CPUs and runs an exec on every one of them.
+        let (first, second) = tokio::join!(Vm::restore(&snapshot), Vm::restore(&snapshot));
+        for (name, restored) in [("first", first), ("second", second)] {
+            let restored = restored.unwrap_or_else(|e| panic!("{name} restore: {e}"));
+            assert_eq!(
+                exec_output(restored.exec(["nproc"])).await,
+                (0, "4".to_owned()),
+                "{name} restore"
+            );
+            for cpu in 0..4 {
+                let on = exec_output(restored.exec([
+                    "taskset",
+                    "-c",
+                    &cpu.to_string(),
+                    "sh",
+                    "-c",
+                    WHICH_CPU,
+                ]))
+                .await;
+                assert_eq!(
+                    on,
+                    (0, cpu.to_string()),
+                    "{name} restore, exec pinned to CPU {cpu}"
+                );
+            }
+            restored.stop().await;
+        }
+
+        // The snapshot did not disturb the source VM's execs.
+        for (cpu, mut child) in in_flight.into_iter().enumerate() {
+            assert!(
+                child.try_wait().expect("try_wait").is_none(),
+                "the exec on CPU {cpu} ended across the snapshot"
+            );
+            child.kill().await.expect("kill");
+        }
+        vm.stop().await;
+    });
+}

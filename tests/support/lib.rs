@@ -378,6 +378,7 @@ pub const GUEST_APPLETS: &[&str] = &[
     "stat",
     "hostname",
     "nproc",
+    "taskset",
     "free",
     "mount",
     "cut",
