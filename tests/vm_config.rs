@@ -40,7 +40,8 @@ fn invalid_configs_fail_with_typed_errors() {
         ),
         "{small}"
     );
-    assert!(small.to_string().contains("at least 64 MiB"), "{small}");
+    let report = supermachine::Report(&small).to_string();
+    assert!(report.contains("at least 64 MiB"), "{report}");
     let missing = start(base.clone().kernel("/nonexistent/vmlinux"));
     assert!(
         matches!(
@@ -49,7 +50,9 @@ fn invalid_configs_fail_with_typed_errors() {
         ),
         "{missing}"
     );
-    assert!(missing.to_string().contains("/nonexistent/vmlinux"));
+    assert!(supermachine::Report(&missing)
+        .to_string()
+        .contains("/nonexistent/vmlinux"));
     let missing = start(base.clone().agent("/nonexistent/agent"));
     assert!(
         matches!(
