@@ -7,9 +7,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-base="${TMPDIR:-/tmp}/supermachine-lane"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
+# The runs checked here keep their run directories under a base of their own, so lanes that
+# other processes run meanwhile (another checkout's CI, a developer's lane) are not mistaken
+# for leftovers, nor theirs for ours.
+export TMPDIR="$work/tmp"
+mkdir -p "$TMPDIR"
+base="$TMPDIR/supermachine-lane"
 failures=0
 fail() { printf 'check-teardown: FAIL: %s\n' "$*" >&2; failures=$((failures + 1)); }
 pass() { printf 'check-teardown: ok: %s\n' "$*"; }

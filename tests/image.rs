@@ -644,6 +644,162 @@ async fn imports_oci_layout_and_docker_archive() {
     assert!(from_layout.rootfs().await.unwrap().reused);
 }
 
+/// A one-file layer whose file says which architecture's image it is.
+fn marker_layer(architecture: &str) -> images::LayerBlob {
+    let mut tar = images::TarBuilder::new();
+    tar.file("arch", architecture.as_bytes(), 0o644, 0, 0);
+    images::LayerBlob::tar(tar.finish())
+}
+
+/// Images follow the host: the default platform is `linux/<host arch>`, a multi-platform index
+/// (from a registry or an OCI layout) resolves to the host's image, and a single-platform image
+/// built for another architecture is refused by name, from every source and by `Vm::start`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_follow_the_host_platform() {
+    let host = images::host_architecture();
+    let foreign = images::foreign_architecture();
+    assert_eq!(
+        supermachine::Platform::default(),
+        supermachine::Platform::host()
+    );
+    assert_eq!(
+        supermachine::Platform::host().to_string(),
+        format!("linux/{host}")
+    );
+
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let run = serde_json::json!({"Cmd": ["sh"]});
+    let multi = images::write_multi_arch_layout(
+        &work.path().join("multi"),
+        "v1",
+        &[
+            (foreign, vec![marker_layer(foreign)]),
+            (host, vec![marker_layer(host)]),
+        ],
+        run.clone(),
+    )
+    .unwrap();
+    let registry = Registry::start().unwrap();
+    registry
+        .push_index(&multi[0].dir, "v1", "test/multi:v1")
+        .unwrap();
+
+    // A multi-platform index, pulled and imported: the host's image by default.
+    let pulled = Image::pull_with(&registry.reference("test/multi:v1"), options(&cache))
+        .await
+        .unwrap();
+    assert_eq!(pulled.digest(), multi[1].config_digest);
+    assert_eq!(pulled.config().architecture, host);
+    let imported = Image::from_oci_layout_with(
+        &multi[0].dir,
+        Some("v1"),
+        &ImportOptions::new().cache_dir(&cache),
+    )
+    .await
+    .unwrap();
+    assert_eq!(imported.digest(), multi[1].config_digest);
+    // The other one on request.
+    let other: supermachine::Platform = format!("linux/{foreign}").parse().unwrap();
+    let chosen = Image::from_oci_layout_with(
+        &multi[0].dir,
+        Some("v1"),
+        &ImportOptions::new()
+            .cache_dir(&cache)
+            .platform(other.clone()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(chosen.digest(), multi[0].config_digest);
+
+    // An index without the host's platform: the error names what it has.
+    let foreign_only = images::write_multi_arch_layout(
+        &work.path().join("foreign-index"),
+        "v1",
+        &[(foreign, vec![marker_layer(foreign)])],
+        run.clone(),
+    )
+    .unwrap();
+    registry
+        .push_index(&foreign_only[0].dir, "v1", "test/foreign-index:v1")
+        .unwrap();
+    let err = Image::pull_with(
+        &registry.reference("test/foreign-index:v1"),
+        options(&cache),
+    )
+    .await
+    .unwrap_err();
+    let want = format!("has no image for platform linux/{host}; it has: linux/{foreign}");
+    assert!(
+        matches!(err, ImageError::NoMatchingPlatform { .. }) && err.to_string().contains(&want),
+        "{err}"
+    );
+
+    // A single-platform image for another architecture, from each source.
+    let single = images::write_oci_layout_for(
+        &work.path().join("single"),
+        "v1",
+        &[marker_layer(foreign)],
+        run,
+        foreign,
+    )
+    .unwrap();
+    registry
+        .push_layout(&single.dir, "v1", "test/foreign:v1", false)
+        .unwrap();
+    let archive = work.path().join("foreign.tar");
+    docker_archive_from_layout(&single.dir, "v1", &archive, "test/foreign:v1").unwrap();
+    let import = ImportOptions::new().cache_dir(&cache);
+    for (source, result) in [
+        (
+            "registry",
+            Image::pull_with(&registry.reference("test/foreign:v1"), options(&cache)).await,
+        ),
+        (
+            "OCI layout",
+            Image::from_oci_layout_with(&single.dir, Some("v1"), &import).await,
+        ),
+        (
+            "docker archive",
+            Image::from_docker_archive_with(&archive, &import).await,
+        ),
+    ] {
+        let err = result.map(|i| i.digest().to_owned()).unwrap_err();
+        assert!(
+            matches!(err, ImageError::NoMatchingPlatform { .. }) && err.to_string().contains(&want),
+            "{source}: {err}"
+        );
+    }
+
+    // Asked for explicitly it imports, but a VM on this host refuses it before building anything.
+    let explicit = Image::from_oci_layout_with(
+        &single.dir,
+        Some("v1"),
+        &ImportOptions::new().cache_dir(&cache).platform(other),
+    )
+    .await
+    .unwrap();
+    let err = supermachine::Vm::start(supermachine::VmConfig::new().image(explicit))
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    let message = supermachine::Report(&err).to_string();
+    assert!(
+        message.contains(&format!(
+            "is built for linux/{foreign}, but VMs on this host run linux/{host}"
+        )),
+        "{message}"
+    );
+    assert!(
+        !cache.join("rootfs").exists()
+            || std::fs::read_dir(cache.join("rootfs"))
+                .unwrap()
+                .next()
+                .is_none(),
+        "no rootfs was built for the refused image"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn debian_minbase_pull_and_convert_figures() {
     let work = tempfile::tempdir().unwrap();

@@ -51,7 +51,8 @@ impl UnixConnector {
     }
 
     /// A connector for the agent of a VM whose vsock muxer listens at `path`: each connection
-    /// asks for the agent's vsock port (`CONNECT <port>\n` → `OK <port>\n`).
+    /// asks for the agent's vsock port (`CONNECT <port>\n` → `OK <host-side port>\n`), so it
+    /// also talks to agents inside Firecracker or Cloud Hypervisor through their muxers.
     pub fn muxed(path: impl Into<PathBuf>) -> Self {
         UnixConnector {
             path: path.into(),
@@ -81,7 +82,9 @@ impl Connector for UnixConnector {
     }
 }
 
-/// `CONNECT <port>\n` → `OK <port>\n`, read byte by byte so nothing after the reply line (the
+/// `CONNECT <port>\n` → `OK <host-side port>\n` (Firecracker's and Cloud Hypervisor's muxers, and
+/// ours, name the host side's port of the new connection there, so any port is accepted), read
+/// byte by byte so nothing after the reply line (the
 /// agent's first bytes) is consumed.
 async fn muxer_handshake(stream: &mut tokio::net::UnixStream, port: u32) -> io::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -108,15 +111,62 @@ async fn muxer_handshake(stream: &mut tokio::net::UnixStream, port: u32) -> io::
         }
         line.push(byte);
     }
-    let expected = format!("OK {port}");
-    if line != expected.as_bytes() {
+    let answered_ok = std::str::from_utf8(&line)
+        .ok()
+        .and_then(|line| line.strip_prefix("OK "))
+        .is_some_and(|host_port| host_port.trim_end_matches('\r').parse::<u32>().is_ok());
+    if !answered_ok {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!(
-                "the vsock muxer answered {:?} instead of {expected:?}",
+                "the vsock muxer answered {:?} instead of \"OK <port>\"",
                 String::from_utf8_lossy(&line)
             ),
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::muxer_handshake;
+
+    /// Runs the client side against a muxer that answers `reply`; returns the client's result
+    /// and the request line the muxer saw.
+    async fn handshake_against(reply: &'static [u8]) -> (std::io::Result<()>, String) {
+        let (mut client, mut muxer) = tokio::net::UnixStream::pair().unwrap();
+        let muxer = tokio::spawn(async move {
+            let mut request = vec![0u8; "CONNECT 1024\n".len()];
+            muxer.read_exact(&mut request).await.unwrap();
+            muxer.write_all(reply).await.unwrap();
+            String::from_utf8(request).unwrap()
+        });
+        let result = muxer_handshake(&mut client, 1024).await;
+        (result, muxer.await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn accepts_the_host_side_port_in_the_answer() {
+        // Firecracker's muxer names the host side's port, not the requested one.
+        for reply in [&b"OK 1024\n"[..], b"OK 1073741824\n", b"OK 52000\r\n"] {
+            let (result, request) = handshake_against(reply).await;
+            assert_eq!(request, "CONNECT 1024\n");
+            result.unwrap_or_else(|e| panic!("{reply:?}: {e}"));
+        }
+    }
+
+    #[tokio::test]
+    async fn refuses_anything_but_ok_and_a_port() {
+        for reply in [&b"NO\n"[..], b"OK\n", b"OK port\n", b"ok 1024\n"] {
+            let (result, _) = handshake_against(reply).await;
+            let err = result.expect_err("a bad answer");
+            assert_eq!(
+                err.kind(),
+                std::io::ErrorKind::InvalidData,
+                "{reply:?}: {err}"
+            );
+        }
+    }
 }

@@ -86,33 +86,142 @@ pub struct WrittenImage {
     pub layers_bytes: u64,
 }
 
-/// Writes an OCI image layout at `dir` holding one image, tagged `tag`, with `layers` and the
-/// run settings `run` (the config's `config` object: `Env`, `Cmd`, ...).
+/// OCI's name for this host's architecture (`amd64`, `arm64`): what test images are built for.
+pub fn host_architecture() -> &'static str {
+    match std::env::consts::ARCH {
+        "aarch64" => "arm64",
+        "x86_64" => "amd64",
+        other => other,
+    }
+}
+
+/// An architecture that is not this host's, for images that must be refused.
+pub fn foreign_architecture() -> &'static str {
+    if host_architecture() == "arm64" {
+        "amd64"
+    } else {
+        "arm64"
+    }
+}
+
+/// Writes an OCI image layout at `dir` holding one image for this host's architecture, tagged
+/// `tag`, with `layers` and the run settings `run` (the config's `config` object: `Env`, `Cmd`,
+/// ...).
 pub fn write_oci_layout(
     dir: &Path,
     tag: &str,
     layers: &[LayerBlob],
     run: serde_json::Value,
 ) -> io::Result<WrittenImage> {
+    write_oci_layout_for(dir, tag, layers, run, host_architecture())
+}
+
+/// [`write_oci_layout`] for an image built for `architecture` (`linux/<architecture>`).
+pub fn write_oci_layout_for(
+    dir: &Path,
+    tag: &str,
+    layers: &[LayerBlob],
+    run: serde_json::Value,
+    architecture: &str,
+) -> io::Result<WrittenImage> {
+    let written = put_image(dir, layers, &run, architecture)?;
+    let entry = serde_json::json!({
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": written.manifest_digest, "size": written.manifest_size,
+        "annotations": {"org.opencontainers.image.ref.name": tag},
+        "platform": {"architecture": architecture, "os": "linux"},
+    });
+    write_index_json(dir, entry)?;
+    Ok(WrittenImage {
+        dir: dir.to_owned(),
+        tag: tag.to_owned(),
+        manifest_digest: written.manifest_digest,
+        config_digest: written.config_digest,
+        layer_digests: written.layer_digests,
+        layers_bytes: layers.iter().map(|l| l.bytes.len() as u64).sum(),
+    })
+}
+
+/// Writes an OCI image layout at `dir` whose tag `tag` names a multi-platform image index with
+/// one image per `(architecture, layers)`, all with the run settings `run`. Returns each image,
+/// in the order given.
+pub fn write_multi_arch_layout(
+    dir: &Path,
+    tag: &str,
+    images: &[(&str, Vec<LayerBlob>)],
+    run: serde_json::Value,
+) -> io::Result<Vec<WrittenImage>> {
+    let mut written = Vec::new();
+    let mut manifests = Vec::new();
+    for (architecture, layers) in images {
+        let image = put_image(dir, layers, &run, architecture)?;
+        manifests.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": image.manifest_digest, "size": image.manifest_size,
+            "platform": {"architecture": architecture, "os": "linux"},
+        }));
+        written.push(WrittenImage {
+            dir: dir.to_owned(),
+            tag: tag.to_owned(),
+            manifest_digest: image.manifest_digest,
+            config_digest: image.config_digest,
+            layer_digests: image.layer_digests,
+            layers_bytes: layers.iter().map(|l| l.bytes.len() as u64).sum(),
+        });
+    }
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": manifests,
+    }))?;
+    let digest = put_blob(dir, &index)?;
+    write_index_json(
+        dir,
+        serde_json::json!({
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "digest": digest, "size": index.len(),
+            "annotations": {"org.opencontainers.image.ref.name": tag},
+        }),
+    )?;
+    Ok(written)
+}
+
+/// The blobs of one image in a layout.
+struct PutImage {
+    manifest_digest: String,
+    manifest_size: usize,
+    config_digest: String,
+    layer_digests: Vec<String>,
+}
+
+/// Stores `bytes` as a blob of the layout at `dir`; returns its digest.
+fn put_blob(dir: &Path, bytes: &[u8]) -> io::Result<String> {
     let blobs = dir.join("blobs/sha256");
     std::fs::create_dir_all(&blobs)?;
-    let put = |bytes: &[u8]| -> io::Result<String> {
-        let digest = sha256(bytes);
-        std::fs::write(blobs.join(&digest["sha256:".len()..]), bytes)?;
-        Ok(digest)
-    };
+    let digest = sha256(bytes);
+    std::fs::write(blobs.join(&digest["sha256:".len()..]), bytes)?;
+    Ok(digest)
+}
+
+/// Stores the config, layers and manifest of one image built for `architecture`.
+fn put_image(
+    dir: &Path,
+    layers: &[LayerBlob],
+    run: &serde_json::Value,
+    architecture: &str,
+) -> io::Result<PutImage> {
     let config = serde_json::json!({
-        "architecture": "amd64",
+        "architecture": architecture,
         "os": "linux",
         "config": run,
         "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| &l.diff_id).collect::<Vec<_>>()},
     });
     let config_bytes = serde_json::to_vec(&config)?;
-    let config_digest = put(&config_bytes)?;
+    let config_digest = put_blob(dir, &config_bytes)?;
     let mut layer_digests = Vec::new();
     let mut descriptors = Vec::new();
     for layer in layers {
-        let digest = put(&layer.bytes)?;
+        let digest = put_blob(dir, &layer.bytes)?;
         descriptors.push(serde_json::json!({
             "mediaType": layer.media_type, "digest": digest, "size": layer.bytes.len(),
         }));
@@ -126,27 +235,23 @@ pub fn write_oci_layout(
         "layers": descriptors,
     });
     let manifest_bytes = serde_json::to_vec(&manifest)?;
-    let manifest_digest = put(&manifest_bytes)?;
+    Ok(PutImage {
+        manifest_digest: put_blob(dir, &manifest_bytes)?,
+        manifest_size: manifest_bytes.len(),
+        config_digest,
+        layer_digests,
+    })
+}
+
+/// Writes the layout's `index.json` (with the one entry `entry`) and `oci-layout`.
+fn write_index_json(dir: &Path, entry: serde_json::Value) -> io::Result<()> {
     let index = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": manifest_digest, "size": manifest_bytes.len(),
-            "annotations": {"org.opencontainers.image.ref.name": tag},
-            "platform": {"architecture": "amd64", "os": "linux"},
-        }],
+        "manifests": [entry],
     });
     std::fs::write(dir.join("index.json"), serde_json::to_vec(&index)?)?;
-    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
-    Ok(WrittenImage {
-        dir: dir.to_owned(),
-        tag: tag.to_owned(),
-        manifest_digest,
-        config_digest,
-        layer_digests,
-        layers_bytes: layers.iter().map(|l| l.bytes.len() as u64).sum(),
-    })
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)
 }
 
 /// Builds layer tars entry by entry, with explicit owners, modes and types.

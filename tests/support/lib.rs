@@ -387,6 +387,7 @@ pub const GUEST_APPLETS: &[&str] = &[
     "tty",
     "trap",
     "timeout",
+    "setsid",
 ];
 
 /// A [`VmConfig`](supermachine::VmConfig) for tests and examples: the project's kernel and agent,

@@ -154,6 +154,26 @@ impl Registry {
         run(&mut cmd)
     }
 
+    /// Pushes the multi-platform image index tagged `tag` in `layout`, every image of it, as
+    /// `<repo_tag>`, digests unchanged.
+    pub fn push_index(&self, layout: &Path, tag: &str, repo_tag: &str) -> Result<(), String> {
+        let mut cmd = Command::new("skopeo");
+        cmd.args([
+            "--insecure-policy",
+            "copy",
+            "--quiet",
+            "--all",
+            "--preserve-digests",
+            "--dest-tls-verify=false",
+        ]);
+        if let Some((user, password)) = &self.credentials {
+            cmd.arg("--dest-creds").arg(format!("{user}:{password}"));
+        }
+        cmd.arg(format!("oci:{}:{tag}", layout.display()))
+            .arg(format!("docker://{}", self.reference(repo_tag)));
+        run(&mut cmd)
+    }
+
     /// Where the registry keeps the bytes of blob `digest` (to tamper with them).
     pub fn blob_data_path(&self, digest: &str) -> PathBuf {
         let hex = digest.trim_start_matches("sha256:");

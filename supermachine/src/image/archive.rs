@@ -17,7 +17,7 @@ use super::digest::Digest;
 use super::error::ImageError;
 use super::manifest;
 use super::store::BlobStore;
-use super::{Image, LayerInfo};
+use super::{Image, LayerInfo, Platform};
 
 #[derive(Deserialize)]
 struct ArchiveManifest {
@@ -37,7 +37,11 @@ fn is_blob_name(name: &str) -> bool {
         || (name.ends_with(".json") && name != "manifest.json" && name != "index.json")
 }
 
-pub(crate) fn import(path: &Path, cache_root: PathBuf) -> Result<Image, ImageError> {
+pub(crate) fn import(
+    path: &Path,
+    platform: &Platform,
+    cache_root: PathBuf,
+) -> Result<Image, ImageError> {
     let mut source = format!("docker-archive:{}", path.display());
     let file = File::open(path)
         .map_err(|e| ImageError::io(format!("cannot open {}", path.display()), e))?;
@@ -99,6 +103,7 @@ pub(crate) fn import(path: &Path, cache_root: PathBuf) -> Result<Image, ImageErr
     }
     let (config, diff_ids) =
         manifest::parse_config(&source, &config_digest, &store.read(&config_digest)?)?;
+    manifest::check_config_platform(&source, &config, platform)?;
     manifest::check_diff_id_count(&source, diff_ids.len(), layers.len())?;
     // A docker archive has no registry manifest; identify it by an equivalent OCI manifest.
     let equivalent = serde_json::json!({

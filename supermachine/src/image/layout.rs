@@ -113,6 +113,7 @@ pub(crate) fn import(
     }
     let (image_config, diff_ids) =
         manifest::parse_config(&source, &config_digest, &store.read(&config_digest)?)?;
+    manifest::check_config_platform(&source, &image_config, platform)?;
     Ok(Image {
         source,
         manifest_digest: manifest_digest.to_string(),

@@ -147,6 +147,24 @@ pub(crate) fn select_platform<'a>(
         })
 }
 
+/// A single-platform image must be built for `platform`: its config's `os`/`architecture`
+/// (when it names them; some old configs do not) must match, or the image could not run there.
+pub(crate) fn check_config_platform(
+    source: &str,
+    config: &ImageConfig,
+    platform: &Platform,
+) -> Result<(), ImageError> {
+    let differs = |have: &str, want: &str| !have.is_empty() && have != want;
+    if differs(&config.os, &platform.os) || differs(&config.architecture, &platform.architecture) {
+        return Err(ImageError::NoMatchingPlatform {
+            reference: source.to_owned(),
+            platform: platform.to_string(),
+            available: format!("{}/{}", config.os, config.architecture),
+        });
+    }
+    Ok(())
+}
+
 /// Checks a config descriptor's media type and the layers', and turns layers into [`LayerInfo`].
 pub(crate) fn layer_infos(
     source: &str,

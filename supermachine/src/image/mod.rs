@@ -128,12 +128,30 @@ impl Platform {
             variant: None,
         }
     }
+
+    /// `linux/<this host's architecture>` in OCI's spelling (`amd64` on x86_64, `arm64` on
+    /// aarch64): what VMs on this host run, since a guest has the host's architecture.
+    pub fn host() -> Self {
+        Platform::new("linux", oci_architecture(std::env::consts::ARCH))
+    }
+}
+
+/// OCI's name (Go's `GOARCH`) for a Rust `target_arch`.
+fn oci_architecture(rust_arch: &str) -> &str {
+    match rust_arch {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "powerpc64" => "ppc64le",
+        "loongarch64" => "loong64",
+        other => other,
+    }
 }
 
 impl Default for Platform {
-    /// `linux/amd64`, what our VMs run.
+    /// [`Platform::host`].
     fn default() -> Self {
-        Platform::new("linux", "amd64")
+        Platform::host()
     }
 }
 
@@ -239,7 +257,7 @@ impl fmt::Debug for PullOptions {
 }
 
 impl PullOptions {
-    /// Defaults: credentials from the Docker config file, `linux/amd64`, TLS except for
+    /// Defaults: credentials from the Docker config file, the host's platform ([`Platform::host`]), TLS except for
     /// loopback registries, 3 concurrent layer downloads, the default cache.
     pub fn new() -> Self {
         Self::default()
@@ -258,7 +276,8 @@ impl PullOptions {
         self
     }
 
-    /// Picks this platform out of multi-platform indexes (default `linux/amd64`).
+    /// Picks this platform out of multi-platform indexes, and refuses a single-platform image
+    /// built for another one (default [`Platform::host`]).
     pub fn platform(mut self, platform: Platform) -> Self {
         self.platform = platform;
         self
@@ -298,12 +317,13 @@ pub struct ImportOptions {
 }
 
 impl ImportOptions {
-    /// Defaults: `linux/amd64`, the default cache.
+    /// Defaults: the host's platform ([`Platform::host`]), the default cache.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Picks this platform out of a multi-platform index (default `linux/amd64`).
+    /// Picks this platform out of a multi-platform index, and refuses a single-platform image
+    /// built for another one (default [`Platform::host`]).
     pub fn platform(mut self, platform: Platform) -> Self {
         self.platform = platform;
         self
@@ -402,8 +422,9 @@ impl Image {
     ) -> Result<Image, ImageError> {
         let cache_root = resolve_cache_root(&options.cache_root)?;
         let path = path.as_ref().to_owned();
+        let options = options.clone();
         blocking(move || {
-            let image = archive::import(&path, cache_root)?;
+            let image = archive::import(&path, &options.platform, cache_root)?;
             index::record_or_warn(&image);
             Ok(image)
         })

@@ -147,6 +147,7 @@ impl Puller<'_> {
             ImageError::io(format!("cannot read blob {}", config_path.display()), e)
         })?;
         let (config, diff_ids) = manifest::parse_config(&source, &config_digest, &config_bytes)?;
+        manifest::check_config_platform(&source, &config, &self.options.platform)?;
         manifest::check_diff_id_count(&source, diff_ids.len(), layers.len())?;
 
         let concurrency = self

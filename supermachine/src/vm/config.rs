@@ -259,6 +259,20 @@ impl VmConfig {
                 "it must be one line without NUL bytes".into(),
             ));
         }
+        if let Some(image) = &self.image {
+            let host = crate::image::Platform::host();
+            let built_for = image.config();
+            let differs = |have: &str, want: &str| !have.is_empty() && have != want;
+            if differs(&built_for.os, &host.os)
+                || differs(&built_for.architecture, &host.architecture)
+            {
+                return Err(ConfigError::ImagePlatform {
+                    image: image.source().to_owned(),
+                    built_for: format!("{}/{}", built_for.os, built_for.architecture),
+                    host: host.to_string(),
+                });
+            }
+        }
         let kernel =
             pick(&self.kernel, KERNEL_ENV, INSTALLED_KERNEL).ok_or(ConfigError::KernelNotSet)?;
         readable_file(&kernel).map_err(|reason| ConfigError::KernelUnreadable {
@@ -388,6 +402,17 @@ pub enum ConfigError {
         path: PathBuf,
         /// Why.
         reason: String,
+    },
+    /// The image was built for another platform than the guests this host runs (pull it with
+    /// the host's platform, the default, instead).
+    #[error("image {image} is built for {built_for}, but VMs on this host run {host}")]
+    ImagePlatform {
+        /// The image's source (reference or path).
+        image: String,
+        /// `os/architecture` from the image config.
+        built_for: String,
+        /// The host's platform.
+        host: String,
     },
     /// An extra initramfs file is unusable.
     #[error("initramfs: {0}")]

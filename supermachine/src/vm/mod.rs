@@ -134,6 +134,8 @@ impl Vm {
         let listeners = Listeners::bind(&config.publish)?;
         let (config, image) = match config.image.clone() {
             Some(image) => {
+                // Refuse a bad config (a foreign image among others) before building a rootfs.
+                config.resolve()?;
                 let rootfs = image.rootfs().await?;
                 let mut config = config;
                 config.rootfs = Some(rootfs.path);

@@ -93,7 +93,13 @@ async fn client(handle: VsockHandle, stream: UnixStream) {
             return;
         }
     };
-    if let Err(e) = reader.write_all(format!("OK {port}\n").as_bytes()).await {
+    // Firecracker's muxer, whose handshake this one follows, answers with the host side's port of
+    // the new connection, not the requested one; clients (ours included) accept any port there.
+    let host_port = vsock.local_port();
+    if let Err(e) = reader
+        .write_all(format!("OK {host_port}\n").as_bytes())
+        .await
+    {
         debug!(%e, "vsock muxer client write");
         return;
     }
