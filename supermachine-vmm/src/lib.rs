@@ -24,6 +24,7 @@ mod error;
 pub mod hypervisor;
 mod machine;
 pub mod memory;
+pub mod net;
 pub mod snapshot;
 mod vcpu;
 
