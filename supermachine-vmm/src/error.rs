@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-pub use crate::boot::BootError;
+pub use crate::arch::BootError;
 pub use crate::hypervisor::HvError;
 pub use crate::memory::MemoryError;
 
@@ -25,7 +25,7 @@ pub enum Error {
     /// `Machine::start` was called outside a tokio runtime.
     #[error("Machine::start must be called from inside a tokio runtime (devices run on it)")]
     NoRuntime,
-    /// All virtio-mmio slots (one per free IOAPIC pin) are taken.
+    /// All virtio-mmio slots (one per free interrupt line; x86: IOAPIC pin) are taken.
     #[error("no free virtio-mmio slot (a machine has at most {max})")]
     NoFreeMmioSlot {
         /// The number of slots.
@@ -46,9 +46,6 @@ pub enum Error {
     /// A device's address range overlaps another's (a VMM bug).
     #[error(transparent)]
     Bus(#[from] crate::bus::BusOverlap),
-    /// The vCPU kick signal handler could not be installed.
-    #[error("cannot install the vCPU kick signal handler (SIGRTMIN)")]
-    Signal(#[source] std::io::Error),
     /// The machine could not be paused.
     #[error("the machine could not be paused")]
     Pause(#[from] crate::vcpu::PauseError),
@@ -93,7 +90,7 @@ pub enum ConfigError {
     /// `vcpus` is 0.
     #[error("a machine needs at least one vCPU")]
     NoVcpus,
-    /// More vCPUs than the hypervisor or the MP table allow.
+    /// More vCPUs than the hypervisor or the platform (x86: the MP table) allow.
     #[error("{requested} vCPUs requested, at most {max} supported")]
     TooManyVcpus {
         /// Requested.

@@ -1,9 +1,10 @@
-//! Guest RAM layout and creation.
+//! Guest RAM creation, and memory files for snapshots.
 //!
-//! RAM is one region from guest physical 0 up to `memory_mib`, which must end at or below
-//! [`MMIO_BASE`]: the rest of the 32-bit space is the MMIO hole (virtio-mmio slots, then IOAPIC and
-//! LAPIC near 4 GiB). RAM above 4 GiB is not supported yet.
-//! Restored machines map their snapshot's memory file copy-on-write ([`RamBacking::SnapshotFile`]).
+//! RAM is one region of `memory_mib` from the platform's [`RAM_START`] (x86: guest physical 0,
+//! ending at or below the MMIO hole at [`MMIO_BASE`]); the layout is the platform's
+//! (`arch/`). Restored machines map their snapshot's memory file copy-on-write
+//! ([`RamBacking::SnapshotFile`]). A memory file holds RAM from its start: file offset 0 is
+//! guest address [`RAM_START`].
 
 use std::sync::Arc;
 
@@ -11,11 +12,7 @@ use sha2::{Digest, Sha256};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
-/// Start of the MMIO hole; virtio-mmio device *i* lives at `MMIO_BASE + i * 0x1000`.
-pub const MMIO_BASE: u64 = 0xd000_0000;
-
-/// The largest RAM size that fits below the MMIO hole, in MiB.
-pub const MAX_MEMORY_MIB: u32 = (MMIO_BASE >> 20) as u32;
+pub use crate::arch::{MAX_MEMORY_MIB, MMIO_BASE, RAM_START};
 
 /// How guest RAM is backed on the host.
 #[derive(Debug, Default)]
@@ -78,13 +75,13 @@ pub fn ram_size(mib: u32) -> Result<u64, MemoryError> {
     Ok(u64::from(mib) << 20)
 }
 
-/// Creates guest RAM `[0, mib MiB)`. With [`RamBacking::SnapshotFile`], the file's length must
+/// Creates guest RAM `[RAM_START, RAM_START + mib MiB)`. With [`RamBacking::SnapshotFile`], the file's length must
 /// already have been checked against the size.
 pub fn create(mib: u32, backing: RamBacking) -> Result<Arc<GuestMemoryMmap>, MemoryError> {
     let size = ram_size(mib)?;
     let mem = match backing {
         RamBacking::Anonymous => {
-            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size as usize)])
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(RAM_START), size as usize)])
                 .map_err(|source| MemoryError::Map { mib, source })?
         }
         RamBacking::SnapshotFile(file) => {
@@ -94,7 +91,7 @@ pub fn create(mib: u32, backing: RamBacking) -> Result<Arc<GuestMemoryMmap>, Mem
                 .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
                 .build()
                 .map_err(|source| MemoryError::MapFile { mib, source })?;
-            let region = GuestRegionMmap::new(region, GuestAddress(0))
+            let region = GuestRegionMmap::new(region, GuestAddress(RAM_START))
                 .ok_or(MemoryError::TooLarge { mib })?;
             GuestMemoryMmap::from_regions(vec![region]).map_err(|e| MemoryError::Map {
                 mib,
@@ -129,8 +126,8 @@ fn digest_chunk(h: &mut Sha256, offset: u64, chunk: &[u8]) {
     }
 }
 
-/// Writes all of guest RAM to `out` as a sparse file: all-zero pages are left as holes (most
-/// of a freshly booted guest's RAM was never touched).
+/// Writes all of guest RAM to `out` as a sparse file, file offset 0 at [`RAM_START`]: all-zero
+/// pages are left as holes (most of a freshly booted guest's RAM was never touched).
 ///
 /// The guest and every device must be paused: the copy is not atomic.
 pub fn write_sparse(mem: &GuestMemoryMmap, out: &std::fs::File) -> std::io::Result<SparseWrite> {
@@ -145,7 +142,12 @@ pub fn write_sparse(mem: &GuestMemoryMmap, out: &std::fs::File) -> std::io::Resu
     for region in mem.iter() {
         let start = region.start_addr().0;
         let len = region.len();
-        end = end.max(start + len);
+        // File offsets are guest addresses less the RAM start (identical on x86, where RAM
+        // starts at 0).
+        let file_start = start.checked_sub(RAM_START).ok_or_else(|| {
+            std::io::Error::other(format!("guest RAM region at {start:#x} below RAM_START"))
+        })?;
+        end = end.max(file_start + len);
         let mut off = 0u64;
         while off < len {
             let n = CHUNK.min((len - off) as usize);
@@ -154,7 +156,7 @@ pub fn write_sparse(mem: &GuestMemoryMmap, out: &std::fs::File) -> std::io::Resu
                 .map_err(|e| std::io::Error::other(format!("reading guest memory: {e}")))?;
             // One zero check per page: non-zero pages go into the digest (as `digest_chunk`
             // would) and are written in maximal runs.
-            let base = start + off;
+            let base = file_start + off;
             let mut run: Option<usize> = None;
             for (i, page) in chunk.chunks(PAGE).enumerate() {
                 let at = i * PAGE;
@@ -226,7 +228,10 @@ mod tests {
     #[test]
     fn sizes_are_checked_against_the_hole() {
         assert!(matches!(ram_size(0), Err(MemoryError::Empty)));
-        assert_eq!(ram_size(MAX_MEMORY_MIB).unwrap(), MMIO_BASE);
+        assert_eq!(
+            ram_size(MAX_MEMORY_MIB).unwrap(),
+            u64::from(MAX_MEMORY_MIB) << 20
+        );
         assert!(matches!(
             ram_size(MAX_MEMORY_MIB + 1),
             Err(MemoryError::TooLarge { .. })
@@ -234,31 +239,35 @@ mod tests {
     }
 
     #[test]
-    fn creates_zeroed_ram_from_zero() {
+    fn creates_zeroed_ram_from_the_ram_start() {
         let mem = create(2, RamBacking::Anonymous).unwrap();
-        assert_eq!(mem.last_addr(), GuestAddress((2 << 20) - 1));
-        let v: u64 = mem.read_obj(GuestAddress(0x1000)).unwrap();
+        assert_eq!(mem.last_addr(), GuestAddress(RAM_START + (2 << 20) - 1));
+        let v: u64 = mem.read_obj(GuestAddress(RAM_START + 0x1000)).unwrap();
         assert_eq!(v, 0);
-        mem.write_obj(0xdead_beef_u64, GuestAddress(0x1ffff8))
+        mem.write_obj(0xdead_beef_u64, GuestAddress(RAM_START + 0x1ffff8))
             .unwrap();
-        assert!(mem.read_obj::<u8>(GuestAddress(2 << 20)).is_err());
+        assert!(mem
+            .read_obj::<u8>(GuestAddress(RAM_START + (2 << 20)))
+            .is_err());
     }
 
     #[test]
     fn sparse_write_matches_memory_and_its_digest() {
         let mem = create(4, RamBacking::Anonymous).unwrap();
         // Non-zero pages: a run of two at 0x1000, one at a chunk boundary, the very last.
-        mem.write_slice(&[1; 2 * PAGE], GuestAddress(0x1000))
+        mem.write_slice(&[1; 2 * PAGE], GuestAddress(RAM_START + 0x1000))
             .unwrap();
-        mem.write_obj(7u8, GuestAddress((1 << 20) - 1)).unwrap();
-        mem.write_obj(9u8, GuestAddress((4 << 20) - 1)).unwrap();
+        mem.write_obj(7u8, GuestAddress(RAM_START + (1 << 20) - 1))
+            .unwrap();
+        mem.write_obj(9u8, GuestAddress(RAM_START + (4 << 20) - 1))
+            .unwrap();
         let file = tempfile::tempfile().unwrap();
         let wrote = write_sparse(&mem, &file).unwrap();
         assert_eq!(wrote.bytes_written, 4 * PAGE as u64);
         let mut bytes = Vec::new();
         std::io::Read::read_to_end(&mut &file, &mut bytes).unwrap();
         let mut ram = vec![0u8; 4 << 20];
-        mem.read_slice(&mut ram, GuestAddress(0)).unwrap();
+        mem.read_slice(&mut ram, GuestAddress(RAM_START)).unwrap();
         assert!(bytes == ram, "the file must hold exactly guest RAM");
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("memory");

@@ -74,9 +74,9 @@ fn start_stop_frees_everything() {
             })
             .unwrap();
         let b = b.unwrap();
-        assert_eq!((a.base, a.gsi, a.notify.len()), (0xd000_0000, 5, 2));
-        assert_eq!((b.base, b.gsi, b.notify.len()), (0xd000_1000, 6, 1));
-        assert_eq!((b_base, b_gsi), (b.base, b.gsi));
+        assert_eq!((a.base, a.irq_line, a.notify.len()), (0xd000_0000, 5, 2));
+        assert_eq!((b.base, b.irq_line, b.notify.len()), (0xd000_1000, 6, 1));
+        assert_eq!((b_base, b_gsi), (b.base, b.irq_line));
         let cmdline = builder.cmdline();
         assert!(
             cmdline.contains("virtio_mmio.device=4K@0xd0000000:5"),

@@ -1,80 +1,87 @@
 //! The hypervisor boundary.
 //!
 //! Three small traits — [`Hypervisor`] → [`HvVm`] → [`HvVcpu`] — cover what the machine needs from a
-//! hypervisor: create a VM, map guest RAM, create the interrupt controller, wire eventfds to
-//! interrupts and MMIO doorbells, create vCPUs, load their architectural state and run them.
+//! hypervisor: create a VM, map guest RAM, create the interrupt controller, hand out interrupt
+//! lines and bind queue notifications, create vCPUs, run them, kick them out of the guest, and
+//! save/restore their state as opaque bytes. That core is architecture-neutral; what only one
+//! architecture has (x86: CPUID, MSRs, segment registers, the local APIC) is a per-arch
+//! extension trait that the core traits take as a supertrait ([`ArchHypervisor`],
+//! [`ArchVcpu`]), in the architecture's module ([`x86_64`]), as Cloud Hypervisor's `hypervisor`
+//! crate cfg-gates its per-arch methods.
+//!
 //! Everything crossing the boundary is backend-neutral (architectural state in [`x86_64`],
-//! [`VcpuExit`], [`HvError`]); `kvm.rs` is the only backend today, and no KVM type leaves this
-//! module, so HVF or WHP can be added beside it.
+//! [`VcpuExit`], [`HvError`], [`InterruptLine`] objects); `kvm/` is the only backend today
+//! (Linux only), and no KVM type leaves it, so HVF or WHP can be added beside it
+//! (`ARCH.md` lists what a backend provides).
 
+#[cfg(target_os = "linux")]
 mod kvm;
-mod kvm_state;
+#[cfg(target_arch = "x86_64")]
 pub mod x86_64;
+
+#[cfg(target_arch = "x86_64")]
+pub use self::x86_64::{ArchHypervisor, ArchVcpu};
 
 use std::sync::Arc;
 
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use self::x86_64::{CpuidEntry, FpuControl, LapicState, MsrEntry, Regs, SpecialRegs};
+use crate::interrupt::InterruptLine;
 
 /// Opens the default hypervisor of this host (KVM on Linux).
 ///
 /// Fails with [`HvError::Unavailable`] (whose message says how to fix it) when the device node is
 /// missing or not accessible.
+#[cfg(target_os = "linux")]
 pub fn open() -> Result<Arc<dyn Hypervisor>, HvError> {
     Ok(Arc::new(kvm::KvmHypervisor::open()?))
 }
 
 /// A hypervisor: creates VMs.
-pub trait Hypervisor: Send + Sync {
-    /// Short backend name for logs ("kvm").
+pub trait Hypervisor: ArchHypervisor + Send + Sync {
+    /// Short backend name for logs and saved state ("kvm").
     fn name(&self) -> &'static str;
 
     /// The largest number of vCPUs one VM may have.
     fn max_vcpus(&self) -> usize;
 
-    /// The CPUID leaves this hypervisor can virtualise, before per-vCPU fix-ups.
-    fn supported_cpuid(&self) -> Result<Vec<CpuidEntry>, HvError>;
-
     /// Creates an empty VM (no memory, no vCPUs).
     fn create_vm(&self) -> Result<Box<dyn HvVm>, HvError>;
 }
 
-/// Where an ioeventfd listens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IoEventAddress {
-    /// A guest physical MMIO address.
-    Mmio(u64),
-    /// An x86 I/O port.
-    Pio(u16),
-}
-
-/// A VM: address space, interrupt controller and vCPU factory.
+/// A VM: address space, interrupt controller and vCPU factory. Shared by the machine and its
+/// vCPU threads (each creates its own vCPU).
 pub trait HvVm: Send + Sync {
     /// Maps every region of `mem` into the guest physical address space at its guest address.
     ///
     /// The VM keeps a clone of `mem`, so the host mapping outlives the hypervisor's use of it.
     fn map_memory(&self, mem: &Arc<GuestMemoryMmap>) -> Result<(), HvError>;
 
-    /// Creates the in-kernel interrupt controllers (PIC, IOAPIC, per-vCPU local APICs) and the
-    /// PIT. Must be called before any vCPU is created.
+    /// Creates the in-kernel interrupt controller (x86: PIC, IOAPIC, per-vCPU local APICs, and
+    /// the PIT). Must be called before any vCPU is created.
     fn create_irqchip(&self) -> Result<(), HvError>;
 
-    /// Writing to `fd` raises the (edge) interrupt `gsi`.
-    fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<(), HvError>;
+    /// The interrupt line `line` of the interrupt controller (x86: an IOAPIC pin, the GSI), as
+    /// an object devices trigger (KVM: an eventfd registered as an irqfd).
+    fn interrupt_line(&self, line: u32) -> Result<Arc<dyn InterruptLine>, HvError>;
 
-    /// A guest write to `addr` signals `fd` instead of exiting to the VMM. With `datamatch`, only
-    /// 4-byte writes of exactly that value match.
-    fn register_ioeventfd(
-        &self,
-        fd: &EventFd,
-        addr: IoEventAddress,
-        datamatch: Option<u32>,
-    ) -> Result<(), HvError>;
+    /// Lets 4-byte guest writes of `queue` to the MMIO address `addr` (a virtio-mmio
+    /// QueueNotify register) signal `notify` without a VM exit to the VMM (KVM: an ioeventfd).
+    /// A backend that cannot do that returns `Ok` without binding: the write then reaches the
+    /// MMIO bus, whose transport signals the same `notify`.
+    fn bind_queue_notify(&self, notify: &EventFd, addr: u64, queue: u32) -> Result<(), HvError>;
 
-    /// Creates vCPU `id` (also its local APIC id on x86).
+    /// Creates vCPU `id` (also its local APIC id on x86). Call it on the thread that will run
+    /// the vCPU: some hypervisors (Hypervisor.framework) bind a vCPU to its creating thread,
+    /// and the KVM backend records that thread to kick it.
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn HvVcpu>, HvError>;
+
+    /// Called once every vCPU exists and before any runs: where a backend finishes what needs
+    /// the vCPUs (an arm64 GIC is initialised only then). Nothing to do on x86.
+    fn vcpus_created(&self) -> Result<(), HvError> {
+        Ok(())
+    }
 
     /// Saves the VM-wide state the hypervisor holds (x86: PIC, IOAPIC, PIT, kvmclock). Call
     /// only while every vCPU is out of `run`.
@@ -114,14 +121,14 @@ pub enum VcpuExit<'a> {
         /// The bytes written.
         data: &'a [u8],
     },
-    /// The guest executed IN on `port`.
+    /// The guest executed IN on `port` (x86 port I/O; never on other architectures).
     IoIn {
         /// I/O port.
         port: u16,
         /// Fill with the value read.
         data: &'a mut [u8],
     },
-    /// The guest executed OUT on `port`.
+    /// The guest executed OUT on `port` (x86 port I/O; never on other architectures).
     IoOut {
         /// I/O port.
         port: u16,
@@ -131,7 +138,7 @@ pub enum VcpuExit<'a> {
     /// The guest halted and the hypervisor has nothing that could wake it (only happens without
     /// an in-kernel interrupt controller).
     Hlt,
-    /// The vCPU shut down: a triple fault, which on a PC means "reset".
+    /// The vCPU shut down (x86: a triple fault, which on a PC means "reset").
     Shutdown,
     /// The guest asked the platform for a power event (PSCI, Hyper-V, ...).
     SystemEvent(SystemEvent),
@@ -170,16 +177,17 @@ pub enum SystemEvent {
 
 /// Makes a running vCPU return from [`HvVcpu::run`] soon, from any thread.
 ///
-/// `kick` only arms the exit (the next or current `run` returns [`VcpuExit::Interrupted`]); a
-/// vCPU blocked inside the hypervisor also needs a signal delivered to its thread to notice, which
-/// `vcpu.rs` sends.
+/// The backend does whatever its hypervisor needs (KVM: arm `immediate_exit` and signal the
+/// vCPU's thread, so a vCPU blocked in `KVM_RUN` returns with `EINTR`): the current or next
+/// `run` returns [`VcpuExit::Interrupted`]. Kicking a vCPU that was dropped does nothing.
 pub trait VcpuKicker: Send + Sync {
-    /// Arms the exit.
+    /// Interrupts the vCPU's run.
     fn kick(&self);
 }
 
-/// A virtual CPU. Owned by one thread at a time; `run` blocks while the guest runs.
-pub trait HvVcpu: Send {
+/// A virtual CPU. It lives on the thread that created it (see [`HvVm::create_vcpu`]), so it is
+/// not `Send`; `run` blocks while the guest runs.
+pub trait HvVcpu: ArchVcpu {
     /// The vCPU index given at creation.
     fn id(&self) -> u32;
 
@@ -190,28 +198,12 @@ pub trait HvVcpu: Send {
     /// Runs the guest until it needs the VMM.
     fn run(&mut self) -> Result<VcpuExit<'_>, HvError>;
 
-    /// General-purpose registers.
-    fn regs(&self) -> Result<Regs, HvError>;
-    /// Sets the general-purpose registers.
-    fn set_regs(&self, regs: &Regs) -> Result<(), HvError>;
-    /// Segment, control and table registers.
-    fn sregs(&self) -> Result<SpecialRegs, HvError>;
-    /// Sets segment, control and table registers.
-    fn set_sregs(&self, sregs: &SpecialRegs) -> Result<(), HvError>;
-    /// Loads the FPU control state (everything else zeroed).
-    fn set_fpu(&self, fpu: &FpuControl) -> Result<(), HvError>;
-    /// Sets the CPUID leaves the guest sees.
-    fn set_cpuid(&self, entries: &[CpuidEntry]) -> Result<(), HvError>;
-    /// Writes MSRs; all or an error naming the first one refused.
-    fn set_msrs(&self, msrs: &[MsrEntry]) -> Result<(), HvError>;
-    /// The local APIC register page.
-    fn lapic(&self) -> Result<LapicState, HvError>;
-    /// Sets the local APIC register page.
-    fn set_lapic(&self, lapic: &LapicState) -> Result<(), HvError>;
+    /// The guest's instruction pointer (x86 `RIP`, arm64 `PC`), for failure reports.
+    fn instruction_pointer(&self) -> Result<u64, HvError>;
 
-    /// Saves everything the hypervisor holds for this vCPU (registers, FPU/XSAVE, MSRs, local
-    /// APIC, pending events, CPUID, ...). Call on the vCPU's thread, between two `run`s, after
-    /// any pending MMIO/PIO exit was completed by a `run` that returned
+    /// Saves everything the hypervisor holds for this vCPU (x86: registers, FPU/XSAVE, MSRs,
+    /// local APIC, pending events, CPUID, ...). Call on the vCPU's thread, between two `run`s,
+    /// after any pending MMIO/PIO exit was completed by a `run` that returned
     /// [`VcpuExit::Interrupted`].
     fn save_state(&mut self) -> Result<HvState, HvError>;
 
@@ -225,7 +217,7 @@ pub enum HvError {
     /// The hypervisor device cannot be used at all; `fix` says what to do.
     #[error("{path} is not usable: {reason}. Fix: {fix}")]
     Unavailable {
-        /// The device node (`/dev/kvm`).
+        /// The device node or framework (`/dev/kvm`).
         path: &'static str,
         /// What went wrong.
         reason: String,

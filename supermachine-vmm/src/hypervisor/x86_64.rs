@@ -1,8 +1,41 @@
-//! Architectural x86-64 vCPU state, in backend-neutral types.
+//! The x86-64 extension of the hypervisor boundary: architectural vCPU state in backend-neutral
+//! types, and the extension traits ([`ArchHypervisor`], [`ArchVcpu`]) through which the x86
+//! platform code (`arch/x86_64`) sets a vCPU up for boot.
 //!
-//! These mirror what the CPU architecture defines (registers, segment descriptors, CPUID leaves,
-//! MSRs, the local APIC register page), not any hypervisor's ABI: the boot code computes them,
-//! and each backend converts them to its own structures (`kvm.rs` to `kvm_bindings`).
+//! The types mirror what the CPU architecture defines (registers, segment descriptors, CPUID
+//! leaves, MSRs, the local APIC register page), not any hypervisor's ABI: the boot code computes
+//! them, and each backend converts them to its own structures (`kvm/x86_64` to `kvm_bindings`).
+
+use super::HvError;
+
+/// What an x86 hypervisor offers beyond the neutral [`Hypervisor`](super::Hypervisor).
+pub trait ArchHypervisor {
+    /// The CPUID leaves this hypervisor can virtualise, before per-vCPU fix-ups.
+    fn supported_cpuid(&self) -> Result<Vec<CpuidEntry>, HvError>;
+}
+
+/// The x86 register file of a vCPU, beyond the neutral [`HvVcpu`](super::HvVcpu): what the
+/// 64-bit boot protocol needs set before the first run.
+pub trait ArchVcpu {
+    /// General-purpose registers.
+    fn regs(&self) -> Result<Regs, HvError>;
+    /// Sets the general-purpose registers.
+    fn set_regs(&self, regs: &Regs) -> Result<(), HvError>;
+    /// Segment, control and table registers.
+    fn sregs(&self) -> Result<SpecialRegs, HvError>;
+    /// Sets segment, control and table registers.
+    fn set_sregs(&self, sregs: &SpecialRegs) -> Result<(), HvError>;
+    /// Loads the FPU control state (everything else zeroed).
+    fn set_fpu(&self, fpu: &FpuControl) -> Result<(), HvError>;
+    /// Sets the CPUID leaves the guest sees.
+    fn set_cpuid(&self, entries: &[CpuidEntry]) -> Result<(), HvError>;
+    /// Writes MSRs; all or an error naming the first one refused.
+    fn set_msrs(&self, msrs: &[MsrEntry]) -> Result<(), HvError>;
+    /// The local APIC register page.
+    fn lapic(&self) -> Result<LapicState, HvError>;
+    /// Sets the local APIC register page.
+    fn set_lapic(&self, lapic: &LapicState) -> Result<(), HvError>;
+}
 
 /// General-purpose registers, instruction pointer and flags.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -1,9 +1,9 @@
 //! Snapshots: a paused machine's complete state, and restoring it into a new machine.
 //!
 //! A snapshot directory holds two files written by this crate (ARCHITECTURE.md decision 7):
-//! * `vmstate` — [`MachineState`] (hypervisor state per vCPU and per VM, serial registers,
-//!   every virtio-mmio transport with its queue positions, and the machine's shape), framed by
-//!   [`format`] with magic, format version and checksum;
+//! * `vmstate` — [`MachineState`] (the guest architecture, hypervisor state per vCPU and per
+//!   VM, serial registers, every virtio-mmio transport with its queue positions, and the
+//!   machine's shape), framed by [`format`] with magic, format version and checksum;
 //! * `memory` — guest RAM, raw and sparse (untouched pages are holes).
 //!
 //! The embedding library adds its own metadata (`meta.json`) beside them.
@@ -50,6 +50,9 @@ pub struct SavedConfig {
 /// Everything in a `vmstate` file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MachineState {
+    /// The guest architecture ([`crate::arch::ARCH`]): a snapshot restores only on the one that
+    /// took it.
+    pub arch: String,
     /// The machine's shape.
     pub config: SavedConfig,
     /// VM-wide hypervisor state.
@@ -98,6 +101,14 @@ pub enum SnapshotError {
         found: u32,
         /// The version this build reads and writes.
         supported: u32,
+    },
+    /// The snapshot was taken on another guest architecture.
+    #[error("the snapshot is of a {snapshot} machine; this build runs {host} machines")]
+    Architecture {
+        /// The snapshot's architecture.
+        snapshot: String,
+        /// This build's.
+        host: &'static str,
     },
     /// The memory file is shorter or longer than the VM's RAM (truncated or replaced).
     #[error(

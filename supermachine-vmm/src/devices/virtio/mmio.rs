@@ -26,6 +26,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{IrqTrigger, MmioSlot, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_CONFIG};
 use super::{QUEUE_NOTIFY_OFFSET, VIRTIO_RING_F_EVENT_IDX};
 use crate::bus::BusDevice;
+use crate::interrupt::InterruptLine;
 
 /// "virt" in little endian: the MagicValue register.
 pub const MMIO_MAGIC_VALUE: u32 = 0x7472_6976;
@@ -52,7 +53,7 @@ pub struct MmioTransport {
     base: u64,
     /// Shared with the device's [`IrqTrigger`]: the device sets bits, the guest acks them here.
     interrupt_status: Arc<AtomicU32>,
-    irqfd: Arc<EventFd>,
+    irq: Arc<dyn InterruptLine>,
     /// One per queue; the device gets duplicates at activation, the transport keeps these to
     /// forward QueueNotify writes that reach the bus instead of an ioeventfd.
     notify: Vec<EventFd>,
@@ -126,7 +127,7 @@ impl MmioTransport {
             mem,
             base: slot.base,
             interrupt_status: Arc::new(AtomicU32::new(0)),
-            irqfd: Arc::new(slot.irq),
+            irq: slot.irq,
             notify,
             queues,
             status: 0,
@@ -288,7 +289,7 @@ impl MmioTransport {
             "{why}; device needs reset"
         );
         self.needs_reset = true;
-        let irq = IrqTrigger::new(self.interrupt_status.clone(), self.irqfd.clone());
+        let irq = IrqTrigger::new(self.interrupt_status.clone(), self.irq.clone());
         if let Err(e) = irq.trigger(VIRTIO_MMIO_INT_CONFIG) {
             warn!(base = self.base, %e, "raising config interrupt");
         }
@@ -343,7 +344,7 @@ impl MmioTransport {
                 Err(e) => return self.fail_device(&format!("duplicating notify eventfd: {e}")),
             }
         }
-        let irq = IrqTrigger::new(self.interrupt_status.clone(), self.irqfd.clone());
+        let irq = IrqTrigger::new(self.interrupt_status.clone(), self.irq.clone());
         match self.device.activate(self.mem.clone(), queues, irq, notify) {
             Ok(()) => {
                 self.activated = true;
@@ -570,8 +571,8 @@ impl BusDevice for MmioTransport {
 /// QueueNotify's offset must match what the machine registers its ioeventfds on.
 const _: () = assert!(QUEUE_NOTIFY_OFFSET == reg::VIRTIO_MMIO_QUEUE_NOTIFY as u64);
 
-mod snapshot;
+mod persist;
 #[cfg(test)]
 mod tests;
 
-pub use snapshot::{DeviceStateError, TransportState};
+pub use persist::{DeviceStateError, TransportState};

@@ -1,8 +1,11 @@
 //! Virtio devices and the virtio-mmio transport that puts them on the MMIO bus.
 //!
-//! The machine (`machine.rs`) allocates an [`MmioSlot`] per device — base address, GSI, an irqfd
-//! and one ioeventfd per queue, all registered with the hypervisor — and wraps the device in the
-//! MMIO transport. Devices never see the hypervisor.
+//! The machine (`machine/slots.rs`) allocates an [`MmioSlot`] per device — base address, the
+//! platform's interrupt line with its [`InterruptLine`] object from the hypervisor, and one
+//! queue-notification eventfd per queue, which the hypervisor binds to the QueueNotify register
+//! where it can — and wraps the device in the MMIO transport. Devices never see the hypervisor.
+//! The transport's saved state is in `mmio/persist.rs`; the devices keep no state of their own
+//! beyond their queues', which the transport saves.
 
 pub mod mmio;
 pub(crate) mod ring;
@@ -19,6 +22,8 @@ use virtio_queue::{Queue, QueueState};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::interrupt::InterruptLine;
+
 /// Size of one virtio-mmio register window.
 pub const MMIO_SLOT_SIZE: u64 = 0x1000;
 
@@ -31,44 +36,55 @@ pub const VIRTIO_MMIO_INT_VRING: u32 = 0x1;
 pub const VIRTIO_MMIO_INT_CONFIG: u32 = 0x2;
 
 /// Everything a virtio-mmio device slot gets from the machine.
-#[derive(Debug)]
 pub struct MmioSlot {
     /// Guest physical base address of the register window.
     pub base: u64,
-    /// The interrupt line (GSI) announced on the kernel cmdline.
-    pub gsi: u32,
-    /// Registered as a KVM irqfd for `gsi`: writing 1 raises the interrupt.
-    pub irq: EventFd,
-    /// One per queue, registered as ioeventfds on `base + QUEUE_NOTIFY_OFFSET` with datamatch =
-    /// queue index: the guest's queue notifications arrive here without a vCPU exit to userspace.
+    /// The slot's interrupt-line number (x86: its GSI), as announced to the guest.
+    pub irq_line: u32,
+    /// The interrupt line: triggering it raises the device interrupt.
+    pub irq: Arc<dyn InterruptLine>,
+    /// One per queue. The hypervisor signals them on guest writes of the queue index to
+    /// `base + QUEUE_NOTIFY_OFFSET` without a vCPU exit to userspace where it can (KVM: an
+    /// ioeventfd); writes that reach the MMIO bus instead are forwarded by the transport.
     pub notify: Vec<EventFd>,
 }
 
-impl MmioSlot {
-    /// The kernel cmdline entry announcing this slot.
-    pub fn cmdline_entry(&self) -> String {
-        format!("virtio_mmio.device=4K@{:#x}:{}", self.base, self.gsi)
+impl std::fmt::Debug for MmioSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmioSlot")
+            .field("base", &format_args!("{:#x}", self.base))
+            .field("irq_line", &self.irq_line)
+            .field("notify", &self.notify.len())
+            .finish_non_exhaustive()
     }
 }
 
 /// Raises a device's interrupt: sets InterruptStatus bits (shared with the transport, which the
-/// guest reads and acknowledges) and signals the irqfd.
-#[derive(Debug, Clone)]
+/// guest reads and acknowledges) and triggers the interrupt line.
+#[derive(Clone)]
 pub struct IrqTrigger {
     status: Arc<AtomicU32>,
-    irqfd: Arc<EventFd>,
+    line: Arc<dyn InterruptLine>,
+}
+
+impl std::fmt::Debug for IrqTrigger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IrqTrigger")
+            .field("status", &self.status)
+            .finish_non_exhaustive()
+    }
 }
 
 impl IrqTrigger {
-    /// A trigger over the transport's interrupt status and the slot's irqfd.
-    pub fn new(status: Arc<AtomicU32>, irqfd: Arc<EventFd>) -> Self {
-        IrqTrigger { status, irqfd }
+    /// A trigger over the transport's interrupt status and the slot's interrupt line.
+    pub fn new(status: Arc<AtomicU32>, line: Arc<dyn InterruptLine>) -> Self {
+        IrqTrigger { status, line }
     }
 
     /// Sets `bits` in InterruptStatus and raises the interrupt.
     pub fn trigger(&self, bits: u32) -> std::io::Result<()> {
         self.status.fetch_or(bits, Ordering::SeqCst);
-        self.irqfd.write(1)
+        self.line.trigger()
     }
 }
 

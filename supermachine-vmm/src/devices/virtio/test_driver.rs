@@ -85,8 +85,8 @@ impl GuestDriver {
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let slot = MmioSlot {
             base: 0xd000_0000,
-            gsi: 5,
-            irq: irq.try_clone().unwrap(),
+            irq_line: 5,
+            irq: Arc::new(irq.try_clone().unwrap()),
             notify: (0..nq)
                 .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
                 .collect(),

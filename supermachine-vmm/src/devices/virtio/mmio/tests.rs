@@ -467,8 +467,8 @@ fn missing_notify_fds_are_filled_in() {
     );
     let slot = super::super::MmioSlot {
         base: 0xd000_0000,
-        gsi: 5,
-        irq: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        irq_line: 5,
+        irq: Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
         notify: vec![],
     };
     let t = super::MmioTransport::new(Box::new(dev), mem, slot).unwrap();
@@ -483,8 +483,8 @@ fn missing_notify_fds_are_filled_in() {
     );
     let slot = super::super::MmioSlot {
         base: 0,
-        gsi: 5,
-        irq: EventFd::new(0).unwrap(),
+        irq_line: 5,
+        irq: Arc::new(EventFd::new(0).unwrap()),
         notify: vec![],
     };
     assert!(super::MmioTransport::new(Box::new(dev), mem, slot).is_err());

@@ -1,26 +1,24 @@
-//! The 8250/16550 UART at I/O port 0x3f8 (COM1, the guest's `ttyS0`), with its output captured
-//! in a bounded ring buffer: the machine's console log.
+//! The 8250/16550 UART (the guest's `ttyS0`; where it sits and which interrupt line it has is the
+//! platform's choice: COM1 at I/O port 0x3f8 with IRQ 4 on x86), with its output captured in a
+//! bounded ring buffer: the machine's console log. Its saved registers are in `persist.rs`.
 //!
-//! The register model is vm-superio's. Its interrupt goes through an irqfd on GSI 4: the Linux
+//! The register model is vm-superio's. Its interrupt goes through an [`InterruptLine`]: the Linux
 //! 8250 driver writes the boot console by polling LSR, but once userspace writes to the tty it
 //! enables the THR-empty interrupt and waits for it to send the next chunk; without a working
 //! IRQ it falls back to a slow timer and console output from `/init` crawls.
+
+mod persist;
+
+pub use persist::SerialSaved;
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 
 use vm_superio::{Serial as Uart, Trigger};
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
-
-/// COM1 base port.
-pub const COM1_PORT: u16 = 0x3f8;
-/// Number of UART registers (ports `0x3f8..0x400`).
-pub const COM1_PORT_LEN: u16 = 8;
-/// COM1's ISA IRQ (GSI).
-pub const COM1_GSI: u32 = 4;
+use crate::interrupt::InterruptLine;
 /// Default console ring capacity.
 pub const DEFAULT_CONSOLE_CAPACITY: usize = 256 * 1024;
 
@@ -157,88 +155,33 @@ impl Write for LogWriter {
     }
 }
 
-/// Raises the UART interrupt through its irqfd.
-struct IrqFdTrigger(EventFd);
+/// Raises the UART interrupt through its line.
+struct LineTrigger(Arc<dyn InterruptLine>);
 
-impl Trigger for IrqFdTrigger {
+impl Trigger for LineTrigger {
     type E = io::Error;
     fn trigger(&self) -> io::Result<()> {
-        self.0.write(1)
+        self.0.trigger()
     }
 }
 
-/// The UART as a port-I/O bus device.
+/// The UART as a bus device.
 pub struct Serial {
-    uart: Uart<IrqFdTrigger, vm_superio::serial::NoEvents, LogWriter>,
+    uart: Uart<LineTrigger, vm_superio::serial::NoEvents, LogWriter>,
     /// Kept to rebuild the UART from a snapshot.
     log: ConsoleLog,
-}
-
-/// The UART registers, for snapshots (vm-superio's `SerialState`, which has no serde).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct SerialSaved {
-    baud_divisor_low: u8,
-    baud_divisor_high: u8,
-    interrupt_enable: u8,
-    interrupt_identification: u8,
-    line_control: u8,
-    line_status: u8,
-    modem_control: u8,
-    modem_status: u8,
-    scratch: u8,
-    in_buffer: Vec<u8>,
+    /// Kept to rebuild the UART from a snapshot.
+    irq: Arc<dyn InterruptLine>,
 }
 
 impl Serial {
-    /// A UART whose output goes to `log` and whose interrupt is `irq` (registered by the caller
-    /// as the irqfd of [`COM1_GSI`]).
-    pub fn new(log: ConsoleLog, irq: EventFd) -> Self {
+    /// A UART whose output goes to `log` and whose interrupt is `irq`.
+    pub fn new(log: ConsoleLog, irq: Arc<dyn InterruptLine>) -> Self {
         Serial {
-            uart: Uart::new(IrqFdTrigger(irq), LogWriter(log.clone())),
+            uart: Uart::new(LineTrigger(irq.clone()), LogWriter(log.clone())),
             log,
+            irq,
         }
-    }
-
-    /// The register state.
-    pub fn save(&self) -> SerialSaved {
-        let s = self.uart.state();
-        SerialSaved {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        }
-    }
-
-    /// Loads saved registers, keeping this UART's output and interrupt.
-    pub fn restore(&mut self, saved: &SerialSaved) -> io::Result<()> {
-        let state = vm_superio::serial::SerialState {
-            baud_divisor_low: saved.baud_divisor_low,
-            baud_divisor_high: saved.baud_divisor_high,
-            interrupt_enable: saved.interrupt_enable,
-            interrupt_identification: saved.interrupt_identification,
-            line_control: saved.line_control,
-            line_status: saved.line_status,
-            modem_control: saved.modem_control,
-            modem_status: saved.modem_status,
-            scratch: saved.scratch,
-            in_buffer: saved.in_buffer.clone(),
-        };
-        let irq = self.uart.interrupt_evt().0.try_clone()?;
-        self.uart = Uart::from_state(
-            &state,
-            IrqFdTrigger(irq),
-            vm_superio::serial::NoEvents,
-            LogWriter(self.log.clone()),
-        )
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{e:?}")))?;
-        Ok(())
     }
 }
 
@@ -257,7 +200,7 @@ impl BusDevice for Serial {
             return;
         };
         if let Err(e) = self.uart.write(reg, *value) {
-            // Only the irqfd write can fail (the log writer cannot); the guest just misses one
+            // Only the interrupt can fail (the log writer cannot); the guest just misses one
             // interrupt, and the driver's timeout recovers.
             tracing::warn!(error = ?e, "serial interrupt could not be raised");
         }
@@ -304,8 +247,8 @@ mod tests {
     #[test]
     fn uart_output_reaches_the_log_and_raises_thre() {
         let log = ConsoleLog::new(1024, false);
-        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut serial = Serial::new(log.clone(), irq.try_clone().unwrap());
+        let irq = Arc::new(vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let mut serial = Serial::new(log.clone(), irq.clone());
         // Enable the THR-empty interrupt (IER bit 1): the model raises it at once.
         serial.write(1, &[0x02]);
         assert_eq!(irq.read().unwrap(), 1);

@@ -9,8 +9,8 @@ use linux_loader::loader::{Elf, KernelLoader, PvhBootCapability};
 use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::{
-    gdt, mem_err, mptable, paging, BootError, CMDLINE_ADDR, CMDLINE_MAX, EBDA_START, GDT_ADDR,
-    HIMEM_START, IDT_ADDR, PML4_ADDR, ZERO_PAGE_ADDR,
+    gdt, mem_err, mptable, paging, BootError, BootSpec, CMDLINE_ADDR, CMDLINE_MAX, EBDA_START,
+    GDT_ADDR, HIMEM_START, IDT_ADDR, PML4_ADDR, ZERO_PAGE_ADDR,
 };
 
 const E820_RAM: u32 = 1;
@@ -24,28 +24,11 @@ const LOADER_OTHER: u8 = 0xff;
 const KERNEL_ALIGNMENT: u32 = 0x100_0000;
 const PAGE_SIZE: u64 = 0x1000;
 
-/// What to boot.
-#[derive(Debug, Clone)]
-pub(crate) struct BootSpec<'a> {
-    /// ELF vmlinux.
-    pub kernel: &'a Path,
-    /// Optional initramfs (cpio, possibly compressed with a format the kernel supports).
-    pub initramfs: Option<&'a Path>,
-    /// The complete kernel command line.
-    pub cmdline: &'a str,
-    /// vCPU count, for the MP table.
-    pub vcpus: u32,
-}
-
-/// Where things ended up.
+/// Where the kernel starts (the rest of the placement is logged as it is loaded).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct BootImage {
     /// Guest physical address of the 64-bit entry point.
     pub entry: u64,
-    /// First byte after the kernel image (its .bss included).
-    pub kernel_end: u64,
-    /// Initramfs placement `(address, size)`.
-    pub initramfs: Option<(u64, u64)>,
 }
 
 /// `boot_params` as plain bytes for vm-memory.
@@ -69,6 +52,7 @@ pub(crate) fn load(mem: &GuestMemoryMmap, spec: &BootSpec<'_>) -> Result<BootIma
     let loaded = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(|e| {
         BootError::KernelLoad {
             path: spec.kernel.to_path_buf(),
+            format: "an x86-64 ELF vmlinux",
             reason: e.to_string(),
         }
     })?;
@@ -99,11 +83,7 @@ pub(crate) fn load(mem: &GuestMemoryMmap, spec: &BootSpec<'_>) -> Result<BootIma
     paging::write(mem, PML4_ADDR)?;
     mptable::write(mem, spec.vcpus, EBDA_START)?;
 
-    Ok(BootImage {
-        entry,
-        kernel_end,
-        initramfs,
-    })
+    Ok(BootImage { entry })
 }
 
 fn load_initramfs(

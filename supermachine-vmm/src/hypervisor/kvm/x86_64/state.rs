@@ -15,7 +15,8 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
-use super::{HvError, HvState};
+use crate::hypervisor::kvm::call_err;
+use crate::hypervisor::{HvError, HvState};
 
 /// The backend name stored with every blob.
 pub(super) const BACKEND: &str = "kvm";
@@ -28,13 +29,6 @@ const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 /// Bumped whenever a field is added, removed or reinterpreted.
 const VCPU_STATE_VERSION: u32 = 1;
 const VM_STATE_VERSION: u32 = 1;
-
-fn call_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> HvError {
-    move |e| HvError::Call {
-        op,
-        source: std::io::Error::from_raw_os_error(e.errno()),
-    }
-}
 
 #[derive(Serialize, Deserialize)]
 struct VcpuState {
@@ -123,7 +117,10 @@ fn read_msrs(fd: &VcpuFd, index: &[u32]) -> Result<Vec<kvm_msr_entry>, HvError> 
 }
 
 /// Saves one vCPU.
-pub(super) fn save_vcpu(fd: &VcpuFd, msr_index: &[u32]) -> Result<HvState, HvError> {
+pub(in crate::hypervisor::kvm) fn save_vcpu(
+    fd: &VcpuFd,
+    arch: &super::ArchData,
+) -> Result<HvState, HvError> {
     let mp_state = fd.get_mp_state().map_err(call_err("KVM_GET_MP_STATE"))?;
     let regs = fd.get_regs().map_err(call_err("KVM_GET_REGS"))?;
     let sregs = fd.get_sregs().map_err(call_err("KVM_GET_SREGS"))?;
@@ -137,7 +134,7 @@ pub(super) fn save_vcpu(fd: &VcpuFd, msr_index: &[u32]) -> Result<HvState, HvErr
         .map_err(call_err("KVM_GET_CPUID2"))?
         .as_slice()
         .to_vec();
-    let msrs = read_msrs(fd, msr_index)?;
+    let msrs = read_msrs(fd, &arch.msr_index)?;
     let events = fd
         .get_vcpu_events()
         .map_err(call_err("KVM_GET_VCPU_EVENTS"))?;
@@ -158,7 +155,10 @@ pub(super) fn save_vcpu(fd: &VcpuFd, msr_index: &[u32]) -> Result<HvState, HvErr
 }
 
 /// Loads a saved vCPU into a fresh one.
-pub(super) fn restore_vcpu(fd: &VcpuFd, state: &HvState) -> Result<(), HvError> {
+pub(in crate::hypervisor::kvm) fn restore_vcpu(
+    fd: &VcpuFd,
+    state: &HvState,
+) -> Result<(), HvError> {
     let s: VcpuState = decode(state, "vCPU")?;
     if s.version != VCPU_STATE_VERSION {
         return Err(HvError::BadState(format!(
@@ -206,7 +206,7 @@ pub(super) fn restore_vcpu(fd: &VcpuFd, state: &HvState) -> Result<(), HvError> 
 }
 
 /// Saves the VM-wide state.
-pub(super) fn save_vm(fd: &VmFd) -> Result<HvState, HvError> {
+pub(in crate::hypervisor::kvm) fn save_vm(fd: &VmFd) -> Result<HvState, HvError> {
     let pit = fd.get_pit2().map_err(call_err("KVM_GET_PIT2"))?;
     let mut clock = fd.get_clock().map_err(call_err("KVM_GET_CLOCK"))?;
     // KVM_SET_CLOCK rejects the informational flags KVM_GET_CLOCK reports (TSC_STABLE, ...).
@@ -234,7 +234,7 @@ pub(super) fn save_vm(fd: &VmFd) -> Result<HvState, HvError> {
 }
 
 /// Loads the VM-wide state into a fresh VM (irqchip and PIT already created).
-pub(super) fn restore_vm(fd: &VmFd, state: &HvState) -> Result<(), HvError> {
+pub(in crate::hypervisor::kvm) fn restore_vm(fd: &VmFd, state: &HvState) -> Result<(), HvError> {
     let s: VmState = decode(state, "VM")?;
     if s.version != VM_STATE_VERSION {
         return Err(HvError::BadState(format!(
