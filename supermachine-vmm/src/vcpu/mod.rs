@@ -336,3 +336,6 @@ impl UnhandledLog {
         }
     }
 }
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests;
