@@ -20,8 +20,8 @@
 //! | `is_quiet_port(addr)` | port accesses the guest makes without a device, not worth a log line |
 //!
 //! The signatures are checked by the compiler below (`_CONTRACT`). The neutral types a platform
-//! works with ([`BootSpec`], [`VirtioMmioDevice`], [`BootError`], [`PowerControl`],
-//! [`PlatformDevices`]) are defined here. `ARCH.md` describes how a new architecture plugs in.
+//! works with (`BootSpec`, `VirtioMmioDevice`, [`BootError`], `PowerControl`,
+//! `PlatformDevices`) are defined here. `ARCH.md` describes how a new architecture plugs in.
 
 #[cfg(target_arch = "x86_64")]
 pub mod x86_64;
@@ -140,7 +140,7 @@ const _CONSTANTS: (&str, &str, u64, u64, u32, u32) = (
 );
 
 /// Whether `/dev/kvm` is PVM's (software-assisted nested KVM on x86), which needs guest
-/// workarounds ([`host_cmdline`]). Always `false` elsewhere: the module does not exist there.
+/// workarounds (`host_cmdline`). Always `false` elsewhere: the module does not exist there.
 pub fn is_pvm_host() -> bool {
     Path::new("/sys/module/kvm_pvm").exists()
 }
