@@ -37,9 +37,7 @@ fn start(config: StackConfig) -> (NetStack, Guest) {
 
 async fn command(guest: &Guest, to: &str, command: u8, len: u64) -> GuestTcp {
     let tcp = guest.connect(addr(to)).await.expect("connect");
-    let mut header = vec![command];
-    header.extend_from_slice(&len.to_be_bytes());
-    tcp.write_all(&header).await.unwrap();
+    tcp.command(command, len).await.unwrap();
     tcp
 }
 
@@ -87,15 +85,7 @@ fn bulk_transfer_each_way_bytes_checked() {
 
         let started = Instant::now();
         let mut up = command(&guest, "203.0.113.10:80", b'U', BULK).await;
-        let mut buf = vec![0; 64 * 1024];
-        let mut sent = 0u64;
-        while sent < BULK {
-            for (i, b) in buf.iter_mut().enumerate() {
-                *b = pattern(sent + i as u64);
-            }
-            up.write_all(&buf).await.unwrap();
-            sent += buf.len() as u64;
-        }
+        up.write_pattern(BULK).await.unwrap();
         assert_eq!(up.read_to_end().await.unwrap(), b"ok");
         eprintln!("upload {} MiB in {:?}", BULK >> 20, started.elapsed());
         assert_eq!(server.accepts(), 2);

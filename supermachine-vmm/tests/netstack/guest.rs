@@ -345,6 +345,27 @@ impl GuestTcp {
         Ok(())
     }
 
+    /// Sends a test server command (`netns::Server`): the byte, then `len` big-endian.
+    pub async fn command(&self, command: u8, len: u64) -> io::Result<()> {
+        let mut header = vec![command];
+        header.extend_from_slice(&len.to_be_bytes());
+        self.write_all(&header).await
+    }
+
+    /// Sends `len` bytes of the test pattern (a multiple of 64 KiB).
+    pub async fn write_pattern(&self, len: u64) -> io::Result<()> {
+        let mut chunk = vec![0; 64 * 1024];
+        let mut sent = 0u64;
+        while sent < len {
+            for (i, b) in chunk.iter_mut().enumerate() {
+                *b = crate::netns::pattern(sent + i as u64);
+            }
+            self.write_all(&chunk).await?;
+            sent += chunk.len() as u64;
+        }
+        Ok(())
+    }
+
     /// Reads some bytes: 0 at the peer's FIN, `ConnectionReset` at an RST.
     pub async fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let eof = self.eof;
