@@ -1,0 +1,34 @@
+//! The guest network's fixed addresses.
+//!
+//! QEMU's user-mode network (libslirp) layout: guest 10.0.2.15/24, gateway 10.0.2.2, DNS
+//! 10.0.2.3. Guest images and people already know it, it is one /24 (the guest needs no DHCP:
+//! the address, route and MTU are static), and 10.0.0.0/8 is refused by the default policy, so
+//! nothing in the guest subnet is ever confused with a destination the host connects to. A
+//! host whose own network is 10.0.2.0/24 cannot be reached from the guest (those addresses are
+//! the guest subnet); an allow rule does not change that.
+
+use smoltcp::wire::{EthernetAddress, Ipv4Address, Ipv4Cidr};
+
+/// The guest's address.
+pub const GUEST: Ipv4Address = Ipv4Address::new(10, 0, 2, 15);
+/// The gateway (the VMM), the guest's default route.
+pub const GATEWAY: Ipv4Address = Ipv4Address::new(10, 0, 2, 2);
+/// The DNS server (the VMM), for the guest's `/etc/resolv.conf`.
+pub const DNS: Ipv4Address = Ipv4Address::new(10, 0, 2, 3);
+/// The address `host.supermachine.internal` resolves to: flows to it reach the host's
+/// 127.0.0.1 on the ports `host_loopback` lists.
+pub const HOST_LOOPBACK: Ipv4Address = Ipv4Address::new(10, 0, 2, 254);
+/// The guest subnet's prefix length.
+pub const PREFIX_LEN: u8 = 24;
+/// The name the VMM's DNS answers with [`HOST_LOOPBACK`].
+pub const HOST_LOOPBACK_NAME: &str = "host.supermachine.internal";
+/// The gateway's MAC (slirp's: locally administered, 52:55 + the gateway's address).
+pub const GATEWAY_MAC: EthernetAddress = EthernetAddress([0x52, 0x55, 0x0a, 0x00, 0x02, 0x02]);
+/// The link MTU (the IP packet size; frames are 14 bytes longer). 1500 as on any Ethernet, so
+/// no guest path-MTU surprises; the stack re-segments on the host sockets anyway.
+pub const MTU: usize = 1500;
+
+/// The guest subnet, 10.0.2.0/24.
+pub fn guest_subnet() -> Ipv4Cidr {
+    Ipv4Cidr::new(Ipv4Address::new(10, 0, 2, 0), PREFIX_LEN)
+}
