@@ -92,6 +92,9 @@ aarch64)
     [ -d "$dir" ] && [ ! -L "$dir" ] || continue
     mkdir -p "/$name" && mount --bind "$dir" "/$name" || fail "cannot mount the host's /$name in L1"
   done
+  # Applets at their usual places too (/usr/bin/env, /sbin/ip, ...): programs and tests name them
+  # by absolute path.
+  mkdir -p /sbin /usr/bin /usr/sbin && /bin/busybox --install -s
   # What the host's /etc would have given: names for root and localhost.
   mkdir -p /etc
   echo 'root:x:0:0:root:/root:/bin/sh' >/etc/passwd
