@@ -6,7 +6,10 @@
 # 1. Debian packages: everything in debian-packages.txt, the one list of what supermachine and its
 #    whole test suite need (CI installs it the same way: `./setup.sh --packages-only`), and what
 #    the guest kernel build needs (supermachine-vmm/guest/build-kernel.sh installs those itself).
-# 2. Rust (rustup, if cargo is missing) and the x86_64-unknown-linux-musl target (static agent).
+# 2. Rust (rustup, if cargo is missing) and the x86_64-unknown-linux-musl target (static agent),
+#    and aarch64-unknown-linux-musl for arm64 guests (`cargo build --release -p supermachine-agent
+#    --target aarch64-unknown-linux-musl`; with `supermachine-vmm/guest/build-kernel.sh --arch
+#    aarch64` for their kernel; neither is built here).
 # 3. The guest kernel (Debian's linux-source-6.1 + our config and patches; ~5 min on 2 cores, then
 #    cached under ~/.cache/supermachine/kernel/).
 # 4. The guest agent (static musl binary) and the `supermachine` CLI (into ~/.local/bin).
@@ -67,8 +70,9 @@ if ! command -v cargo >/dev/null; then
     || curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
   export PATH="$HOME/.cargo/bin:$PATH"
 fi
-rustup target list --installed | grep -qx x86_64-unknown-linux-musl \
-  || rustup target add x86_64-unknown-linux-musl
+for target in x86_64-unknown-linux-musl aarch64-unknown-linux-musl; do
+  rustup target list --installed | grep -qx "$target" || rustup target add "$target"
+done
 
 step "Guest kernel (built once, then cached)"
 kernel="$(supermachine-vmm/guest/build-kernel.sh)"

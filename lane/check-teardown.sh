@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
 # Checks that lane/run.sh always tears down: after SIGKILL of the runner, SIGKILL of its QEMU,
 # and its --timeout, while the command runs in L1, no QEMU of it, no run directory and no new
-# mount are left behind; and that a lane without svm fails with exit 125. ~2 min (four L1 boots).
+# mount are left behind; and that a lane without KVM in L1 (x86_64: no svm; aarch64: not started
+# at EL2) fails with exit 125. ~2 min (four L1 boots).
 #
-#   lane/check-teardown.sh        (root; lane/ci.sh runs it)
+#   lane/check-teardown.sh [--arch x86_64|aarch64]       (root; lane/ci.sh runs it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+arch=x86_64
+case "${1:-}" in
+  "") ;;
+  --arch) arch="${2:?--arch needs x86_64 or aarch64}" ;;
+  *) echo "usage: lane/check-teardown.sh [--arch x86_64|aarch64]" >&2; exit 2 ;;
+esac
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
@@ -20,29 +28,28 @@ fail() { printf 'check-teardown: FAIL: %s\n' "$*" >&2; failures=$((failures + 1)
 pass() { printf 'check-teardown: ok: %s\n' "$*"; }
 
 mounts() { awk '{print $5}' /proc/self/mountinfo | sort; }
-lane_qemus() { # pids of QEMUs serving a lane run directory
+lane_qemus() { # pids of the QEMU (of either lane) serving $rundir; other runs' are not ours to judge
   local pid
-  for pid in $(pgrep -x qemu-system-x86 2>/dev/null || true) $(pgrep -f '^qemu-system-x86_64 ' 2>/dev/null || true); do
-    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF "lane.run=$base/run." && echo "$pid"
+  for pid in $(pgrep -f '^qemu-system-(x86_64|aarch64) ' 2>/dev/null || true); do
+    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF "lane.run=$rundir " && echo "$pid"
   done | sort -u
 }
-runs() { find "$base" -maxdepth 1 -name 'run.*' 2>/dev/null | sort; }
 
 # Starts `lane/run.sh ARGS` in the background (log in $work/log), waits for L1 to start the
 # command, and sets runner (its pid) and rundir (its run directory).
 start_lane() {
-  local before
-  before="$(runs)"
-  lane/run.sh "$@" >"$work/log" 2>&1 &
+  lane/run.sh --arch "$arch" "$@" >"$work/log" 2>&1 &
   runner=$!
   local i
   for ((i = 0; i < 300; i++)); do
-    grep -q '^lane: L1 up' "$work/log" && break
+    grep -qs '^lane: L1 up' "$work/log" && break
     kill -0 "$runner" 2>/dev/null || { cat "$work/log"; fail "the runner exited before L1 came up"; return 1; }
     sleep 1
   done
-  rundir="$(comm -13 <(echo "$before") <(runs) | head -n1)"
-  [[ -n $rundir ]] || { fail "no run directory appeared under $base"; return 1; }
+  # The runner holds its run directory's lock open: that names it, whatever other runs exist.
+  rundir="$(for fd in /proc/"$runner"/fd/*; do readlink "$fd"; done 2>/dev/null \
+    | sed -n "s|^\($base/run\.[^/]*\)/lock\$|\1|p" | head -n1)"
+  [[ -n $rundir ]] || { fail "no run directory of the runner under $base"; return 1; }
 }
 
 # Waits up to 20 s for the run to be gone without a trace.
@@ -87,14 +94,19 @@ if start_lane --timeout 45 -- sleep 600; then
   expect_clean "--timeout"
 fi
 
-# 4. No svm in L1: a clear error and exit 125 (what CI's SUPERMACHINE_REQUIRE_KVM relies on).
+# 4. No KVM in L1: a clear error and exit 125 (what CI's SUPERMACHINE_REQUIRE_KVM relies on).
+if [[ $arch == x86_64 ]]; then
+  no_kvm=(env SUPERMACHINE_LANE_CPU=qemu64,-svm) what="no svm" expect='no svm flag'
+else
+  no_kvm=(env SUPERMACHINE_LANE_MACHINE=virt,gic-version=3) what="no EL2" expect='must start at EL2'
+fi
 status=0
-SUPERMACHINE_LANE_CPU=qemu64,-svm lane/run.sh --timeout 120 -- true >"$work/log" 2>&1 || status=$?
-if ((status == 125)) && grep -q 'no svm flag' "$work/log"; then
-  pass "no svm: exit 125 with \"$(grep -m1 'error:' "$work/log")\""
+"${no_kvm[@]}" lane/run.sh --arch "$arch" --timeout 120 -- true >"$work/log" 2>&1 || status=$?
+if ((status == 125)) && grep -q "$expect" "$work/log"; then
+  pass "$what: exit 125 with \"$(grep -m1 'error:' "$work/log")\""
 else
   cat "$work/log"
-  fail "no svm: exit $status (expected 125 and an error naming svm)"
+  fail "$what: exit $status (expected 125 and an error containing '$expect')"
 fi
 
 ((failures == 0)) || { echo "check-teardown: $failures failure(s)" >&2; exit 1; }

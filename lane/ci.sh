@@ -5,6 +5,8 @@
 #
 #   lane/ci.sh                    (root)
 #   LANE_SUITES="snapshot boot" lane/ci.sh     a subset (names of test targets)
+#   LANE_ARCH=aarch64 lane/ci.sh  the arm64 lane: guest kernel, agent and test binaries cross-built
+#                                 for aarch64(-unknown-linux-musl, static: L1 has no arm64 sysroot)
 #   LANE_CPUS (default 4: tests/smp.rs boots 4-vCPU guests), LANE_MEMORY (MiB, 6144),
 #   LANE_TIMEOUT (s, 1800) size the L1.
 #
@@ -18,46 +20,36 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Inside L1 (lane/ci.sh --in-lane SUITE=BINARY...): run each binary from its package's directory,
-# as `cargo test` would, and sum the counts.
-if [[ ${1:-} == --in-lane ]]; then
-  shift
-  failed=() passed=0 fails=0 ignored=0
-  for spec in "$@"; do
-    name="${spec%%=*}" rest="${spec#*=}"
-    dir="${rest%%:*}" bin="${rest#*:}"
-    printf '\n=== lane: %s (%s)\n' "$name" "$(date -u +%H:%M:%S)"
-    start=$SECONDS
-    status=0
-    (cd "$dir" && "$bin") 2>&1 | tee "${TMPDIR:-/tmp}/$name.log" || status=$?
-    # `test result: ok. 12 passed; 0 failed; 1 ignored; ...`
-    read -r p f i < <(sed -n 's/^test result: [A-Za-z]*\. \([0-9]*\) passed; \([0-9]*\) failed; \([0-9]*\) ignored.*/\1 \2 \3/p' \
-      "${TMPDIR:-/tmp}/$name.log" | tail -n1) || true
-    printf '=== lane: %s: %s passed, %s failed, %s ignored, %ss (exit %s)\n' \
-      "$name" "${p:-?}" "${f:-?}" "${i:-?}" "$((SECONDS - start))" "$status"
-    passed=$((passed + ${p:-0})) fails=$((fails + ${f:-0})) ignored=$((ignored + ${i:-0}))
-    ((status == 0)) || failed+=("$name")
-  done
-  printf '\n=== lane: total: %s passed, %s failed, %s ignored\n' "$passed" "$fails" "$ignored"
-  ((${#failed[@]} == 0)) || { echo "=== lane: FAILED: ${failed[*]}"; exit 1; }
-  exit 0
-fi
-
 step() { printf '\n=== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
 
 # Suites: test target names (tests/*.rs of the e2e package, supermachine-vmm/tests/*.rs).
 read -ra suites <<<"${LANE_SUITES:-exec_vm snapshot vm_faults pause smp platform vm_rootfs publish boot devices_in_guest lifecycle}"
 
-step "lane: guest kernel and static agent (host)"
-SUPERMACHINE_KERNEL="${SUPERMACHINE_KERNEL:-$(supermachine-vmm/guest/build-kernel.sh)}"
-cargo build -q -p supermachine-agent --release --target x86_64-unknown-linux-musl
-export SUPERMACHINE_KERNEL SUPERMACHINE_AGENT_BIN="$PWD/target/x86_64-unknown-linux-musl/release/supermachine-agent"
+arch="${LANE_ARCH:-x86_64}"
+case "$arch" in
+  x86_64) test_target=() ;;
+  aarch64)
+    # Static test binaries: L1 runs busybox, not the host's x86 programs, and has no arm64 libc.
+    # Crates with C parts (ring, zstd-sys) are compiled with Debian's arm64 cross gcc and its
+    # glibc headers (libc6-dev-arm64-cross) and linked against Rust's bundled musl: checked
+    # with both crates in a static binary run in the arm64 lane.
+    test_target=(--target aarch64-unknown-linux-musl)
+    export CC_aarch64_unknown_linux_musl="${CC_aarch64_unknown_linux_musl:-aarch64-linux-gnu-gcc}" ;;
+  *) echo "lane/ci.sh: error: LANE_ARCH is x86_64 or aarch64, not '$arch'" >&2; exit 2 ;;
+esac
+
+step "lane: $arch guest kernel and static agent (host)"
+rustup target list --installed | grep -qx "$arch-unknown-linux-musl" \
+  || rustup target add "$arch-unknown-linux-musl"
+SUPERMACHINE_KERNEL="${SUPERMACHINE_KERNEL:-$(supermachine-vmm/guest/build-kernel.sh --arch "$arch")}"
+cargo build -q -p supermachine-agent --release --target "$arch-unknown-linux-musl"
+export SUPERMACHINE_KERNEL SUPERMACHINE_AGENT_BIN="$PWD/target/$arch-unknown-linux-musl/release/supermachine-agent"
 
 step "lane: build the VM test binaries (host): ${suites[*]}"
 # The whole workspace, as the host's `cargo test --workspace` builds it (same features, so CI
 # reuses those builds); then each suite's executable and its package's directory.
 export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
-artifacts="$(cargo test -q --workspace --no-run --message-format=json \
+artifacts="$(cargo test -q --workspace "${test_target[@]}" --no-run --message-format=json \
   | jq -r 'select(.reason == "compiler-artifact" and .executable != null and .target.kind == ["test"])
            | "\(.target.name) \(.manifest_path) \(.executable)"')"
 specs=()
@@ -69,10 +61,10 @@ for suite in "${suites[@]}"; do
   bin=
 done
 
-step "lane: VM suites in one L1 boot (${LANE_CPUS:-4} vCPUs)"
+step "lane: VM suites in one $arch L1 boot (${LANE_CPUS:-4} vCPUs)"
 status=0
-lane/run.sh --cpus "${LANE_CPUS:-4}" --memory "${LANE_MEMORY:-6144}" --timeout "${LANE_TIMEOUT:-1800}" \
-  -- lane/ci.sh --in-lane "${specs[@]}" || status=$?
+lane/run.sh --arch "$arch" --cpus "${LANE_CPUS:-4}" --memory "${LANE_MEMORY:-6144}" --timeout "${LANE_TIMEOUT:-1800}" \
+  -- sh lane/suites.sh "${specs[@]}" || status=$?
 if ((status == 125)) && [[ -z ${SUPERMACHINE_REQUIRE_KVM:-} ]]; then
   echo "lane/ci.sh: the nested lane could not start (above); skipped, as SUPERMACHINE_REQUIRE_KVM is unset"
   exit 0
@@ -81,5 +73,5 @@ fi
 ((status == 0)) || { echo "lane/ci.sh: error: the lane's VM suites failed (exit $status)" >&2; exit 1; }
 
 step "lane: teardown checks"
-lane/check-teardown.sh
+lane/check-teardown.sh --arch "$arch"
 step "lane: done"

@@ -1,18 +1,27 @@
 #!/usr/bin/env bash
 # The nested lane: runs one command, as root, in the same working directory and environment, on
-# real vendor-standard KVM (kvm_amd) inside a QEMU TCG guest ("L1") that emulates AMD-V with
-# nested paging. The host's /dev/kvm here is PVM (slow guest kernel work, one vCPU); L1's is
-# what a user's machine has. Recipe and measurements: the repository's design note NESTED-LANE.md.
+# real vendor-standard KVM inside a QEMU TCG guest ("L1"): kvm_amd in an x86_64 L1 that emulates
+# AMD-V with nested paging (--arch x86_64, the default), or arm64 KVM in an aarch64 L1 started at
+# EL2 (--arch aarch64: `-M virt,virtualization=on,gic-version=3`, VHE and a GICv3 vgic). The
+# host's /dev/kvm here is PVM (slow guest kernel work, one vCPU); L1's is what a user's machine
+# has. Recipe and measurements: the repository's design note NESTED-LANE.md.
 #
-#   lane/run.sh [--cpus N] [--memory MiB] [--timeout SECONDS] [--verbose] -- COMMAND [ARG...]
+#   lane/run.sh [--arch x86_64|aarch64] [--cpus N] [--memory MiB] [--timeout SECONDS] [--verbose] -- COMMAND [ARG...]
 #
 # * Installs what it needs, once (root; cached under ${XDG_CACHE_HOME:-~/.cache}/supermachine/lane):
-#   QEMU >= 10 from bookworm-backports, Debian's linux-image-6.1.0-*-amd64 (unpacked, not
-#   installed), an initramfs with a static busybox and lane/init.sh as /init.
-# * L1 sees the host's whole `/` over 9p (checkout, target/, caches, the guest kernel and agent):
-#   build on the host, run only guest-bound tests and benchmarks here, e.g.
+#   QEMU >= 10 from bookworm-backports, Debian's linux-image-6.1.0-*-amd64|arm64 (unpacked, not
+#   installed), an initramfs with a static busybox (the host's; for aarch64 Debian's
+#   busybox-static:arm64, which needs `dpkg --add-architecture arm64`, done here) and lane/init.sh
+#   as /init.
+# * x86_64: L1 sees the host's whole `/` over 9p and runs the command chrooted there (checkout,
+#   target/, caches, the guest kernel and agent, the host's programs): build on the host, run only
+#   guest-bound tests and benchmarks here, e.g.
 #     cargo test --no-run --message-format=json | jq -r 'select(.executable) | .executable'
 #   lists the test binaries; run one with `lane/run.sh -- target/debug/deps/snapshot-HASH`.
+# * aarch64: the host's programs are x86 and cannot run there, so L1 keeps its own root (busybox,
+#   PATH=/bin) and mounts the host's directories over 9p at the same paths, all but its system
+#   directories (/usr, /etc, /bin, /lib*, ...): the checkout, /root, /home, /tmp, ... Run static
+#   binaries cross-built for aarch64-unknown-linux-musl from there.
 # * In L1: SUPERMACHINE_CACHE_DIR, TMPDIR and XDG_RUNTIME_DIR point into an L1 tmpfs (snapshots
 #   and sockets do not belong on 9p); everything else in the environment is passed as is. Host
 #   code runs under TCG there too: slow, so keep host-side work out of the lane.
@@ -28,14 +37,6 @@ set -euo pipefail
 LANE_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/supermachine/lane"
 TMP_BASE="${TMPDIR:-/tmp}/supermachine-lane"
-# Modules L1's /init loads (KVM for AMD, virtio-pci, 9p). ensure_initrd orders them by their
-# `depends=` (the design note's order put virtio before virtio_ring, which 6.1.0-57 rejects).
-MODULES=(irqbypass kvm ccp kvm-amd virtio_ring virtio virtio_pci_modern_dev
-  virtio_pci_legacy_dev virtio_pci 9pnet 9pnet_virtio netfs fscache 9p)
-
-# AMD-V with nested paging; minus the EPYC-v4 features TCG lacks (QEMU warns about each).
-# SUPERMACHINE_LANE_CPU replaces it (lane/check-teardown.sh uses that to test the no-svm error).
-CPU="${SUPERMACHINE_LANE_CPU:-EPYC-v4,+svm,+npt,-fxsr-opt,-misalignsse,-osvw,-topoext,-perfctr-core,-clzero,-ibpb,-nrip-save,-xsavec,-xsaves}"
 
 die() { printf 'lane/run.sh: error: %s\n' "$*" >&2; exit 125; }
 say() { printf 'lane: %s\n' "$*" >&2; }
@@ -44,9 +45,10 @@ usage() {
   exit 2
 }
 
-cpus=2 memory=4096 timeout=1800 verbose=0
+arch="${SUPERMACHINE_LANE_ARCH:-x86_64}" cpus=2 memory=4096 timeout=1800 verbose=0
 while (($#)); do
   case "$1" in
+    --arch) arch="${2:?--arch needs x86_64 or aarch64}"; shift 2 ;;
     --cpus) cpus="${2:?--cpus needs a number}"; shift 2 ;;
     --memory) memory="${2:?--memory needs MiB}"; shift 2 ;;
     --timeout) timeout="${2:?--timeout needs seconds}"; shift 2 ;;
@@ -71,12 +73,42 @@ done
 [[ $cpus =~ ^[1-9][0-9]*$ && $memory =~ ^[1-9][0-9]*$ && $timeout =~ ^[1-9][0-9]*$ ]] \
   || { printf 'lane/run.sh: error: --cpus, --memory and --timeout take positive integers\n' >&2; usage; }
 ((EUID == 0)) || die "run as root: installing QEMU and serving the host's / to L1 over 9p (passthrough) need it"
-[[ $(uname -m) == x86_64 ]] || die "the x86_64 nested lane needs an x86_64 host (this is $(uname -m))"
+
+# What differs between the lanes. MODULES: what L1's /init loads (insmod), in an order derived
+# from their `depends=` by ensure_initrd (the design note's x86 order put virtio before
+# virtio_ring, which 6.1.0-57 rejects); on arm64 KVM, virtio and the PCI host bridge are built in.
+# SUPERMACHINE_LANE_CPU / SUPERMACHINE_LANE_MACHINE replace QEMU's -cpu / -M (lane/check-teardown.sh
+# uses them to test the errors of an L1 without svm / without EL2).
+case "$arch" in
+  x86_64 | amd64)
+    [[ $(uname -m) == x86_64 ]] || die "the x86_64 nested lane needs an x86_64 host (this is $(uname -m))"
+    arch=x86_64 deb_arch=amd64 qemu=qemu-system-x86_64 qemu_pkg=qemu-system-x86
+    MODULES=(irqbypass kvm ccp kvm-amd virtio_ring virtio virtio_pci_modern_dev
+      virtio_pci_legacy_dev virtio_pci 9pnet 9pnet_virtio netfs fscache 9p)
+    # The L1 kernel's cache link; the x86 lane's name from before there were two.
+    kernel_link=linux
+    # AMD-V with nested paging; minus the EPYC-v4 features TCG lacks (QEMU warns about each).
+    qemu_args=(-accel tcg,thread=multi
+      -cpu "${SUPERMACHINE_LANE_CPU:-EPYC-v4,+svm,+npt,-fxsr-opt,-misalignsse,-osvw,-topoext,-perfctr-core,-clzero,-ibpb,-nrip-save,-xsavec,-xsaves}"
+      -vga none -bios qboot.rom)
+    append="console=ttyS0 panic=-1 kvm_amd.npt=1" ;;
+  aarch64 | arm64)
+    arch=aarch64 deb_arch=arm64 qemu=qemu-system-aarch64 qemu_pkg=qemu-system-arm
+    MODULES=(virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci 9pnet 9pnet_virtio netfs fscache 9p)
+    kernel_link=linux-aarch64
+    # virtualization=on: L1 starts at EL2, where arm64 KVM needs it. pauth-impdef: TCG's
+    # architected pointer-authentication cipher (QARMA) is slow to emulate; QEMU's documented
+    # cheaper "implementation defined" one behaves the same for software.
+    qemu_args=(-M "${SUPERMACHINE_LANE_MACHINE:-virt,virtualization=on,gic-version=3}"
+      -accel tcg,thread=multi -cpu "${SUPERMACHINE_LANE_CPU:-max,pauth-impdef=on}")
+    append="console=ttyAMA0 panic=-1" ;;
+  *) die "--arch: x86_64 or aarch64, not '$arch'" ;;
+esac
 
 # --- installs, cached and serialised between concurrent runners -------------------------------
 
 qemu_major() {
-  { qemu-system-x86_64 --version 2>/dev/null || true; } | sed -n 's/^QEMU emulator version \([0-9]*\).*/\1/p'
+  { "$qemu" --version 2>/dev/null || true; } | sed -n 's/^QEMU emulator version \([0-9]*\).*/\1/p'
 }
 
 ensure_qemu() {
@@ -93,30 +125,43 @@ ensure_qemu() {
   fi
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q >&2 || true
-  apt-get install -y -q --no-install-recommends -t bookworm-backports qemu-system-x86 >&2 \
-    || die "could not install qemu-system-x86 from bookworm-backports (apt-get failed above)"
+  apt-get install -y -q --no-install-recommends -t bookworm-backports "$qemu_pkg" >&2 \
+    || die "could not install $qemu_pkg from bookworm-backports (apt-get failed above)"
   major="$(qemu_major)"
-  [[ -n $major ]] && ((major >= 10)) || die "qemu-system-x86_64 >= 10 is still missing after installing it"
+  [[ -n $major ]] && ((major >= 10)) || die "$qemu >= 10 is still missing after installing it"
 }
 
-# Debian's bookworm kernel, unpacked into $CACHE/linux-VERSION; $CACHE/linux points at it.
+# Another architecture's packages (apt-get download PKG:arm64) need dpkg to know it, and apt its
+# package lists. Nothing is installed for it.
+ensure_foreign_arch() {
+  [[ $deb_arch == "$(dpkg --print-architecture)" ]] && return
+  dpkg --print-foreign-architectures | grep -qx "$deb_arch" && apt-cache show "linux-image-$deb_arch:$deb_arch" >/dev/null 2>&1 && return
+  say "adding the $deb_arch architecture to dpkg and updating apt's lists (once)"
+  dpkg --add-architecture "$deb_arch"
+  apt-get update -q >&2 || true
+}
+
+# Debian's bookworm kernel, unpacked into $CACHE/linux-VERSION; $CACHE/$kernel_link points at it.
 ensure_l1_kernel() {
-  [[ -f $CACHE/linux/vmlinuz && -d $CACHE/linux/modules ]] && return
+  L1="$CACHE/$kernel_link"
+  [[ -f $L1/vmlinuz && -d $L1/modules ]] && return
   local pkg
-  pkg="$(apt-cache depends linux-image-amd64 2>/dev/null \
-    | sed -n 's/^ *Depends: \(linux-image-6\.1\.0-[0-9]*-amd64\)$/\1/p' | head -n1)"
-  [[ -n $pkg ]] || pkg="$(apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-amd64$' \
+  pkg="$(apt-cache depends "linux-image-$deb_arch:$deb_arch" 2>/dev/null \
+    | sed -n "s/^ *Depends: \\(linux-image-6\\.1\\.0-[0-9]*-$deb_arch\\)\\(:$deb_arch\\)\\{0,1\\}\$/\\1/p" | head -n1)"
+  [[ -n $pkg ]] || pkg="$(apt-cache search --names-only "^linux-image-6\\.1\\.0-[0-9]+-$deb_arch\$" \
     | awk '{print $1}' | sort -V | tail -n1)"
-  [[ -n $pkg ]] || die "apt knows no linux-image-6.1.0-*-amd64 package: run apt-get update (Debian 12 sources)"
-  say "fetching L1 kernel $pkg (once)"
+  [[ -n $pkg ]] || die "apt knows no linux-image-6.1.0-*-$deb_arch package: run apt-get update (Debian 12 sources)"
+  say "fetching L1 kernel $pkg:$deb_arch (once)"
   local work="$CACHE/.fetch.$$"
   rm -rf "$work" && mkdir -p "$work/x"
-  (cd "$work" && apt-get download -q "$pkg" >&2) || die "apt-get download $pkg failed"
+  (cd "$work" && apt-get download -q "$pkg:$deb_arch" >&2) || die "apt-get download $pkg:$deb_arch failed"
   dpkg-deb -x "$work"/*.deb "$work/x"
   local version="${pkg#linux-image-}"
   local out="$CACHE/linux-$version"
   rm -rf "$out" && mkdir -p "$out/modules"
   cp "$work/x/boot/vmlinuz-$version" "$out/vmlinuz"
+  # What is built in: ensure_initrd skips those among the modules' dependencies.
+  cp "$work/x/lib/modules/$version/modules.builtin" "$out/modules.builtin"
   local m path
   for m in "${MODULES[@]}"; do
     path="$(find "$work/x/lib/modules/$version" -name "$m.ko*" | head -n1)"
@@ -127,34 +172,57 @@ ensure_l1_kernel() {
       *) die "unexpected module file $path" ;;
     esac
   done
-  ln -sfn "linux-$version" "$CACHE/linux"
+  ln -sfn "linux-$version" "$L1"
+  rm -rf "$work"
+}
+
+# L1's static busybox: the host's for x86_64, Debian's busybox-static:arm64 (unpacked) for aarch64.
+ensure_busybox() {
+  if [[ $arch == x86_64 ]]; then
+    BUSYBOX=/usr/bin/busybox
+    [[ -x $BUSYBOX ]] && file -L "$BUSYBOX" | grep -q 'statically linked' \
+      || die "a static busybox is needed at $BUSYBOX: apt-get install -y busybox-static"
+    return
+  fi
+  BUSYBOX="$CACHE/busybox-$deb_arch"
+  [[ -x $BUSYBOX ]] && return
+  say "fetching busybox-static:$deb_arch (once)"
+  local work="$CACHE/.fetch.$$"
+  rm -rf "$work" && mkdir -p "$work/x"
+  (cd "$work" && apt-get download -q "busybox-static:$deb_arch" >&2) \
+    || die "apt-get download busybox-static:$deb_arch failed"
+  dpkg-deb -x "$work"/*.deb "$work/x"
+  [[ -x $work/x/bin/busybox ]] || die "busybox-static:$deb_arch has no bin/busybox"
+  mv "$work/x/bin/busybox" "$BUSYBOX.tmp" && mv "$BUSYBOX.tmp" "$BUSYBOX"
   rm -rf "$work"
 }
 
 # The initramfs, keyed by what goes into it.
 ensure_initrd() {
-  local busybox=/usr/bin/busybox
-  [[ -x $busybox ]] && file -L "$busybox" | grep -q 'statically linked' \
-    || die "a static busybox is needed at $busybox: apt-get install -y busybox-static"
   local key
-  key="$(cat "$LANE_DIR/init.sh" "$busybox" "$CACHE"/linux/modules/*.ko | sha256sum | cut -c1-16)"
+  key="$(cat "$LANE_DIR/init.sh" "$BUSYBOX" "$L1"/modules/*.ko | sha256sum | cut -c1-16)"
   INITRD="$CACHE/initrd-$key.gz"
   [[ -f $INITRD ]] && return
   say "building the L1 initramfs (once)"
   local stage="$RUN/initrd"
   mkdir -p "$stage"/{bin,lib/modules,proc,sys,dev,host}
-  cp "$busybox" "$stage/bin/busybox"
+  cp "$BUSYBOX" "$stage/bin/busybox"
   install -m 0755 "$LANE_DIR/init.sh" "$stage/init"
-  cp "$CACHE"/linux/modules/*.ko "$stage/lib/modules/"
-  # Load order: each module after everything in its `depends=` (insmod does not resolve them).
+  cp "$L1"/modules/*.ko "$stage/lib/modules/"
+  # Load order: each module after everything in its `depends=` (insmod does not resolve them)
+  # that is not built into the kernel.
   local -A placed=()
+  local builtin
+  for builtin in $(sed -n 's|.*/\([^/]*\)\.ko$|\1|p' "$L1/modules.builtin" 2>/dev/null); do
+    placed[$builtin]=1
+  done
   local order=() m dep ready progress=1
   while ((${#order[@]} < ${#MODULES[@]} && progress)); do
     progress=0
     for m in "${MODULES[@]}"; do
       [[ -n ${placed[$m]:-} ]] && continue
       ready=1
-      for dep in $(strings "$CACHE/linux/modules/$m.ko" | sed -n 's/^depends=//p' | tr ',' ' '); do
+      for dep in $(strings "$L1/modules/$m.ko" | sed -n 's/^depends=//p' | tr ',' ' '); do
         [[ -n ${placed[${dep//_/-}]:-} || -n ${placed[${dep//-/_}]:-} ]] || ready=0
       done
       ((ready)) && { placed[$m]=1; order+=("$m"); progress=1; }
@@ -205,19 +273,23 @@ flock "$RUN/lock" "${BASH_SOURCE[0]}" --reap "$RUN" </dev/null >/dev/null 2>&1 {
 exec {install_fd}>"$CACHE/.install.lock"
 flock "$install_fd"
 ensure_qemu
+ensure_foreign_arch
 ensure_l1_kernel
+ensure_busybox
 ensure_initrd
 exec {install_fd}>&-
 command -v setpriv >/dev/null || die "setpriv (util-linux) is missing: apt-get install -y util-linux"
 
-# What L1 runs, chrooted into the host's /: this environment (minus bash's own variables), the
-# L1 tmpfs for caches and sockets, this directory, the command.
+# What L1 runs (x86_64: chrooted into the host's /; aarch64: in its own root, with busybox's
+# sh): this environment (minus bash's own variables; on aarch64 PATH is L1's /bin, as the host's
+# programs cannot run there), the L1 tmpfs for caches and sockets, this directory, the command.
 mkdir -m 0700 "$RUN/l1"
 {
   echo "# generated by lane/run.sh"
   for name in $(compgen -e); do
     case "$name" in
       BASH* | SHELLOPTS | SHLVL | PWD | OLDPWD | _ | SUPERMACHINE_CACHE_DIR | TMPDIR | XDG_RUNTIME_DIR) continue ;;
+      PATH) [[ $arch == x86_64 ]] || { echo 'export PATH=/bin'; continue; } ;;
     esac
     printf 'export %s=%q\n' "$name" "${!name}"
   done
@@ -230,15 +302,14 @@ mkdir -m 0700 "$RUN/l1"
   printf '\n'
 } >"$RUN/cmd.sh"
 
-append="console=ttyS0 panic=-1 kvm_amd.npt=1 lane.run=$RUN "
+append="$append lane.run=$RUN "
 ((verbose)) || append="quiet loglevel=3 $append"
-say "booting L1: $cpus vCPUs, $memory MiB, QEMU TCG with AMD-V (timeout ${timeout}s)"
+say "booting $arch L1: $cpus vCPUs, $memory MiB, QEMU TCG with $([[ $arch == x86_64 ]] && echo AMD-V || echo EL2) (timeout ${timeout}s)"
 start=$SECONDS
 # stdin from /dev/null: QEMU leaves the terminal alone and the command reads nothing.
-setpriv --pdeathsig KILL -- qemu-system-x86_64 \
-  -accel tcg,thread=multi -cpu "$CPU" -smp "$cpus" -m "$memory" \
-  -nographic -no-reboot -vga none -nic none -bios qboot.rom \
-  -kernel "$CACHE/linux/vmlinuz" -initrd "$INITRD" -append "$append" \
+setpriv --pdeathsig KILL -- "$qemu" "${qemu_args[@]}" -smp "$cpus" -m "$memory" \
+  -nographic -no-reboot -nic none \
+  -kernel "$L1/vmlinuz" -initrd "$INITRD" -append "$append" \
   -virtfs local,path=/,mount_tag=host,security_model=passthrough,id=host \
   </dev/null {lock_fd}>&- &
 qemu_pid=$!

@@ -1,19 +1,29 @@
 #!/usr/bin/env bash
-# Boot-test the supermachine guest kernel under KVM with QEMU's microvm machine.
+# Boot-test the supermachine guest kernel with QEMU: x86_64 under KVM on the microvm machine,
+# aarch64 on the virt machine (TCG on an x86 host, KVM on an arm64 host with /dev/kvm).
 #
-#   supermachine-vmm/guest/boot-test.sh [path/to/vmlinux]
+#   supermachine-vmm/guest/boot-test.sh [--arch x86_64|aarch64] [path/to/vmlinux|Image]
 #
-# Without an argument the kernel comes from build-kernel.sh (cache hit, or a build). Builds a
-# busybox-static initramfs and a small ext4 image in a temp dir, boots
-#   qemu-system-x86_64 -M microvm,acpi=off -accel kvm -cpu host -smp 1 ... -kernel vmlinux
-# with a virtio-blk-device and an i8042 (reset port only), and checks that /init ran: /proc +
-# devtmpfs mounted, a fork+exec loop, read-only ext4 on virtio-blk with an overlayfs (tmpfs upper)
-# on top, marker printed, and the VM went away by itself (`reboot -f` -> reboot=k -> i8042 reset ->
-# QEMU -no-reboot exits; `poweroff -f` cannot end a VM that has no ACPI, the kernel just halts).
-# Appends pvm-cmdline.txt when the host's /dev/kvm is kvm_pvm.
+# Without a path the kernel comes from build-kernel.sh (cache hit, or a build). The architecture:
+# --arch, else SUPERMACHINE_GUEST_ARCH, else the host's. Builds a busybox-static initramfs (the
+# host's busybox for x86_64, Debian's busybox-static:arm64 for aarch64) and a small ext4 image in
+# a temp dir, boots
+#   x86_64:  qemu-system-x86_64 -M microvm,acpi=off -accel kvm -cpu host -smp 1 ... -kernel vmlinux
+#            with a virtio-blk-device and an i8042 (reset port only)
+#   aarch64: qemu-system-aarch64 -M virt,gic-version=3 -cpu max ... -kernel Image
+#            with a virtio-blk-device (virtio-mmio, found through the device tree) and QEMU's PL011
+# and checks that /init ran: /proc + devtmpfs mounted, a fork+exec loop, read-only ext4 on
+# virtio-blk with an overlayfs (tmpfs upper) on top, the static guest agent for the architecture
+# runs (when one is built), marker printed, and the VM went away by itself. x86_64: `reboot -f` ->
+# reboot=k -> i8042 reset -> QEMU -no-reboot exits (`poweroff -f` cannot end a VM that has no
+# ACPI, the kernel just halts); aarch64: `poweroff -f` -> PSCI SYSTEM_OFF -> QEMU exits.
+# Appends pvm-cmdline.txt when the host's /dev/kvm is kvm_pvm (x86_64 only).
 # Exits non-zero on any failure; removes its temp dir and never leaves QEMU running.
 #
-# Environment: BOOT_TEST_TIMEOUT (seconds, default 300), BOOT_TEST_KEEP=1 keeps the temp dir,
+# Environment: BOOT_TEST_AGENT (the static agent to run in the guest; default
+#              target/<arch>-unknown-linux-musl/release/supermachine-agent of this workspace, and
+#              the check is skipped, with a line saying so, when that is not built),
+#              BOOT_TEST_TIMEOUT (seconds, default 300), BOOT_TEST_KEEP=1 keeps the temp dir,
 #              BOOT_TEST_APPEND (extra kernel cmdline), BOOT_TEST_FORKS (fork+exec loop count, 10),
 #              BOOT_TEST_GZIP=1 gzips the initramfs (exercises RD_GZIP; costs ~95 s per MB under
 #              kvm_pvm, see README.md), default is an uncompressed newc cpio.
@@ -29,15 +39,27 @@ forks=${BOOT_TEST_FORKS:-10}
 marker="SUPERMACHINE-BOOT-TEST-OK"
 glibc_tunables="glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX_Fast_Unaligned_Load"
 
+arch=${SUPERMACHINE_GUEST_ARCH:-$(uname -m)}
+if [[ ${1:-} == --arch ]]; then
+    arch=${2:?--arch needs x86_64 or aarch64}
+    shift 2
+fi
+case "$arch" in
+    x86_64 | amd64) arch=x86_64 qemu=qemu-system-x86_64 qemu_pkg=qemu-system-x86 ;;
+    aarch64 | arm64) arch=aarch64 qemu=qemu-system-aarch64 qemu_pkg=qemu-system-arm ;;
+    *) die "unsupported architecture '$arch' (x86_64 or aarch64)" ;;
+esac
+
 if (($# > 0)); then
     kernel=$1
 else
-    kernel=$("$here/build-kernel.sh")
+    kernel=$("$here/build-kernel.sh" --arch "$arch")
 fi
 [[ -f $kernel ]] || die "no kernel at $kernel"
+agent=${BOOT_TEST_AGENT:-$here/../../target/$arch-unknown-linux-musl/release/supermachine-agent}
 
 need=()
-command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+command -v "$qemu" >/dev/null || need+=("$qemu_pkg")
 [[ -x /bin/busybox ]] && /bin/busybox --list 2>/dev/null | grep -qx reboot || need+=(busybox-static)
 command -v cpio >/dev/null || need+=(cpio)
 command -v bc >/dev/null || need+=(bc)
@@ -46,7 +68,12 @@ if ((${#need[@]})); then
     log "installing ${need[*]}"
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${need[@]}" >&2
 fi
-[[ -r /dev/kvm && -w /dev/kvm ]] || die "/dev/kvm not accessible"
+# KVM where the guest's architecture is the host's; an arm64 guest on another host runs under TCG.
+kvm=no
+if [[ $arch == "$(uname -m)" ]]; then
+    [[ -r /dev/kvm && -w /dev/kvm ]] || die "/dev/kvm not accessible"
+    kvm=yes
+fi
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/supermachine-boot-test.XXXXXX")
 qemu_pid=
@@ -55,7 +82,7 @@ cleanup() {
     for p in "$qemu_pid" "$(cat "$tmp/qemu.pid" 2>/dev/null || true)"; do
         if [[ -z $p ]] || ! kill -0 "$p" 2>/dev/null; then continue; fi
         # only our timeout wrapper or our QEMU (pidfile), never a recycled pid
-        [[ $(cat "/proc/$p/comm" 2>/dev/null) == @(timeout|qemu-system-x86) ]] || continue
+        [[ $(cat "/proc/$p/comm" 2>/dev/null) == @(timeout|qemu-system-*) ]] || continue
         kill "$p" 2>/dev/null || true
         sleep 1
         kill -9 "$p" 2>/dev/null || true
@@ -67,21 +94,44 @@ trap cleanup EXIT
 # --- initramfs -------------------------------------------------------------------------------------
 root="$tmp/initramfs"
 mkdir -p "$root"/{bin,dev,proc,sys,mnt,tmp,ro,ovl}
-cp /bin/busybox "$root/bin/busybox"
-# Applet symlinks made here, not with `busybox --install` in the guest: every guest syscall is
-# expensive under kvm_pvm (~300 us, see README.md).
-for applet in $(/bin/busybox --list); do
-    [[ $applet == busybox ]] || ln -sf busybox "$root/bin/$applet"
-done
+if [[ $arch == x86_64 ]]; then
+    cp /bin/busybox "$root/bin/busybox"
+    # Applet symlinks made here, not with `busybox --install` in the guest: every guest syscall is
+    # expensive under kvm_pvm (~300 us, see README.md).
+    for applet in $(/bin/busybox --list); do
+        [[ $applet == busybox ]] || ln -sf busybox "$root/bin/$applet"
+    done
+    # GLIBC_TUNABLES: under kvm_pvm, guest user space sees the host's AVX/AVX-512 as usable while
+    # the guest kernel (no XSAVE) context-switches only x87/SSE state, so concurrently running glibc
+    # programs corrupt each other's YMM upper halves (pipelines crash). Masking AVX in glibc avoids
+    # it; see README.md "AVX state is not context-switched under kvm_pvm".
+    init_env="export GLIBC_TUNABLES=$glibc_tunables"
+    finish="reboot -f"
+else
+    # Debian's arm64 busybox-static; apt-get download needs dpkg to know arm64 (nothing is
+    # installed for it). The host cannot run it, so /init makes the applet links.
+    if ! apt-cache show busybox-static:arm64 >/dev/null 2>&1; then
+        log "adding the arm64 architecture to dpkg and updating apt's lists"
+        dpkg --add-architecture arm64
+        apt-get update -q >&2 || true
+    fi
+    (cd "$tmp" && apt-get download -q busybox-static:arm64 >&2) || die "apt-get download busybox-static:arm64 failed"
+    dpkg-deb -x "$tmp"/busybox-static_*_arm64.deb "$tmp/bb"
+    cp "$tmp/bb/bin/busybox" "$root/bin/busybox"
+    ln -s busybox "$root/bin/sh"
+    init_env="/bin/busybox --install -s /bin"
+    finish="poweroff -f"
+fi
+if [[ -f $agent ]]; then
+    cp "$agent" "$root/bin/supermachine-agent"
+else
+    log "no agent at $agent: the agent check is skipped (cargo build --release -p supermachine-agent --target $arch-unknown-linux-musl)"
+fi
 
-# GLIBC_TUNABLES: under kvm_pvm, guest user space sees the host's AVX/AVX-512 as usable while the
-# guest kernel (no XSAVE) context-switches only x87/SSE state, so concurrently running glibc
-# programs corrupt each other's YMM upper halves (pipelines crash). Masking AVX in glibc avoids it;
-# see README.md "AVX state is not context-switched under kvm_pvm".
 cat >"$root/init" <<EOF
 #!/bin/sh
 export PATH=/bin
-export GLIBC_TUNABLES=$glibc_tunables
+$init_env
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
@@ -107,6 +157,10 @@ done
 if dmesg | grep -q 'Registered PF_VSOCK'; then
     echo "SM: AF_VSOCK registered"
 fi
+if [ -x /bin/supermachine-agent ]; then
+    /bin/supermachine-agent --help >/tmp/agent.txt 2>&1
+    echo "SM: agent --help exit \$?: \$(head -n1 /tmp/agent.txt)"
+fi
 
 if [ -b /dev/vda ]; then
     mount -t ext4 -o ro /dev/vda /ro && echo "SM: ext4 ro mount ok: \$(cat /ro/hello.txt)"
@@ -127,7 +181,7 @@ while [ \$i -lt 4 ]; do dmesg | tail -n 1 >/dev/null || pf=\$((pf+1)); i=\$((i+1
 echo "SM: concurrent pipelines failed: \$pf of 4"
 dmesg | grep -E 'segfault|traps:' || true
 echo "$marker uptime \$(cut -d' ' -f1 /proc/uptime) s"
-reboot -f
+$finish
 EOF
 chmod +x "$root/init"
 initrd="$tmp/initramfs.cpio"
@@ -146,26 +200,36 @@ echo "old" >"$tmp/disk/d/old"
 mkfs.ext4 -q -F -L smtest -d "$tmp/disk" "$tmp/disk.img" 8M >&2
 
 # --- boot --------------------------------------------------------------------------------------------
-append="console=ttyS0 panic=-1 reboot=k"
 pvm=no
-cpu=host
-if [[ -d /sys/module/kvm_pvm ]]; then
-    pvm=yes
-    append+=" $(head -n1 "$here/pvm-cmdline.txt")"
-    # QEMU 7.2 aborts at start under kvm_pvm: "failed to set MSR 0x10a" (IA32_ARCH_CAPABILITIES).
-    cpu=host,-arch-capabilities
+if [[ $arch == x86_64 ]]; then
+    append="console=ttyS0 panic=-1 reboot=k"
+    cpu=host
+    if [[ -d /sys/module/kvm_pvm ]]; then
+        pvm=yes
+        append+=" $(head -n1 "$here/pvm-cmdline.txt")"
+        # QEMU 7.2 aborts at start under kvm_pvm: "failed to set MSR 0x10a" (IA32_ARCH_CAPABILITIES).
+        cpu=host,-arch-capabilities
+    fi
+    machine=(-M microvm,acpi=off -accel kvm -cpu "$cpu" -device i8042)
+else
+    append="console=ttyAMA0 panic=-1"
+    if [[ $kvm == yes ]]; then
+        machine=(-M virt,gic-version=3 -accel kvm -cpu host)
+    else
+        # pauth-impdef: QEMU's cheap pointer-authentication cipher instead of emulating QARMA.
+        machine=(-M virt,gic-version=3 -accel tcg -cpu max,pauth-impdef=on)
+    fi
 fi
 append+=" ${BOOT_TEST_APPEND:-}"
-log "kernel $kernel ($(stat -c %s "$kernel") bytes), initrd $(stat -c %s "$initrd") bytes, kvm_pvm=$pvm"
+log "$arch kernel $kernel ($(stat -c %s "$kernel") bytes), initrd $(stat -c %s "$initrd") bytes, kvm=$kvm kvm_pvm=$pvm"
 log "cmdline: $append"
 
 out="$tmp/console.log"
 : >"$out"
 start=$EPOCHREALTIME
-timeout -k 5 "$timeout_s" qemu-system-x86_64 \
-    -M microvm,acpi=off -accel kvm -cpu "$cpu" -m 256 -smp 1 \
+timeout -k 5 "$timeout_s" "$qemu" "${machine[@]}" -m 256 -smp 1 \
     -nodefaults -no-user-config -nographic -no-reboot -pidfile "$tmp/qemu.pid" \
-    -serial stdio -device i8042 \
+    -serial stdio \
     -kernel "$kernel" -initrd "$initrd" -append "$append" \
     -drive "id=d0,file=$tmp/disk.img,format=raw,if=none,readonly=on" \
     -device virtio-blk-device,drive=d0 \
@@ -205,6 +269,9 @@ grep -q "SM: ext4 ro mount ok: hello-from-ext4" "$tmp/console.ts" || die "virtio
 grep -q "SM: overlay ok" "$tmp/console.ts" || die "overlayfs check failed"
 grep -q "SM: overlay opaque dir ok" "$tmp/console.ts" || die "overlayfs opaque-dir check failed"
 grep -q "SM: concurrent pipelines failed: 0 of 4" "$tmp/console.ts" || die "concurrent pipelines failed"
+if [[ -f $agent ]]; then
+    grep -q "SM: agent --help exit 0: usage: supermachine-agent" "$tmp/console.ts" || die "the agent did not run"
+fi
 ((rc == 0)) || die "qemu exit status $rc"
 
 init_line=$(grep -m1 "SM: /init running" "$tmp/console.ts" || true)
