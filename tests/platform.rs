@@ -137,7 +137,8 @@ async fn guest_file(vm: &Vm, path: &str) -> Option<String> {
 async fn wait_for_guest_file(vm: &Vm, path: &str, limit: Duration) -> Option<String> {
     let start = Instant::now();
     loop {
-        if let Some(content) = guest_file(vm, path).await {
+        // The shell creates the file before it writes the status into it: empty is not yet.
+        if let Some(content) = guest_file(vm, path).await.filter(|c| !c.is_empty()) {
             return Some(content);
         }
         if start.elapsed() > limit {
