@@ -197,10 +197,37 @@ ensure_busybox() {
   rm -rf "$work"
 }
 
+# aarch64 only: Debian's mke2fs for arm64 and the shared libraries it loads (glibc's loader and
+# libc included), unpacked into $E2FS, so the image pipeline (`mkfs.ext4 -d`) runs in L1's busybox
+# root. Busybox has no mkfs.ext4 with -d, and the host's is an x86 program.
+E2FS_DEBS=(e2fsprogs libext2fs2 libcom-err2 libblkid1 libuuid1 libc6)
+ensure_e2fsprogs() {
+  E2FS=
+  [[ $arch == x86_64 ]] && return
+  E2FS="$CACHE/e2fsprogs-$deb_arch"
+  [[ -x $E2FS/sbin/mke2fs ]] && return
+  say "fetching e2fsprogs:$deb_arch and its libraries (once)"
+  local work="$CACHE/.fetch.$$" pkg
+  rm -rf "$work" && mkdir -p "$work/x"
+  for pkg in "${E2FS_DEBS[@]}"; do
+    (cd "$work" && apt-get download -q "$pkg:$deb_arch" >&2) || die "apt-get download $pkg:$deb_arch failed"
+  done
+  for pkg in "$work"/*.deb; do dpkg-deb -x "$pkg" "$work/x"; done
+  [[ -x $work/x/sbin/mke2fs ]] || die "e2fsprogs:$deb_arch has no sbin/mke2fs"
+  rm -rf "$E2FS.tmp" && mkdir -p "$E2FS.tmp/sbin"
+  cp -a "$work/x/sbin/mke2fs" "$E2FS.tmp/sbin/"
+  # Libraries only: /lib/ld-linux-*.so.1 and /lib/<triplet>/*.so*, as the loader looks for them.
+  (cd "$work/x" && find lib usr/lib -maxdepth 2 \( -name 'ld-linux-*' -o -name '*.so*' \) 2>/dev/null \
+    | cpio -pdm --quiet "$E2FS.tmp") || die "cannot copy e2fsprogs:$deb_arch's libraries"
+  rm -rf "$E2FS" && mv "$E2FS.tmp" "$E2FS"
+  rm -rf "$work"
+}
+
 # The initramfs, keyed by what goes into it.
 ensure_initrd() {
   local key
-  key="$(cat "$LANE_DIR/init.sh" "$BUSYBOX" "$L1"/modules/*.ko | sha256sum | cut -c1-16)"
+  key="$(cat "$LANE_DIR/init.sh" "$BUSYBOX" "$L1"/modules/*.ko \
+    ${E2FS:+$(find "$E2FS" -type f | sort)} | sha256sum | cut -c1-16)"
   INITRD="$CACHE/initrd-$key.gz"
   [[ -f $INITRD ]] && return
   say "building the L1 initramfs (once)"
@@ -209,6 +236,10 @@ ensure_initrd() {
   cp "$BUSYBOX" "$stage/bin/busybox"
   install -m 0755 "$LANE_DIR/init.sh" "$stage/init"
   cp "$L1"/modules/*.ko "$stage/lib/modules/"
+  if [[ -n $E2FS ]]; then
+    cp -a "$E2FS"/. "$stage/"
+    ln -s ../sbin/mke2fs "$stage/bin/mkfs.ext4"
+  fi
   # Load order: each module after everything in its `depends=` (insmod does not resolve them)
   # that is not built into the kernel.
   local -A placed=()
@@ -276,6 +307,7 @@ ensure_qemu
 ensure_foreign_arch
 ensure_l1_kernel
 ensure_busybox
+ensure_e2fsprogs
 ensure_initrd
 exec {install_fd}>&-
 command -v setpriv >/dev/null || die "setpriv (util-linux) is missing: apt-get install -y util-linux"

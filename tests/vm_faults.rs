@@ -250,6 +250,7 @@ fn losing_the_device_runtime_ends_the_vm_and_fails_pending_execs() {
 /// A minimal x86-64 ELF "kernel" whose entry jumps to guest-physical 0xf000_0000: mapped by
 /// the boot page tables, but neither RAM nor a device, so the vCPU cannot fetch its next
 /// instruction and the hypervisor gives up on it.
+#[cfg(target_arch = "x86_64")]
 fn runaway_kernel() -> Vec<u8> {
     const LOAD: u64 = 0x100_0000;
     const CODE_OFFSET: u64 = 0x1000;
@@ -285,6 +286,27 @@ fn runaway_kernel() -> Vec<u8> {
     elf.resize(CODE_OFFSET as usize, 0);
     elf.extend_from_slice(&code);
     elf
+}
+
+/// A minimal arm64 `Image` whose code loads a register pair from guest-physical 0x4000_0000:
+/// neither RAM nor a device, and a load pair gives the hypervisor no syndrome to emulate it
+/// with, so KVM refuses to go on (`KVM_RUN` fails; a jump there would only make the guest
+/// take its own prefetch abort forever).
+#[cfg(target_arch = "aarch64")]
+fn runaway_kernel() -> Vec<u8> {
+    let mut image = vec![0u8; 64];
+    image[0..4].copy_from_slice(&0x1400_0010u32.to_le_bytes()); // b +0x40 (over the header)
+    image[16..24].copy_from_slice(&0x1_0000u64.to_le_bytes()); // image_size
+    image[24..32].copy_from_slice(&0b010u64.to_le_bytes()); // flags: LE, 4 KiB pages
+    image[56..60].copy_from_slice(b"ARM\x64");
+    for insn in [
+        0xd2a8_0001u32, // movz x1, #0x4000, lsl #16
+        0xa940_0c22,    // ldp  x2, x3, [x1]
+        0x1400_0000,    // b    .
+    ] {
+        image.extend_from_slice(&insn.to_le_bytes());
+    }
+    image
 }
 
 /// A vCPU that cannot go on ends the VM with a typed error at once.

@@ -80,6 +80,35 @@ fn an_image_runs_with_its_env_workdir_user_and_command() {
         let image = Image::pull(&registry.reference("test/app:v1"))
             .await
             .expect("pull");
+        runs_with_its_env_workdir_user_and_command(image).await;
+    });
+}
+
+/// The same image from an OCI layout directory, no registry: the whole pipeline (layout →
+/// layers → rootfs → VM) where a registry cannot run (the arm64 nested lane's L1), on the host's
+/// own architecture (the layout's busybox is this machine's).
+#[test]
+fn an_oci_layout_image_runs_with_its_env_workdir_user_and_command() {
+    if !supermachine_e2e::kvm_available_or_skip(
+        "an_oci_layout_image_runs_with_its_env_workdir_user_and_command",
+    ) {
+        return;
+    }
+    supermachine_e2e::shared_runtime().block_on(async {
+        let work = tempfile::tempdir().expect("temp dir");
+        let layout = app_image(&work.path().join("layout"));
+        let image = Image::from_oci_layout(&layout.dir, Some("v1"))
+            .await
+            .expect("image from the OCI layout");
+        runs_with_its_env_workdir_user_and_command(image).await;
+    });
+}
+
+/// What [`app_image`] must do in a VM: its layers' owners, modes, links and whiteouts, its
+/// config's `Env`, `WorkingDir`, `User`, `Entrypoint` + `Cmd`, the request's settings winning,
+/// and writes staying in the VM.
+async fn runs_with_its_env_workdir_user_and_command(image: Image) {
+    {
         let rootfs = image.rootfs().await.expect("rootfs");
         let before = supermachine_e2e::sha256sum(&rootfs.path);
 
@@ -133,7 +162,7 @@ fn an_image_runs_with_its_env_workdir_user_and_command() {
             before,
             "a VM wrote to the image"
         );
-    });
+    }
 }
 
 #[test]

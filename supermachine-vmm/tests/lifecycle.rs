@@ -74,18 +74,33 @@ fn start_stop_frees_everything() {
             })
             .unwrap();
         let b = b.unwrap();
-        assert_eq!((a.base, a.irq_line, a.notify.len()), (0xd000_0000, 5, 2));
-        assert_eq!((b.base, b.irq_line, b.notify.len()), (0xd000_1000, 6, 1));
+        // Slot 0 and 1 of the platform: x86 0xd000_0000 on IOAPIC pin 5, arm64 0x0a00_0000
+        // on SPI 16.
+        let (base0, irq0) = if cfg!(target_arch = "aarch64") {
+            (0x0a00_0000, 16)
+        } else {
+            (0xd000_0000, 5)
+        };
+        assert_eq!((a.base, a.irq_line, a.notify.len()), (base0, irq0, 2));
+        assert_eq!(
+            (b.base, b.irq_line, b.notify.len()),
+            (base0 + 0x1000, irq0 + 1, 1)
+        );
         assert_eq!((b_base, b_gsi), (b.base, b.irq_line));
         let cmdline = builder.cmdline();
-        assert!(
-            cmdline.contains("virtio_mmio.device=4K@0xd0000000:5"),
-            "{cmdline}"
-        );
-        assert!(
-            cmdline.contains("virtio_mmio.device=4K@0xd0001000:6"),
-            "{cmdline}"
-        );
+        if cfg!(target_arch = "aarch64") {
+            // arm64 announces devices in the device tree only.
+            assert!(!cmdline.contains("virtio_mmio.device="), "{cmdline}");
+        } else {
+            assert!(
+                cmdline.contains("virtio_mmio.device=4K@0xd0000000:5"),
+                "{cmdline}"
+            );
+            assert!(
+                cmdline.contains("virtio_mmio.device=4K@0xd0001000:6"),
+                "{cmdline}"
+            );
+        }
 
         let mut machine = builder.start().unwrap();
         assert_eq!(

@@ -483,6 +483,8 @@ pub async fn start_nc_server(
 /// * `"PVM host"` when `kvm_pvm` is loaded (the development machines' own `/dev/kvm`);
 /// * `"nested kvm_amd (L1 under QEMU TCG)"` when `kvm_amd` is loaded and the CPU is QEMU's TCG
 ///   (hypervisor CPUID leaf `TCGTCGTCGTCG`): the nested lane of `lane/run.sh`;
+/// * `"nested arm64 KVM (L1: QEMU virt, TCG)"` on an arm64 QEMU `virt` board: the arm64 lane
+///   (`lane/run.sh --arch aarch64`);
 /// * `"hardware KVM"` otherwise.
 pub fn lane() -> &'static str {
     let module = |name: &str| Path::new("/sys/module").join(name).exists();
@@ -490,13 +492,24 @@ pub fn lane() -> &'static str {
         "PVM host"
     } else if module("kvm_amd") && hypervisor_vendor() == *b"TCGTCGTCGTCG" {
         "nested kvm_amd (L1 under QEMU TCG)"
+    } else if cfg!(target_arch = "aarch64") && qemu_virt_machine() {
+        "nested arm64 KVM (L1: QEMU virt, TCG)"
     } else {
         "hardware KVM"
     }
 }
 
+/// Whether this (arm64) machine is QEMU's `virt` board: its device tree says `linux,dummy-virt`.
+/// Here that is the arm64 lane's L1 (TCG; no machine here can accelerate an arm64 guest).
+fn qemu_virt_machine() -> bool {
+    std::fs::read("/sys/firmware/devicetree/base/compatible")
+        .is_ok_and(|c| c.split(|&b| b == 0).any(|s| s == b"linux,dummy-virt"))
+}
+
 /// The hypervisor's CPUID vendor signature (leaf 0x4000_0000), zeros on bare metal or off x86_64.
 fn hypervisor_vendor() -> [u8; 12] {
+    // Filled only on x86_64.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut vendor = [0u8; 12];
     #[cfg(target_arch = "x86_64")]
     {

@@ -23,8 +23,20 @@
 //! works with (`BootSpec`, `VirtioMmioDevice`, [`BootError`], `PowerControl`,
 //! `PlatformDevices`) are defined here. `ARCH.md` describes how a new architecture plugs in.
 
+// The arm64 platform is compiled on every host for its unit tests (device tree, Image header,
+// layout); the machine uses it only on arm64.
+#[cfg(any(target_arch = "aarch64", test))]
+pub mod aarch64;
 #[cfg(target_arch = "x86_64")]
 pub mod x86_64;
+
+#[cfg(target_arch = "aarch64")]
+pub(crate) use self::aarch64::{
+    add_platform_devices, cmdline_device_entries, configure_vcpu, host_cmdline, is_quiet_port,
+    load_kernel, validate_cmdline, vcpu_init, virtio_irq, warn_host_limits, BootImage, VcpuInit,
+};
+#[cfg(target_arch = "aarch64")]
+pub use self::aarch64::{ARCH, BASE_CMDLINE, MAX_MEMORY_MIB, MAX_VCPUS, MMIO_BASE, RAM_START};
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) use self::x86_64::{
@@ -71,7 +83,9 @@ pub(crate) struct VirtioMmioDevice {
     pub irq: u32,
 }
 
-/// A power event a platform device asks the machine for (the x86 keyboard controller's reset).
+/// A power event a platform device asks the machine for (the x86 keyboard controller's reset;
+/// arm64 has no such device: PSCI goes through the hypervisor).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum PowerRequest {
     /// Reset the machine (which this VMM reports as the guest's end).
@@ -81,6 +95,7 @@ pub(crate) enum PowerRequest {
 /// Where platform devices send their [`PowerRequest`]s: the machine's exit.
 pub(crate) trait PowerControl: Send + Sync {
     /// Ends the machine as requested; returns at once (the vCPUs are stopped asynchronously).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     fn request(&self, request: PowerRequest);
 }
 
@@ -98,6 +113,7 @@ pub(crate) struct PlatformContext<'a> {
     #[cfg_attr(target_arch = "x86_64", allow(dead_code))]
     pub mmio: &'a mut Bus,
     /// The port-I/O bus (x86; stays empty elsewhere).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub pio: &'a mut Bus,
     /// Where the console UART writes.
     pub console: ConsoleLog,
@@ -213,6 +229,27 @@ pub enum BootError {
         #[source]
         source: HvError,
     },
+}
+
+/// Checks a command line the kernel copies into a `max`-byte buffer (NUL included): printable
+/// ASCII only (both architectures' kernels parse it as such).
+pub(crate) fn validate_printable_cmdline(cmdline: &str, max: usize) -> Result<(), BootError> {
+    if cmdline.len() + 1 > max {
+        return Err(BootError::Cmdline(format!(
+            "{} bytes, the kernel takes at most {}",
+            cmdline.len(),
+            max - 1
+        )));
+    }
+    if let Some(c) = cmdline
+        .chars()
+        .find(|c| !c.is_ascii() || c.is_ascii_control())
+    {
+        return Err(BootError::Cmdline(format!(
+            "character {c:?} is not printable ASCII"
+        )));
+    }
+    Ok(())
 }
 
 /// A `map_err` argument turning a guest-memory write error into [`BootError::GuestMemory`].

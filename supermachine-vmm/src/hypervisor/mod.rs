@@ -6,19 +6,23 @@
 //! save/restore their state as opaque bytes. That core is architecture-neutral; what only one
 //! architecture has (x86: CPUID, MSRs, segment registers, the local APIC) is a per-arch
 //! extension trait that the core traits take as a supertrait ([`ArchHypervisor`],
-//! [`ArchVcpu`]), in the architecture's module ([`x86_64`]), as Cloud Hypervisor's `hypervisor`
+//! [`ArchVcpu`]), in the architecture's module (`x86_64`, `aarch64`), as Cloud Hypervisor's `hypervisor`
 //! crate cfg-gates its per-arch methods.
 //!
-//! Everything crossing the boundary is backend-neutral (architectural state in [`x86_64`],
+//! Everything crossing the boundary is backend-neutral (architectural state in `x86_64`,
 //! [`VcpuExit`], [`HvError`], [`InterruptLine`] objects); `kvm/` is the only backend today
 //! (Linux only), and no KVM type leaves it, so HVF or WHP can be added beside it
 //! (`ARCH.md` lists what a backend provides).
 
+#[cfg(target_arch = "aarch64")]
+pub mod aarch64;
 #[cfg(target_os = "linux")]
 mod kvm;
 #[cfg(target_arch = "x86_64")]
 pub mod x86_64;
 
+#[cfg(target_arch = "aarch64")]
+pub use self::aarch64::{ArchHypervisor, ArchVcpu};
 #[cfg(target_arch = "x86_64")]
 pub use self::x86_64::{ArchHypervisor, ArchVcpu};
 
@@ -242,6 +246,15 @@ pub enum HvError {
     /// Saved state could not be used by this backend.
     #[error("saved hypervisor state is unusable: {0}")]
     BadState(String),
+    /// An architecture-specific hypervisor operation failed (arm64: a register, the vGIC).
+    #[error("{what} failed")]
+    Arch {
+        /// What was being done.
+        what: &'static str,
+        /// The backend's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// Some MSRs were refused.
     #[error("the hypervisor accepted {set} of {total} MSRs; MSR {refused:#x} was refused")]
     MsrRefused {

@@ -244,6 +244,7 @@ impl MachineBuilder {
             pio: Arc::new(self.pio),
             control: Arc::clone(&self.control),
             end: self.exit.clone(),
+            created: vcpu::CreatedGate::new(setups.len()),
         });
         let mut machine = Machine {
             control: self.control,

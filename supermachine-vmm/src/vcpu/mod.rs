@@ -111,6 +111,77 @@ pub(crate) struct VcpuContext {
     pub pio: Arc<Bus>,
     pub control: Arc<RunControl>,
     pub end: Arc<dyn EndSink>,
+    /// Every vCPU thread waits here once its vCPU is created.
+    pub created: CreatedGate,
+}
+
+/// Where vCPU threads create their vCPUs one at a time in id order, then wait until every vCPU
+/// of the machine exists (or the machine stops, so a thread that never started cannot leave the
+/// others waiting).
+///
+/// Why in order: arm64 KVM numbers vCPUs (and lays out their GIC redistributors) in creation
+/// order; created out of order (threads race), a 4-vCPU arm64 guest booted all its CPUs but then
+/// hung in its first initcalls waiting on them. Hypervisors that create vCPUs from one thread
+/// (QEMU, Firecracker) get this order for free. Why all before any is set up: on arm64 KVM
+/// creating a vCPU resets the virtual counter offset of every vCPU already there, which would
+/// undo a restored counter (the guest's clock jumps back and its timers never fire).
+pub(crate) struct CreatedGate {
+    total: usize,
+    created: std::sync::Mutex<usize>,
+    changed: std::sync::Condvar,
+}
+
+impl CreatedGate {
+    /// A gate for `total` vCPUs.
+    pub(crate) fn new(total: usize) -> Self {
+        CreatedGate {
+            total,
+            created: std::sync::Mutex::new(0),
+            changed: std::sync::Condvar::new(),
+        }
+    }
+
+    /// Waits for vCPU `id`'s turn, runs `create`, then waits until every vCPU was created. `None`
+    /// when the machine stopped first (`create` did not run).
+    fn create_in_turn<T>(
+        &self,
+        id: u32,
+        control: &RunControl,
+        create: impl FnOnce() -> T,
+    ) -> Option<T> {
+        let turn = id as usize;
+        // A vCPU whose thread failed to spawn never takes its turn: the builder then stops the
+        // machine, which ends this wait.
+        drop(self.wait_until(control, |n| n >= turn)?);
+        let made = create();
+        {
+            let mut created = self.created.lock().unwrap_or_else(|p| p.into_inner());
+            *created += 1;
+            self.changed.notify_all();
+        }
+        drop(self.wait_until(control, |n| n >= self.total)?);
+        Some(made)
+    }
+
+    /// Waits until `done(created count)` holds or the machine stops (`None`).
+    fn wait_until(
+        &self,
+        control: &RunControl,
+        done: impl Fn(usize) -> bool,
+    ) -> Option<std::sync::MutexGuard<'_, usize>> {
+        let mut created = self.created.lock().unwrap_or_else(|p| p.into_inner());
+        while !done(*created) {
+            if control.stopping() {
+                return None;
+            }
+            created = self
+                .changed
+                .wait_timeout(created, std::time::Duration::from_millis(50))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        Some(created)
+    }
 }
 
 /// How a vCPU thread sets up its vCPU before the first run.
@@ -138,7 +209,19 @@ pub(crate) fn spawn(
     std::thread::Builder::new()
         .name(format!("sm-vcpu-{id}"))
         .spawn(move || {
-            let vcpu = match create(vm.as_ref(), id, setup) {
+            // In id order, and every vCPU before any is set up (CreatedGate says why).
+            let Some(created) = ctx
+                .created
+                .create_in_turn(id, &ctx.control, || vm.create_vcpu(id))
+            else {
+                // The machine stopped while this vCPU waited its turn (another vCPU's thread
+                // failed to spawn): nobody waits for this report.
+                return;
+            };
+            let vcpu = match created
+                .map_err(Error::from)
+                .and_then(|v| setup_vcpu(v, setup))
+            {
                 Ok(vcpu) => {
                     let _ = ready.send((id, Ok(vcpu.kicker())));
                     vcpu
@@ -168,9 +251,8 @@ pub(crate) fn spawn(
         })
 }
 
-/// Creates vCPU `id` and sets it up for its first run.
-fn create(vm: &dyn HvVm, id: u32, setup: VcpuSetup) -> Result<Box<dyn HvVcpu>, Error> {
-    let mut vcpu = vm.create_vcpu(id)?;
+/// Sets a created vCPU up for its first run.
+fn setup_vcpu(mut vcpu: Box<dyn HvVcpu>, setup: VcpuSetup) -> Result<Box<dyn HvVcpu>, Error> {
     match setup {
         VcpuSetup::Boot(init) => arch::configure_vcpu(vcpu.as_mut(), &init)?,
         VcpuSetup::Restore(state) => vcpu.restore_state(&state)?,
@@ -337,5 +419,5 @@ impl UnhandledLog {
     }
 }
 
-#[cfg(all(test, target_arch = "x86_64"))]
+#[cfg(test)]
 mod tests;

@@ -122,22 +122,7 @@ fn load_initramfs(
 /// Checks the command line is something the kernel will parse as given: printable ASCII that
 /// fits `COMMAND_LINE_SIZE` with its NUL.
 pub(crate) fn validate_cmdline(cmdline: &str) -> Result<(), BootError> {
-    if cmdline.len() + 1 > CMDLINE_MAX {
-        return Err(BootError::Cmdline(format!(
-            "{} bytes, the kernel takes at most {}",
-            cmdline.len(),
-            CMDLINE_MAX - 1
-        )));
-    }
-    if let Some(c) = cmdline
-        .chars()
-        .find(|c| !c.is_ascii() || c.is_ascii_control())
-    {
-        return Err(BootError::Cmdline(format!(
-            "character {c:?} is not printable ASCII"
-        )));
-    }
-    Ok(())
+    super::super::validate_printable_cmdline(cmdline, CMDLINE_MAX)
 }
 
 fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<(), BootError> {

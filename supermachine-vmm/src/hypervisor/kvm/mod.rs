@@ -2,7 +2,8 @@
 //!
 //! The architecture-neutral part lives here: opening `/dev/kvm`, VMs, memory slots, irqfds and
 //! ioeventfds, vCPU creation, `KVM_RUN` and its exits, and the kick. What is x86 (CPUID, MSRs,
-//! registers, the PIC/IOAPIC/PIT, the saved state) is in `x86_64/`.
+//! registers, the PIC/IOAPIC/PIT, the saved state) is in `x86_64/`, what is arm64 (vCPU init,
+//! the GICv3, the saved state) in `aarch64/`; both provide the same hooks under the name `arch`.
 //!
 //! **The kick.** A vCPU is made to leave the guest by arming its `immediate_exit` and sending
 //! its thread a real-time signal ([`kick_signal`]) whose handler does nothing: a thread inside
@@ -12,8 +13,16 @@
 //! kernel thread id, and only while the vCPU exists (its drop clears the id under the kicker's
 //! lock), so it never reaches a thread that has gone.
 
+#[cfg(target_arch = "aarch64")]
+mod aarch64;
+mod blob;
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
+
+#[cfg(target_arch = "aarch64")]
+use self::aarch64 as arch;
+#[cfg(target_arch = "x86_64")]
+use self::x86_64 as arch;
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -27,7 +36,7 @@ use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use self::x86_64::ArchData;
+use self::arch::{ArchData, VmData};
 use super::{HvError, HvState, HvVcpu, HvVm, Hypervisor, SystemEvent, VcpuExit, VcpuKicker};
 use crate::interrupt::InterruptLine;
 
@@ -49,7 +58,7 @@ pub(super) fn call_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Hv
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -72,7 +81,7 @@ impl KvmHypervisor {
                 what: format!("KVM API version {KVM_API_VERSION} (it has {version})"),
             });
         }
-        for &(cap, name) in REQUIRED_CAPS.iter().chain(x86_64::REQUIRED_CAPS) {
+        for &(cap, name) in REQUIRED_CAPS.iter().chain(arch::REQUIRED_CAPS) {
             if !kvm.check_extension(cap) {
                 return Err(HvError::Unsupported { what: name.into() });
             }
@@ -145,7 +154,7 @@ impl Hypervisor for KvmHypervisor {
 
     fn create_vm(&self) -> Result<Box<dyn HvVm>, HvError> {
         let fd = self.kvm.create_vm().map_err(call_err("KVM_CREATE_VM"))?;
-        x86_64::setup_vm(&fd)?;
+        arch::setup_vm(&fd)?;
         let run_size = self
             .kvm
             .get_vcpu_mmap_size()
@@ -154,6 +163,10 @@ impl Hypervisor for KvmHypervisor {
             fd,
             run_size,
             arch: self.arch.clone(),
+            // A unit struct on x86, not on arm64.
+            #[allow(clippy::default_constructed_unit_structs)]
+            data: VmData::default(),
+            pending_irqfds: Mutex::new(Vec::new()),
             memory: Mutex::new(Vec::new()),
         }))
     }
@@ -163,6 +176,12 @@ struct KvmVm {
     fd: VmFd,
     run_size: usize,
     arch: ArchData,
+    /// What the architecture keeps per VM (arm64: the vGIC, once the vCPUs exist).
+    data: VmData,
+    /// Interrupt lines handed out before the interrupt controller can take irqfds (arm64: KVM
+    /// refuses them until the vGIC is initialised, which needs every vCPU); registered in
+    /// `vcpus_created`. An event written meanwhile is delivered on registration.
+    pending_irqfds: Mutex<Vec<(EventFd, u32)>>,
     /// Keeps every mapped `GuestMemoryMmap` alive as long as KVM may touch it (until this VM's fd
     /// is closed, which happens before these are dropped: fields drop in declaration order).
     memory: Mutex<Vec<Arc<GuestMemoryMmap>>>,
@@ -193,7 +212,7 @@ impl HvVm for KvmVm {
     }
 
     fn create_irqchip(&self) -> Result<(), HvError> {
-        x86_64::create_irqchip(&self.fd)
+        arch::create_irqchip(&self.fd)
     }
 
     fn interrupt_line(&self, line: u32) -> Result<Arc<dyn InterruptLine>, HvError> {
@@ -204,9 +223,17 @@ impl HvVm for KvmVm {
                 source,
             }
         })?;
-        self.fd
-            .register_irqfd(&fd, line)
-            .map_err(call_err("KVM_IRQFD"))?;
+        if arch::IRQFD_AFTER_VCPUS {
+            let copy = fd.try_clone().map_err(|source| HvError::Call {
+                op: "dup(eventfd)",
+                source,
+            })?;
+            lock(&self.pending_irqfds).push((copy, line));
+        } else {
+            self.fd
+                .register_irqfd(&fd, line)
+                .map_err(call_err("KVM_IRQFD"))?;
+        }
         // Writing the eventfd is the interrupt (see `crate::interrupt`).
         Ok(Arc::new(fd))
     }
@@ -222,6 +249,7 @@ impl HvVm for KvmVm {
             .fd
             .create_vcpu(u64::from(id))
             .map_err(call_err("KVM_CREATE_VCPU"))?;
+        arch::setup_vcpu(&self.fd, &self.data, &fd, id)?;
         let run = RunPage::map(&fd, self.run_size)?;
         // The thread inherits its spawner's signal mask; the kick must get through.
         if let Err(e) = vmm_sys_util::signal::unblock_signal(kick_signal()) {
@@ -240,12 +268,22 @@ impl HvVm for KvmVm {
         }))
     }
 
+    fn vcpus_created(&self) -> Result<(), HvError> {
+        arch::vcpus_created(&self.fd, &self.data)?;
+        for (fd, line) in lock(&self.pending_irqfds).drain(..) {
+            self.fd
+                .register_irqfd(&fd, line)
+                .map_err(call_err("KVM_IRQFD"))?;
+        }
+        Ok(())
+    }
+
     fn save_state(&self) -> Result<HvState, HvError> {
-        x86_64::save_vm(&self.fd)
+        arch::save_vm(&self.fd, &self.data)
     }
 
     fn restore_state(&self, state: &HvState) -> Result<(), HvError> {
-        x86_64::restore_vm(&self.fd, state)
+        arch::restore_vm(&self.fd, &self.data, state)
     }
 }
 
@@ -403,15 +441,15 @@ impl HvVcpu for KvmVcpu {
     }
 
     fn instruction_pointer(&self) -> Result<u64, HvError> {
-        x86_64::instruction_pointer(&self.fd)
+        arch::instruction_pointer(&self.fd)
     }
 
     fn save_state(&mut self) -> Result<HvState, HvError> {
-        x86_64::save_vcpu(&self.fd, &self.arch)
+        arch::save_vcpu(&self.fd, &self.arch, self.id)
     }
 
     fn restore_state(&mut self, state: &HvState) -> Result<(), HvError> {
-        x86_64::restore_vcpu(&self.fd, state)
+        arch::restore_vcpu(&self.fd, state)
     }
 }
 

@@ -54,6 +54,28 @@ impl ArchData {
     }
 }
 
+/// Nothing per VM beyond KVM's own state.
+#[derive(Default)]
+pub(super) struct VmData;
+
+/// The in-kernel IOAPIC takes irqfds as soon as it exists.
+pub(super) const IRQFD_AFTER_VCPUS: bool = false;
+
+/// Nothing to do per vCPU at creation (`arch::x86_64` sets it up on its thread).
+pub(super) fn setup_vcpu(
+    _: &VmFd,
+    _: &VmData,
+    _: &kvm_ioctls::VcpuFd,
+    _: u32,
+) -> Result<(), HvError> {
+    Ok(())
+}
+
+/// The irqchip was complete before the vCPUs.
+pub(super) fn vcpus_created(_: &VmFd, _: &VmData) -> Result<(), HvError> {
+    Ok(())
+}
+
 /// What every new x86 VM needs before anything else.
 pub(super) fn setup_vm(fd: &VmFd) -> Result<(), HvError> {
     fd.set_tss_address(TSS_ADDRESS)

@@ -15,11 +15,9 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
+use crate::hypervisor::kvm::blob::{decode, encode};
 use crate::hypervisor::kvm::call_err;
 use crate::hypervisor::{HvError, HvState};
-
-/// The backend name stored with every blob.
-pub(super) const BACKEND: &str = "kvm";
 
 /// IA32_TSC: written before the TSC deadline so the deadline is relative to the restored TSC.
 const MSR_IA32_TSC: u32 = 0x10;
@@ -53,34 +51,6 @@ struct VmState {
     clock: kvm_clock_data,
     /// PIC master, PIC slave, IOAPIC.
     irqchips: Vec<kvm_irqchip>,
-}
-
-fn encode<T: Serialize>(value: &T) -> Result<HvState, HvError> {
-    let bytes = bincode::serde::encode_to_vec(value, bincode::config::standard())
-        .map_err(|e| HvError::BadState(format!("encoding: {e}")))?;
-    Ok(HvState {
-        backend: BACKEND.to_owned(),
-        bytes,
-    })
-}
-
-fn decode<T: for<'de> Deserialize<'de>>(state: &HvState, what: &str) -> Result<T, HvError> {
-    if state.backend != BACKEND {
-        return Err(HvError::BadState(format!(
-            "{what} state was saved by the {} backend, this is {BACKEND}",
-            state.backend
-        )));
-    }
-    let (value, used) =
-        bincode::serde::decode_from_slice(&state.bytes, bincode::config::standard())
-            .map_err(|e| HvError::BadState(format!("{what} state: {e}")))?;
-    if used != state.bytes.len() {
-        return Err(HvError::BadState(format!(
-            "{what} state has {} trailing bytes",
-            state.bytes.len() - used
-        )));
-    }
-    Ok(value)
 }
 
 /// Reads every MSR in `index` that this vCPU can read. `KVM_GET_MSRS` stops at the first MSR
@@ -120,6 +90,7 @@ fn read_msrs(fd: &VcpuFd, index: &[u32]) -> Result<Vec<kvm_msr_entry>, HvError> 
 pub(in crate::hypervisor::kvm) fn save_vcpu(
     fd: &VcpuFd,
     arch: &super::ArchData,
+    _id: u32,
 ) -> Result<HvState, HvError> {
     let mp_state = fd.get_mp_state().map_err(call_err("KVM_GET_MP_STATE"))?;
     let regs = fd.get_regs().map_err(call_err("KVM_GET_REGS"))?;
@@ -206,7 +177,10 @@ pub(in crate::hypervisor::kvm) fn restore_vcpu(
 }
 
 /// Saves the VM-wide state.
-pub(in crate::hypervisor::kvm) fn save_vm(fd: &VmFd) -> Result<HvState, HvError> {
+pub(in crate::hypervisor::kvm) fn save_vm(
+    fd: &VmFd,
+    _: &super::VmData,
+) -> Result<HvState, HvError> {
     let pit = fd.get_pit2().map_err(call_err("KVM_GET_PIT2"))?;
     let mut clock = fd.get_clock().map_err(call_err("KVM_GET_CLOCK"))?;
     // KVM_SET_CLOCK rejects the informational flags KVM_GET_CLOCK reports (TSC_STABLE, ...).
@@ -234,7 +208,11 @@ pub(in crate::hypervisor::kvm) fn save_vm(fd: &VmFd) -> Result<HvState, HvError>
 }
 
 /// Loads the VM-wide state into a fresh VM (irqchip and PIT already created).
-pub(in crate::hypervisor::kvm) fn restore_vm(fd: &VmFd, state: &HvState) -> Result<(), HvError> {
+pub(in crate::hypervisor::kvm) fn restore_vm(
+    fd: &VmFd,
+    _: &super::VmData,
+    state: &HvState,
+) -> Result<(), HvError> {
     let s: VmState = decode(state, "VM")?;
     if s.version != VM_STATE_VERSION {
         return Err(HvError::BadState(format!(
@@ -253,6 +231,7 @@ pub(in crate::hypervisor::kvm) fn restore_vm(fd: &VmFd, state: &HvState) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hypervisor::kvm::blob::BACKEND;
 
     #[test]
     fn foreign_backend_blobs_are_refused() {
