@@ -4,7 +4,7 @@
 //! in the built ext4 rootfs (mounted read-only to check), OCI layout and docker-archive imports,
 //! and the Debian minbase figures.
 //!
-//! Needs root (rootfs builds keep owners and device nodes; the checks loop-mount the image), and
+//! Needs root (the checks loop-mount the image, and compare a root build with one as `nobody`), and
 //! `docker-registry skopeo apache2-utils debootstrap busybox-static e2fsprogs`. Each test uses
 //! its own cache dir; the Debian rootfs tarball is made once under `cache::root()/test-images`.
 
@@ -855,4 +855,243 @@ async fn debian_minbase_pull_and_convert_figures() {
     if let Ok(null) = null {
         assert!(null.file_type().is_char_device());
     }
+}
+
+/// Env of [`rootfs_build_child`]: the OCI layout, its tag and the cache dir to build into.
+const CHILD_LAYOUT: &str = "SUPERMACHINE_TEST_CHILD_LAYOUT";
+const CHILD_TAG: &str = "SUPERMACHINE_TEST_CHILD_TAG";
+const CHILD_CACHE: &str = "SUPERMACHINE_TEST_CHILD_CACHE";
+/// The user the rootless build runs as (Debian's `nobody`).
+const NOBODY: u32 = 65534;
+
+/// Not a test of its own: the child process of [`a_rootfs_built_without_root_equals_the_root_one`]
+/// (and of the Debian timing in the README), which runs this test binary as `nobody` with the
+/// env above. It builds the rootfs and prints `ROOTFS <path> <seconds>`. Ignored, so that a
+/// plain test run does not count it; the parent runs it with `--ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the child process of the rootless-build tests, run by them"]
+async fn rootfs_build_child() {
+    let (Ok(layout), Ok(tag), Ok(cache)) = (
+        std::env::var(CHILD_LAYOUT),
+        std::env::var(CHILD_TAG),
+        std::env::var(CHILD_CACHE),
+    ) else {
+        return;
+    };
+    let started = Instant::now();
+    let image =
+        Image::from_oci_layout_with(&layout, Some(&tag), &ImportOptions::new().cache_dir(&cache))
+            .await
+            .expect("import the layout");
+    let rootfs = image.rootfs().await.expect("rootfs without root");
+    println!(
+        "ROOTFS {} {:.3}",
+        rootfs.path.display(),
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// Builds the rootfs of `layout:tag` as `nobody` (a child process of this test binary), into a
+/// cache dir that user owns; returns the image path and the child's import + build seconds.
+fn build_as_nobody(layout: &Path, tag: &str, cache: &Path) -> (PathBuf, f64) {
+    std::fs::create_dir_all(cache).unwrap();
+    std::os::unix::fs::chown(cache, Some(NOBODY), Some(NOBODY)).unwrap();
+    let out = Command::new("setpriv")
+        .args([
+            format!("--reuid={NOBODY}"),
+            format!("--regid={NOBODY}"),
+            "--clear-groups".to_owned(),
+            "--".to_owned(),
+        ])
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", "rootfs_build_child", "--ignored", "--nocapture"])
+        .env(CHILD_LAYOUT, layout)
+        .env(CHILD_TAG, tag)
+        .env(CHILD_CACHE, cache)
+        .env("HOME", cache)
+        .output()
+        .expect("setpriv (util-linux)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the build as nobody failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("ROOTFS "))
+        .unwrap_or_else(|| panic!("no ROOTFS line from the child: {stdout}"));
+    let (path, secs) = line.rsplit_once(' ').unwrap();
+    (PathBuf::from(path), secs.parse().unwrap())
+}
+
+/// Everything a guest can see of each path under `root`, for comparing two images: kind, owner,
+/// mode, device number, size, content, link target, mtime, xattrs (through `debugfs`, from
+/// `image`, unless `xattrs` is false: one debugfs run per path), and which paths share an inode.
+fn listing(root: &Path, image: &Path, xattrs: bool) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut inodes = std::collections::HashMap::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let rel = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            if rel == "lost+found" {
+                continue;
+            }
+            let m = std::fs::symlink_metadata(&path).unwrap();
+            let content = if m.is_file() {
+                images::sha256(&std::fs::read(&path).unwrap())
+            } else if m.file_type().is_symlink() {
+                std::fs::read_link(&path)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned()
+            } else {
+                String::new()
+            };
+            let xattrs = if xattrs {
+                let out = Command::new("debugfs")
+                    .arg("-R")
+                    .arg(format!("ea_list \"/{rel}\""))
+                    .arg(image)
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&out.stdout).trim().to_owned()
+            } else {
+                String::new()
+            };
+            // The inode's first name in sorted order, filled in below: names, not inode
+            // numbers, are what two images can share.
+            let first = inodes.entry(m.ino()).or_insert_with(|| rel.clone());
+            if rel < *first {
+                *first = rel.clone();
+            }
+            out.push((
+                m.ino(),
+                format!(
+                    "{rel} mode={:o} uid={} gid={} rdev={} size={} mtime={} nlink={} \
+                 {content} xattrs={}",
+                    m.mode(),
+                    m.uid(),
+                    m.gid(),
+                    m.rdev(),
+                    if m.is_dir() { 0 } else { m.size() },
+                    m.mtime(),
+                    m.nlink(),
+                    xattrs,
+                ),
+            ));
+            if m.is_dir() {
+                stack.push(path);
+            }
+        }
+    }
+    let mut out: Vec<String> = out
+        .into_iter()
+        .map(|(ino, line)| format!("{line} inode-of={}", inodes[&ino]))
+        .collect();
+    out.sort();
+    out
+}
+
+/// Whether this process runs as root (`/proc/self` belongs to its effective uid); says why the
+/// test skips when not.
+fn root_or_skip() -> bool {
+    let root = std::fs::metadata("/proc/self").map(|m| m.uid()).ok() == Some(0);
+    if !root {
+        eprintln!("skipped: needs root, to compare with the root build and to run as nobody");
+    }
+    root
+}
+
+/// The rootfs of `layout:tag` built as root and as `nobody`, each into its own cache under
+/// `work`: (root's image, its import + build seconds, nobody's image, its seconds).
+async fn build_both(layout: &Path, tag: &str, work: &Path) -> (PathBuf, f64, PathBuf, f64) {
+    let started = Instant::now();
+    let as_root = Image::from_oci_layout_with(
+        layout,
+        Some(tag),
+        &ImportOptions::new().cache_dir(work.join("root-cache")),
+    )
+    .await
+    .unwrap()
+    .rootfs()
+    .await
+    .unwrap();
+    let root_secs = started.elapsed().as_secs_f64();
+    let (rootless, rootless_secs) = build_as_nobody(layout, tag, &work.join("nobody-cache"));
+    let owner = std::fs::metadata(&rootless).unwrap();
+    assert_eq!(owner.uid(), NOBODY, "the image is the user's own file");
+    (as_root.path, root_secs, rootless, rootless_secs)
+}
+
+/// A temp dir `nobody` can read (the layout it imports lives there).
+fn shared_workdir() -> tempfile::TempDir {
+    let work = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        work.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    work
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rootfs_built_without_root_equals_the_root_one() {
+    if !root_or_skip() {
+        return;
+    }
+    let work = shared_workdir();
+    let layout = images::layered_layout(&work.path().join("layout"), "v1").unwrap();
+    let (as_root, _, rootless, _) = build_both(&layout.dir, "v1", work.path()).await;
+
+    let expected = assert_same_tree(&as_root, &rootless, true);
+    assert!(
+        expected
+            .iter()
+            .any(|l| l.starts_with("dev/testchr ") && l.contains("rdev=259")),
+        "the root build has the device node: {expected:#?}"
+    );
+    assert!(
+        expected.iter().any(|l| l.contains("user.test")),
+        "the root build has the xattr: {expected:#?}"
+    );
+}
+
+/// The Debian minbase image converted as root and as `nobody`: the same tree (owners, modes,
+/// device nodes, links, contents; xattrs are compared on the layered image above), and both
+/// conversion times (import + rootfs, the layout already on disk).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debian_minbase_converts_the_same_without_root() {
+    if !root_or_skip() {
+        return;
+    }
+    let work = shared_workdir();
+    let layout = images::debian_layout(&work.path().join("layout"), "bookworm").unwrap();
+    let (as_root, root_secs, rootless, rootless_secs) =
+        build_both(&layout.dir, "bookworm", work.path()).await;
+    println!(
+        "debian bookworm minbase, import + rootfs: as root {root_secs:.2} s, as nobody \
+         {rootless_secs:.2} s ({:.2}x)",
+        rootless_secs / root_secs
+    );
+    let expected = assert_same_tree(&as_root, &rootless, false);
+    assert!(
+        expected.len() > 1000,
+        "a Debian tree: {} paths",
+        expected.len()
+    );
+}
+
+/// Mounts both images and asserts their [`listing`]s are equal; returns the listing.
+fn assert_same_tree(as_root: &Path, rootless: &Path, xattrs: bool) -> Vec<String> {
+    let (root_mnt, rootless_mnt) = (Mounted::new(as_root), Mounted::new(rootless));
+    let expected = listing(root_mnt.dir.path(), as_root, xattrs);
+    assert_eq!(listing(rootless_mnt.dir.path(), rootless, xattrs), expected);
+    expected
 }

@@ -117,12 +117,13 @@ pub enum ImageError {
         #[source]
         source: io::Error,
     },
-    /// Building a rootfs needs root (to keep owners and create device nodes); see the message.
-    #[error(
-        "building an image rootfs needs root (euid 0) to preserve file owners and device nodes; \
-         run as root, or build it once as root into the shared cache (SUPERMACHINE_CACHE_DIR)"
-    )]
-    RootRequired,
+    /// Writing the layers' owners, modes, xattrs or device nodes into a rootfs built without
+    /// root (with `debugfs`) failed.
+    #[error("cannot give the rootfs its owners and device nodes without root: {detail}")]
+    Rootless {
+        /// What failed.
+        detail: String,
+    },
     /// `mkfs.ext4` is missing or failed.
     #[error("mkfs.ext4 failed ({status}): {stderr}; install e2fsprogs >= 1.43 (`apt-get install e2fsprogs`)")]
     Mkfs {
@@ -266,7 +267,9 @@ impl ImageError {
                 entry: entry.clone(),
                 source: io_copy(source),
             },
-            ImageError::RootRequired => ImageError::RootRequired,
+            ImageError::Rootless { detail } => ImageError::Rootless {
+                detail: detail.clone(),
+            },
             ImageError::Mkfs { status, stderr } => ImageError::Mkfs {
                 status: status.clone(),
                 stderr: stderr.clone(),

@@ -5,9 +5,15 @@
 //!
 //! Every path is resolved inside the tree with `openat2(RESOLVE_IN_ROOT)`, so a symlink put there
 //! by a layer (`etc -> /`) can never make a later entry write outside it; names with `..` are
-//! refused. Needs root (see [`super::rootfs`]).
+//! refused.
+//!
+//! Owners, modes, xattrs and device nodes either go onto the tree itself ([`Ownership::Apply`],
+//! root only: chown, mknod) or are recorded per inode ([`Ownership::Record`], any user) and
+//! written into the filesystem image afterwards ([`super::rootless`]). Recording by inode, not
+//! by path, keeps whiteouts, opaque directories and hard links free of bookkeeping: whatever the
+//! tree still holds at the end is what gets its metadata.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, OsStr};
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
@@ -25,6 +31,47 @@ pub(crate) struct Tree {
     root: OwnedFd,
     /// Directory mtimes, set once all layers are applied (children change them meanwhile).
     dir_times: Vec<(PathBuf, i64)>,
+    ownership: Ownership,
+    /// [`Ownership::Record`]: what each inode of the tree must be in the image.
+    recorded: Recorded,
+}
+
+/// Where the entries' owners, modes, xattrs and device nodes go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ownership {
+    /// Onto the tree (chown, chmod, setxattr, mknod): needs root.
+    Apply,
+    /// Into a per-inode record (the tree keeps this user's owner and owner-usable modes, device
+    /// nodes are empty regular files): any user.
+    Record,
+}
+
+/// Metadata recorded per inode of the tree (`(st_dev, st_ino)`).
+pub(crate) type Recorded = HashMap<(u64, u64), InodeMeta>;
+
+/// What an inode must be in the image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct InodeMeta {
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+    /// Permission bits (`0o7777`); `None` for a symlink, whose mode is fixed.
+    pub(crate) mode: Option<u32>,
+    /// The layer's mtime; `None` where the layers gave none (the root directory).
+    pub(crate) mtime: Option<i64>,
+    pub(crate) xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// A device node or fifo, which the tree holds as an empty regular file.
+    pub(crate) node: Option<Node>,
+}
+
+/// A special file the tree cannot hold without root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Node {
+    /// A character device.
+    Char { major: u32, minor: u32 },
+    /// A block device.
+    Block { major: u32, minor: u32 },
+    /// A named pipe.
+    Fifo,
 }
 
 /// Counts for logs.
@@ -39,18 +86,42 @@ const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE_MARKER: &str = ".wh..wh..opq";
 
 impl Tree {
-    /// Starts a tree in the existing, empty directory `dir` (made `0755 root:root`).
-    pub(crate) fn new(dir: &Path) -> io::Result<Self> {
+    /// Starts a tree in the existing, empty directory `dir` (`0755 root:root` in the image).
+    pub(crate) fn new(dir: &Path, ownership: Ownership) -> io::Result<Self> {
         let root = rustix::fs::open(
             dir,
             OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
         )?;
-        rustix::fs::chmodat(&root, ".", Mode::from_raw_mode(0o755), AtFlags::empty())?;
-        Ok(Tree {
+        let mut tree = Tree {
             root,
             dir_times: Vec::new(),
-        })
+            ownership,
+            recorded: Recorded::new(),
+        };
+        match ownership {
+            Ownership::Apply => rustix::fs::chmodat(
+                &tree.root,
+                ".",
+                Mode::from_raw_mode(0o755),
+                AtFlags::empty(),
+            )?,
+            Ownership::Record => {
+                let st = rustix::fs::fstat(&tree.root)?;
+                tree.recorded.insert(
+                    (st.st_dev, st.st_ino),
+                    InodeMeta {
+                        uid: 0,
+                        gid: 0,
+                        mode: Some(0o755),
+                        mtime: None,
+                        xattrs: Vec::new(),
+                        node: None,
+                    },
+                );
+            }
+        }
+        Ok(tree)
     }
 
     /// Applies the layer blob at `blob` (tar, gzip or zstd, told apart by their magic bytes). With
@@ -108,8 +179,9 @@ impl Tree {
         Ok(stats)
     }
 
-    /// Sets the directory mtimes recorded while applying layers.
-    pub(crate) fn finish(self) {
+    /// Sets the directory mtimes recorded while applying layers; returns the per-inode record
+    /// ([`Ownership::Record`]; empty otherwise).
+    pub(crate) fn finish(self) -> Recorded {
         for (rel, mtime) in self.dir_times.iter().rev() {
             let times = timestamps(*mtime);
             let result = match split(rel) {
@@ -124,6 +196,7 @@ impl Tree {
                 tracing::trace!(path = %rel.display(), error = %e, "directory mtime not set");
             }
         }
+        self.recorded
     }
 
     fn apply_entry<R: Read>(
@@ -147,7 +220,8 @@ impl Tree {
         let Some((parent_rel, name)) = split(&rel) else {
             // The root directory itself (`./`): only its metadata.
             if kind.is_dir() {
-                meta.apply_at(&self.root, OsStr::new("."), true)?;
+                let root = self.root.try_clone()?;
+                self.set_meta_at(&root, OsStr::new("."), &meta, None, true)?;
                 self.dir_times.push((PathBuf::new(), meta.mtime));
             }
             return Ok(());
@@ -178,7 +252,7 @@ impl Tree {
                 }
                 None => rustix::fs::mkdirat(&parent, name, Mode::from_raw_mode(0o700))?,
             }
-            meta.apply_at(&parent, name, true)?;
+            self.set_meta_at(&parent, name, &meta, None, true)?;
             self.dir_times.push((rel, meta.mtime));
         } else if kind.is_hard_link() {
             let target = entry
@@ -210,26 +284,39 @@ impl Tree {
                 .into_owned();
             remove_all_at(&parent, name)?;
             rustix::fs::symlinkat(OsStr::from_bytes(&target), &parent, name)?;
-            meta.apply_at(&parent, name, false)?;
+            self.set_meta_at(&parent, name, &meta, None, false)?;
         } else if kind.is_character_special() || kind.is_block_special() || kind.is_fifo() {
-            let file_type = if kind.is_character_special() {
-                FileType::CharacterDevice
-            } else if kind.is_block_special() {
-                FileType::BlockDevice
-            } else {
-                FileType::Fifo
-            };
             let major = entry.header().device_major()?.unwrap_or(0);
             let minor = entry.header().device_minor()?.unwrap_or(0);
+            let (file_type, node) = if kind.is_character_special() {
+                (FileType::CharacterDevice, Node::Char { major, minor })
+            } else if kind.is_block_special() {
+                (FileType::BlockDevice, Node::Block { major, minor })
+            } else {
+                (FileType::Fifo, Node::Fifo)
+            };
             remove_all_at(&parent, name)?;
-            rustix::fs::mknodat(
-                &parent,
-                name,
-                file_type,
-                Mode::from_raw_mode(0o600),
-                rustix::fs::makedev(major, minor),
-            )?;
-            meta.apply_at(&parent, name, true)?;
+            match self.ownership {
+                Ownership::Apply => rustix::fs::mknodat(
+                    &parent,
+                    name,
+                    file_type,
+                    Mode::from_raw_mode(0o600),
+                    rustix::fs::makedev(major, minor),
+                )?,
+                // The image gets the node (super::rootless); the tree an empty stand-in.
+                Ownership::Record => drop(rustix::fs::openat(
+                    &parent,
+                    name,
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o600),
+                )?),
+            }
+            self.set_meta_at(&parent, name, &meta, Some(node), true)?;
         } else {
             // Regular files, and (as POSIX asks) any type flag we do not know.
             remove_all_at(&parent, name)?;
@@ -241,9 +328,44 @@ impl Tree {
             )?;
             let mut file = File::from(fd);
             io::copy(entry, &mut file)?;
-            meta.apply_fd(&file)?;
+            match self.ownership {
+                Ownership::Apply => meta.apply_fd(&file)?,
+                Ownership::Record => {
+                    rustix::fs::futimens(&file, &timestamps(meta.mtime))?;
+                    let st = rustix::fs::fstat(&file)?;
+                    self.recorded
+                        .insert((st.st_dev, st.st_ino), meta.recorded(None, true));
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Gives `dir/name` the entry's metadata: onto the tree, or into the record (the mtime goes
+    /// onto the tree either way: `mkfs.ext4 -d` copies it).
+    fn set_meta_at(
+        &mut self,
+        dir: &OwnedFd,
+        name: &OsStr,
+        meta: &Meta,
+        node: Option<Node>,
+        has_mode: bool,
+    ) -> io::Result<()> {
+        match self.ownership {
+            Ownership::Apply => meta.apply_at(dir, name, has_mode),
+            Ownership::Record => {
+                rustix::fs::utimensat(
+                    dir,
+                    name,
+                    &timestamps(meta.mtime),
+                    AtFlags::SYMLINK_NOFOLLOW,
+                )?;
+                let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
+                self.recorded
+                    .insert((st.st_dev, st.st_ino), meta.recorded(node, has_mode));
+                Ok(())
+            }
+        }
     }
 }
 
@@ -293,6 +415,18 @@ impl Meta {
             mtime,
             xattrs,
         })
+    }
+
+    /// This metadata as a record for the image.
+    fn recorded(&self, node: Option<Node>, has_mode: bool) -> InodeMeta {
+        InodeMeta {
+            uid: self.uid,
+            gid: self.gid,
+            mode: has_mode.then_some(self.mode),
+            mtime: Some(self.mtime),
+            xattrs: self.xattrs.clone(),
+            node,
+        }
     }
 
     /// Owner first (chown clears set-id bits), then mode, xattrs, mtime; for a symlink

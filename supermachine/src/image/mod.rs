@@ -34,6 +34,7 @@ mod manifest;
 mod reference;
 mod registry;
 mod rootfs;
+mod rootless;
 mod store;
 
 use std::collections::BTreeMap;
@@ -515,8 +516,9 @@ impl Image {
         &self.cache_root
     }
 
-    /// The read-only ext4 rootfs of this image: built from the layers the first time (needs
-    /// root; see [`ImageError::RootRequired`]), then reused from the cache.
+    /// The read-only ext4 rootfs of this image: built from the layers the first time (by any
+    /// user: without root the layers' owners, modes, xattrs and device nodes are written into
+    /// the image with `debugfs`), then reused from the cache.
     pub async fn rootfs(&self) -> Result<Rootfs, ImageError> {
         rootfs::build(self).await
     }

@@ -5,10 +5,11 @@
 //! `mkfs.ext4 -d` copies into a new filesystem image. Why `mkfs.ext4 -d`: e2fsprogs is on every
 //! Linux host, its `-d` copy keeps modes, owners, hardlinks, symlinks, xattrs and device nodes,
 //! and its output is what the guest kernel's ext4 driver is tested against; no pure-Rust ext4
-//! writer is maintained well enough to trust with that. The cost is that the scratch tree must
-//! hold real owners and device nodes, so building needs root ([`ImageError::RootRequired`]
-//! otherwise; a user namespace would map only one uid). Only the build needs it: a built image is
-//! a plain file any user can attach.
+//! writer is maintained well enough to trust with that. As root the scratch tree holds the real
+//! owners and device nodes and `-d` copies them; as any other user the tree holds this user's
+//! files, the layers' owners, modes, xattrs and device nodes are recorded per inode, and
+//! [`super::rootless`] writes them into the image with `debugfs` (a user namespace would map only
+//! one uid). Both give the same image (`tests/image.rs` compares them).
 //!
 //! The image is sized from the tree (data blocks, directories, long symlinks, inodes) plus
 //! headroom, made without a journal (it is never written), written to a temp file and renamed
@@ -23,7 +24,7 @@ use std::time::Instant;
 
 use super::digest::Digest;
 use super::error::ImageError;
-use super::layers::Tree;
+use super::layers::{Ownership, Tree};
 use super::store::{create_cache_dir, lock_file, BlobStore};
 use super::{blocking, Image};
 
@@ -87,9 +88,6 @@ pub(crate) async fn build(image: &Image) -> Result<Rootfs, ImageError> {
     if let Some(found) = existing(&ext4, &json) {
         return Ok(found);
     }
-    if rustix::process::geteuid().as_raw() != 0 {
-        return Err(ImageError::RootRequired);
-    }
     let image = image.clone();
     blocking(move || build_blocking(&image, &ext4, &json, &dir)).await
 }
@@ -114,7 +112,12 @@ fn build_blocking(
     let tree_dir = scratch.path().join("tree");
     fs::create_dir(&tree_dir)
         .map_err(|e| ImageError::io(format!("cannot create {}", tree_dir.display()), e))?;
-    let mut tree = Tree::new(&tree_dir)
+    let ownership = if rustix::process::geteuid().is_root() {
+        Ownership::Apply
+    } else {
+        Ownership::Record
+    };
+    let mut tree = Tree::new(&tree_dir, ownership)
         .map_err(|e| ImageError::io(format!("cannot open {}", tree_dir.display()), e))?;
     for (i, layer) in image.layers().iter().enumerate() {
         let digest =
@@ -129,7 +132,7 @@ fn build_blocking(
         let stats = tree.apply_layer(&blob, &layer.digest, image.diff_ids.get(i))?;
         tracing::debug!(layer = %layer.digest, ?stats, "layer applied");
     }
-    tree.finish();
+    let recorded = tree.finish();
     let unpacked = started.elapsed();
 
     let usage = measure(&tree_dir)
@@ -170,6 +173,15 @@ fn build_blocking(
             }
         }
     };
+    if ownership == Ownership::Record {
+        super::rootless::apply(
+            &tree_dir,
+            tmp.path(),
+            &recorded,
+            scratch.path(),
+            &path_with_sbin(),
+        )?;
+    }
     tmp.as_file()
         .sync_all()
         .and_then(|()| fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o444)))
@@ -182,6 +194,7 @@ fn build_blocking(
         .map_err(|e| ImageError::io(format!("cannot stat {}", ext4.display()), e))?;
     tracing::info!(
         image = image.digest(),
+        rootless = ownership == Ownership::Record,
         unpack_ms = unpacked.as_millis() as u64,
         total_ms = started.elapsed().as_millis() as u64,
         tree_bytes = usage.data_blocks * BLOCK,

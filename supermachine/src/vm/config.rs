@@ -273,14 +273,14 @@ impl VmConfig {
                 });
             }
         }
-        let kernel =
-            pick(&self.kernel, KERNEL_ENV, INSTALLED_KERNEL).ok_or(ConfigError::KernelNotSet)?;
+        let kernel = pick(&self.kernel, KERNEL_ENV, INSTALLED_KERNEL, Bundled::Kernel)?
+            .ok_or(ConfigError::KernelNotSet)?;
         readable_file(&kernel).map_err(|reason| ConfigError::KernelUnreadable {
             path: kernel.clone(),
             reason,
         })?;
-        let agent =
-            pick(&self.agent, AGENT_ENV, INSTALLED_AGENT).ok_or(ConfigError::AgentNotSet)?;
+        let agent = pick(&self.agent, AGENT_ENV, INSTALLED_AGENT, Bundled::Agent)?
+            .ok_or(ConfigError::AgentNotSet)?;
         readable_file(&agent).map_err(|reason| ConfigError::AgentUnreadable {
             path: agent.clone(),
             reason,
@@ -306,9 +306,15 @@ const INSTALLED_KERNEL: &str = "vmlinux";
 /// The agent's file name in the install directory.
 const INSTALLED_AGENT: &str = "supermachine-agent";
 
-/// The explicit path, else the environment variable, else the installed file if there is one.
-fn pick(explicit: &Option<PathBuf>, env: &str, installed: &str) -> Option<PathBuf> {
-    explicit
+/// The explicit path, else the environment variable, else the installed file if there is one,
+/// else the bundled artifact (unpacked into the cache on first use; blocking).
+fn pick(
+    explicit: &Option<PathBuf>,
+    env: &str,
+    installed: &str,
+    bundled: Bundled,
+) -> Result<Option<PathBuf>, ConfigError> {
+    let chosen = explicit
         .clone()
         .or_else(|| {
             std::env::var_os(env)
@@ -319,7 +325,56 @@ fn pick(explicit: &Option<PathBuf>, env: &str, installed: &str) -> Option<PathBu
             crate::cache::install_dir()
                 .map(|dir| dir.join(installed))
                 .filter(|path| path.is_file())
-        })
+        });
+    match chosen {
+        Some(path) => Ok(Some(path)),
+        None => bundled.unpack(),
+    }
+}
+
+/// Which bundled artifact ([`supermachine_guest`]) stands in when nothing else is given.
+#[derive(Debug, Clone, Copy)]
+enum Bundled {
+    Kernel,
+    Agent,
+}
+
+impl Bundled {
+    #[cfg(feature = "bundled-guest")]
+    fn unpack(self) -> Result<Option<PathBuf>, ConfigError> {
+        let artifact = match self {
+            Bundled::Kernel => supermachine_guest::kernel(),
+            Bundled::Agent => supermachine_guest::agent(),
+        };
+        let Some(artifact) = artifact else {
+            return Ok(None);
+        };
+        let failed = |reason: String| ConfigError::BundledGuest {
+            name: artifact.name(),
+            reason,
+        };
+        let dir = crate::cache::dir("guest").map_err(|e| failed(e.to_string()))?;
+        let started = std::time::Instant::now();
+        let fresh = !dir.join(artifact.sha256()).join(artifact.name()).is_file();
+        let path = artifact
+            .unpack(&dir)
+            .map_err(|e| failed(crate::Report(&e).to_string()))?;
+        if fresh {
+            tracing::info!(
+                file = artifact.name(),
+                compressed = artifact.compressed_len(),
+                ms = started.elapsed().as_millis() as u64,
+                path = %path.display(),
+                "unpacked the bundled guest file"
+            );
+        }
+        Ok(Some(path))
+    }
+
+    #[cfg(not(feature = "bundled-guest"))]
+    fn unpack(self) -> Result<Option<PathBuf>, ConfigError> {
+        Ok(None)
+    }
 }
 
 fn readable_file(path: &Path) -> Result<(), String> {
@@ -364,11 +419,13 @@ pub enum ConfigError {
         /// Maximum.
         max: u32,
     },
-    /// No kernel given, `SUPERMACHINE_KERNEL` unset, none installed.
+    /// No kernel given, `SUPERMACHINE_KERNEL` unset, none installed, none bundled.
     #[error(
-        "no guest kernel: run `./setup.sh` in the supermachine repository (installs one in \
-         ~/.local/share/supermachine), or set SUPERMACHINE_KERNEL to a vmlinux built by \
-         `supermachine-vmm/guest/build-kernel.sh` (it prints the path), or call VmConfig::kernel"
+        "no guest kernel: this build bundles none (supermachine-guest was built without its \
+         artifacts: run `supermachine-guest/build-artifacts.sh` in the supermachine repository \
+         and rebuild), SUPERMACHINE_KERNEL is unset and none is installed; or set \
+         SUPERMACHINE_KERNEL to a kernel built by `supermachine-vmm/guest/build-kernel.sh` (it \
+         prints the path), or call VmConfig::kernel"
     )]
     KernelNotSet,
     /// The kernel cannot be read.
@@ -379,14 +436,23 @@ pub enum ConfigError {
         /// Why.
         reason: String,
     },
-    /// No agent given, `SUPERMACHINE_AGENT_BIN` unset, none installed.
+    /// No agent given, `SUPERMACHINE_AGENT_BIN` unset, none installed, none bundled.
     #[error(
-        "no guest agent: run `./setup.sh` in the supermachine repository (installs one in \
-         ~/.local/share/supermachine), or set SUPERMACHINE_AGENT_BIN to the static agent built by \
-         `cargo build -p supermachine-agent --release --target x86_64-unknown-linux-musl`, or call \
-         VmConfig::agent"
+        "no guest agent: this build bundles none (supermachine-guest was built without its \
+         artifacts: run `supermachine-guest/build-artifacts.sh` in the supermachine repository \
+         and rebuild), SUPERMACHINE_AGENT_BIN is unset and none is installed; or set \
+         SUPERMACHINE_AGENT_BIN to the static agent built by `cargo build -p supermachine-agent \
+         --release --target <arch>-unknown-linux-musl`, or call VmConfig::agent"
     )]
     AgentNotSet,
+    /// The bundled kernel or agent could not be unpacked into the cache.
+    #[error("the bundled guest {name} cannot be unpacked: {reason}")]
+    BundledGuest {
+        /// The file (`vmlinux`, `Image`, `supermachine-agent`).
+        name: &'static str,
+        /// Why.
+        reason: String,
+    },
     /// The agent cannot be read.
     #[error("guest agent {path} cannot be read: {reason}")]
     AgentUnreadable {
@@ -483,6 +549,9 @@ mod tests {
             .contains("build-kernel.sh"));
         assert!(ConfigError::AgentNotSet
             .to_string()
-            .contains("x86_64-unknown-linux-musl"));
+            .contains("-unknown-linux-musl"));
+        assert!(ConfigError::AgentNotSet
+            .to_string()
+            .contains("build-artifacts.sh"));
     }
 }

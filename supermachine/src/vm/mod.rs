@@ -135,7 +135,12 @@ impl Vm {
         let (config, image) = match config.image.clone() {
             Some(image) => {
                 // Refuse a bad config (a foreign image among others) before building a rootfs.
-                config.resolve()?;
+                // Off the runtime: resolving may unpack the bundled guest (first use).
+                let config = blocking(move || {
+                    config.resolve()?;
+                    Ok(config)
+                })
+                .await?;
                 let rootfs = image.rootfs().await?;
                 let mut config = config;
                 config.rootfs = Some(rootfs.path);
