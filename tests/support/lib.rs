@@ -8,8 +8,11 @@
 //!   marker in their command line.
 //! * [`registry::Registry`] runs a real `docker-registry` (optionally with basic auth) and
 //!   [`images`] builds the OCI test images the image tests push to it.
+//! * [`ext4::Ext4Image`] reads the ext4 rootfs images the library builds (owners, modes, xattrs,
+//!   device nodes, hard links, contents) through `debugfs`, without mounting them or root.
 
 pub mod bench;
+pub mod ext4;
 pub mod images;
 pub mod registry;
 
