@@ -598,15 +598,15 @@ mod tests {
         file.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(1_234_567_890))
             .unwrap();
         let image = dir.path().join("image.ext4");
-        let status = Command::new("mkfs.ext4")
+        let out = Command::new("mkfs.ext4")
             .args(["-q", "-d"])
             .arg(&src)
             .arg(&image)
             .arg("8M")
             .env("PATH", path_with_sbin())
-            .status()
+            .output()
             .unwrap();
-        assert!(status.success());
+        assert!(out.status.success(), "{out:?}");
         std::fs::write(dir.path().join("bin.val"), [0u8, 1, 0xff, b'"']).unwrap();
         std::fs::write(dir.path().join("long.val"), "v".repeat(100)).unwrap();
         let script = format!(

@@ -535,7 +535,13 @@ pub fn debian_minbase_tarball() -> Result<(PathBuf, String), String> {
         .status()
         .map_err(|e| format!("cannot run debootstrap ({e}); apt-get install debootstrap"))?;
     if !status.success() {
-        return Err(format!("debootstrap failed: {status}"));
+        // Most often: not root. A root run's tarball (and its .diffid) lets another user go on.
+        return Err(format!(
+            "debootstrap failed: {status}; it needs root: as another user, copy the tarball \
+             a root run made to {} (with {})",
+            gz.display(),
+            id_file.display()
+        ));
     }
     let tar = work.path().join("rootfs.tar");
     // Like the official images: no downloaded .debs, no package lists.
