@@ -391,7 +391,11 @@ fn fifty_restore_cycles_leak_nothing() {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let before = footprint(snapshot);
         assert_eq!(
-            (before.vm_threads, before.memory_mappings, before.vcpu_mappings),
+            (
+                before.vm_threads,
+                before.memory_mappings,
+                before.vcpu_mappings
+            ),
             (0, 0, 0)
         );
         for _ in 0..50 {
