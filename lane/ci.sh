@@ -34,7 +34,7 @@ arch="${LANE_ARCH:-x86_64}"
 image_pipeline="vm_image@an_oci_layout_image_runs"
 case "$arch" in
   aarch64) default_suites="exec_vm snapshot vm_faults pause smp vm_rootfs $image_pipeline publish boot devices_in_guest lifecycle supermachine_vmm" ;;
-  *) default_suites="exec_vm snapshot vm_faults pause smp platform vm_rootfs $image_pipeline publish boot devices_in_guest lifecycle" ;;
+  *) default_suites="exec_vm snapshot vm_faults pause smp platform vm_rootfs $image_pipeline publish boot devices_in_guest lifecycle network" ;;
 esac
 read -ra suites <<<"${LANE_SUITES:-$default_suites}"
 

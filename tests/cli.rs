@@ -396,6 +396,18 @@ fn run_flags_and_bad_input_one_line_errors_nothing_left() {
     cli.fails(&["logs", "nope"], "no running VM named");
     cli.fails(&["cp", "nope:/etc/passwd", "/tmp/x"], "no running VM named");
     cli.fails(&["run", "--name", "bad/name", &image], "invalid VM name");
+    // Network options are checked before anything starts.
+    cli.fails(&["run", "--allow", "10.0.0.0/33", &image], "network rule");
+    cli.fails(&["run", "--deny", "a b", &image], "network rule");
+    cli.fails(
+        &["run", "--network", "host", &image],
+        "expected `none` or `public`",
+    );
+    cli.fails(
+        &["run", "--network", "none", "--allow", "any", &image],
+        "--network none has no NIC",
+    );
+    assert!(cli.registered().is_empty(), "{:?}", cli.registered());
 
     // A host port in use: the start fails before a VM exists, detached or not.
     let taken = TcpListener::bind("127.0.0.1:0").expect("bind");

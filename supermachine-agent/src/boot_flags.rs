@@ -8,6 +8,11 @@
 //! * `supermachine.rootfs=1` — the first virtio-blk disk (`/dev/vda`) is an image's root
 //!   filesystem: init mounts it read-only under a tmpfs overlay and makes that the root every
 //!   exec runs in (see `init::enter_image_rootfs`).
+//! * `supermachine.net=ADDRESS/PREFIX,GATEWAY,DNS,MTU` — the VM has a NIC (`eth0`) on the
+//!   host's user-mode network: init gives it the address, prefix length and MTU, adds the
+//!   default route via the gateway, and names the DNS server in `/etc/resolv.conf`. Without the
+//!   flag there is no NIC and nothing is configured. The host sends its own addresses
+//!   (`supermachine_vmm::net::addressing`), so they are defined in one place.
 //!
 //! Only read in guest mode: in host mode the host's own command line means nothing to us, so the
 //! flags are all off.
@@ -25,6 +30,44 @@ pub struct BootFlags {
     pub test_hooks: bool,
     /// `supermachine.rootfs=1`.
     pub rootfs: bool,
+    /// `supermachine.net=...`: how to configure `eth0`.
+    pub net: Option<NetSetup>,
+}
+
+/// The guest's IPv4 configuration from `supermachine.net=`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetSetup {
+    /// The guest's address.
+    pub address: std::net::Ipv4Addr,
+    /// Its subnet's prefix length (0..=32).
+    pub prefix_len: u8,
+    /// The default route's gateway.
+    pub gateway: std::net::Ipv4Addr,
+    /// The DNS server for `/etc/resolv.conf`.
+    pub dns: std::net::Ipv4Addr,
+    /// The link MTU.
+    pub mtu: u32,
+}
+
+impl NetSetup {
+    /// Parses `ADDRESS/PREFIX,GATEWAY,DNS,MTU`; `None` if any part is malformed.
+    fn parse(value: &str) -> Option<NetSetup> {
+        let mut parts = value.split(',');
+        let (cidr, gateway, dns, mtu) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() {
+            return None;
+        }
+        let (address, prefix_len) = cidr.split_once('/')?;
+        let prefix_len: u8 = prefix_len.parse().ok().filter(|p| *p <= 32)?;
+        Some(NetSetup {
+            address: address.parse().ok()?,
+            prefix_len,
+            gateway: gateway.parse().ok()?,
+            dns: dns.parse().ok()?,
+            mtu: mtu.parse().ok().filter(|m| (68..=65535).contains(m))?,
+        })
+    }
 }
 
 impl BootFlags {
@@ -37,7 +80,14 @@ impl BootFlags {
                 "supermachine.pvm=1" => flags.pvm = true,
                 "supermachine.test_hooks=1" => flags.test_hooks = true,
                 "supermachine.rootfs=1" => flags.rootfs = true,
-                _ => {}
+                _ => {
+                    if let Some(value) = token.strip_prefix("supermachine.net=") {
+                        flags.net = NetSetup::parse(value);
+                        if flags.net.is_none() {
+                            tracing::error!("malformed {token}; no network configured");
+                        }
+                    }
+                }
             }
         }
         flags
@@ -78,8 +128,28 @@ mod tests {
                 pvm: true,
                 test_hooks: true,
                 rootfs: true,
+                net: None,
             }
         );
+        assert_eq!(
+            BootFlags::parse("supermachine.net=10.0.2.15/24,10.0.2.2,10.0.2.3,1500").net,
+            Some(NetSetup {
+                address: [10, 0, 2, 15].into(),
+                prefix_len: 24,
+                gateway: [10, 0, 2, 2].into(),
+                dns: [10, 0, 2, 3].into(),
+                mtu: 1500,
+            })
+        );
+        for bad in [
+            "supermachine.net=1",
+            "supermachine.net=10.0.2.15/33,10.0.2.2,10.0.2.3,1500",
+            "supermachine.net=10.0.2.15/24,10.0.2.2,10.0.2.3",
+            "supermachine.net=10.0.2.15/24,10.0.2.2,10.0.2.3,1500,x",
+            "supermachine.net=10.0.2.15/24,10.0.2.2,10.0.2.3,0",
+        ] {
+            assert_eq!(BootFlags::parse(bad).net, None, "{bad}");
+        }
         for near_miss in [
             "supermachine.pvm=0",
             "supermachine.pvm=10",

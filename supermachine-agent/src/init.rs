@@ -113,6 +113,21 @@ pub fn loopback_up() {
     }
 }
 
+/// Configures `eth0` from the host's `supermachine.net=` flag: address, MTU, up, default route.
+/// Failures are logged (the VM still serves execs, without a network).
+pub fn network_up(net: &crate::boot_flags::NetSetup) {
+    let result = crate::sys::configure_ipv4("eth0", net.address, net.prefix_len, net.mtu)
+        .map_err(|e| format!("configuring eth0: {e}"))
+        .and_then(|()| {
+            crate::sys::add_default_route(net.gateway)
+                .map_err(|e| format!("adding the default route via {}: {e}", net.gateway))
+        });
+    match result {
+        Ok(()) => tracing::debug!(address = %net.address, "eth0 up"),
+        Err(e) => tracing::error!("{e}"),
+    }
+}
+
 /// Flushes filesystems and powers the VM off. Never returns: should the reboot call fail, PID 1
 /// sleeps forever rather than exit.
 pub fn power_off() -> ! {

@@ -135,12 +135,22 @@ fn main() -> ExitCode {
     if pid1 {
         init::mount_early_filesystems();
         init::loopback_up();
-        if boot_flags::read().rootfs {
+        let flags = boot_flags::read();
+        let dns = flags.net.map(|net| net.dns);
+        if let Some(net) = &flags.net {
+            init::network_up(net);
+        }
+        if flags.rootfs {
             // Without its image the VM cannot do what it was started for; say why on the
             // console (the host shows its tail) and power off rather than serve the initramfs.
-            if let Err(e) = rootfs::enter_image_rootfs() {
+            if let Err(e) = rootfs::enter_image_rootfs(dns) {
                 tracing::error!("cannot enter the image rootfs: {}", error::chain(&e));
                 init::power_off();
+            }
+        } else if let Some(dns) = dns {
+            // The initramfs is the root: its /etc gets the resolver.
+            if let Err(e) = rootfs::write_resolv_conf(std::path::Path::new("/etc"), dns) {
+                tracing::error!("writing /etc/resolv.conf: {e}");
             }
         }
     }

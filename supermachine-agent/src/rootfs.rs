@@ -41,7 +41,7 @@ fn mount_err(e: nix::Error) -> io::Error {
 
 /// Mounts the image disk under a tmpfs overlay and makes it the root. Call once, as PID 1,
 /// after the early mounts and before serving.
-pub fn enter_image_rootfs() -> Result<(), RootfsError> {
+pub fn enter_image_rootfs(dns: Option<std::net::Ipv4Addr>) -> Result<(), RootfsError> {
     // Read while /proc is still where it was mounted.
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
@@ -99,7 +99,7 @@ pub fn enter_image_rootfs() -> Result<(), RootfsError> {
         .map_err(mount_err)
         .map_err(step(format!("moving {src} into the image root")))?;
     }
-    write_network_files(Path::new(NEW_ROOT), &hostname)
+    write_network_files(Path::new(NEW_ROOT), &hostname, dns)
         .map_err(step("writing /etc/hosts and /etc/resolv.conf"))?;
 
     // switch_root: the new root replaces `/`, and this process (and everything it starts)
@@ -117,10 +117,15 @@ pub fn enter_image_rootfs() -> Result<(), RootfsError> {
 }
 
 /// The name resolution files a container runtime provides: `/etc/hosts` always (localhost and
-/// the guest's hostname), `/etc/resolv.conf` when the image has none. The guest has no network
-/// beyond loopback, so there is no nameserver to name. Written to the overlay's upper layer;
-/// the image itself is untouched.
-fn write_network_files(root: &Path, hostname: &str) -> io::Result<()> {
+/// the guest's hostname); `/etc/resolv.conf` naming the VMM's DNS server when the VM has a
+/// network (replacing the image's, as a container runtime does: the image's resolvers are not
+/// reachable from here), else a comment-only one when the image has none. Written to the
+/// overlay's upper layer; the image itself is untouched.
+fn write_network_files(
+    root: &Path,
+    hostname: &str,
+    dns: Option<std::net::Ipv4Addr>,
+) -> io::Result<()> {
     let etc = root.join("etc");
     std::fs::create_dir_all(&etc)?;
     replace_file(
@@ -128,6 +133,9 @@ fn write_network_files(root: &Path, hostname: &str) -> io::Result<()> {
         &format!("127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n"),
     )?;
     let resolv = etc.join("resolv.conf");
+    if let Some(dns) = dns {
+        return write_resolv_conf(&etc, dns);
+    }
     // A dangling symlink (to systemd-resolved's file, say) counts as missing.
     if !resolv.exists() {
         replace_file(
@@ -136,6 +144,15 @@ fn write_network_files(root: &Path, hostname: &str) -> io::Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// Writes `etc/resolv.conf` naming `dns` (the VMM's DNS server) as the only resolver.
+pub fn write_resolv_conf(etc: &Path, dns: std::net::Ipv4Addr) -> io::Result<()> {
+    std::fs::create_dir_all(etc)?;
+    replace_file(
+        &etc.join("resolv.conf"),
+        &format!("# supermachine: the VMM answers DNS.\nnameserver {dns}\n"),
+    )
 }
 
 /// Writes `contents` to `path`, replacing a file or a (dangling) symlink there.

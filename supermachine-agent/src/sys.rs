@@ -173,22 +173,8 @@ pub fn reseed_crng(random: impl AsFd) -> io::Result<()> {
 /// Sets `IFF_UP` on the network interface `name` (`SIOCGIFFLAGS` then `SIOCSIFFLAGS` on a
 /// throwaway `AF_INET` socket), as `ip link set NAME up` does. No netlink crate for one flag.
 pub fn interface_up(name: &str) -> io::Result<()> {
-    use std::os::fd::{FromRawFd, OwnedFd};
-
-    // SAFETY: `ifreq` is a plain C struct (a name array and a union of integers) for which
-    // all-zero is a valid value.
-    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
-    if name.is_empty() || name.len() >= request.ifr_name.len() {
-        return Err(io::Error::from_raw_os_error(libc::EINVAL));
-    }
-    for (dst, src) in request.ifr_name.iter_mut().zip(name.bytes()) {
-        *dst = src as libc::c_char;
-    }
-    // SAFETY: socket takes integers only; the returned fd is owned below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    Errno::result(fd).map_err(io::Error::from)?;
-    // SAFETY: `fd` is a fresh, valid descriptor nothing else owns.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut request = ifreq_for(name)?;
+    let socket = ioctl_socket()?;
     // The request number's type differs between glibc (c_ulong) and musl (c_int), hence `as _`.
     // SAFETY: `request` is a valid ifreq that outlives the call; SIOCGIFFLAGS writes only its
     // flags member.
@@ -198,6 +184,122 @@ pub fn interface_up(name: &str) -> io::Result<()> {
     unsafe { request.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
     // SAFETY: as above; SIOCSIFFLAGS reads the request.
     let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS as _, &request) };
+    Errno::result(rc).map(drop).map_err(io::Error::from)
+}
+
+/// A socket for interface and route ioctls.
+fn ioctl_socket() -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: socket takes integers only; the returned fd is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    Errno::result(fd).map_err(io::Error::from)?;
+    // SAFETY: `fd` is a fresh, valid descriptor nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// An `ifreq` naming interface `name` (EINVAL for an empty or too long name).
+fn ifreq_for(name: &str) -> io::Result<libc::ifreq> {
+    // SAFETY: `ifreq` is a plain C struct (a name array and a union of integers) for which
+    // all-zero is a valid value.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.is_empty() || name.len() >= request.ifr_name.len() {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    for (dst, src) in request.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    Ok(request)
+}
+
+/// `struct sockaddr_in` for `address` (port 0), as the generic `sockaddr` ioctls take.
+fn sockaddr_v4(address: std::net::Ipv4Addr) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(address.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr are both 16-byte plain C structs; every bit pattern is
+    // valid for sockaddr.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+/// Gives interface `name` the IPv4 `address`/`prefix_len` and `mtu`, and brings it up.
+pub fn configure_ipv4(
+    name: &str,
+    address: std::net::Ipv4Addr,
+    prefix_len: u8,
+    mtu: u32,
+) -> io::Result<()> {
+    let socket = ioctl_socket()?;
+    let netmask = std::net::Ipv4Addr::from(
+        u32::MAX
+            .checked_shl(32 - u32::from(prefix_len.min(32)))
+            .unwrap_or(0),
+    );
+    for (request_number, value) in [
+        (libc::SIOCSIFADDR, address),
+        (libc::SIOCSIFNETMASK, netmask),
+    ] {
+        let mut request = ifreq_for(name)?;
+        request.ifr_ifru.ifru_addr = sockaddr_v4(value);
+        // SAFETY: `request` is a valid ifreq that outlives the call; the kernel reads its
+        // address member. The request number's type differs between glibc and musl (`as _`).
+        let rc = unsafe { libc::ioctl(socket.as_raw_fd(), request_number as _, &request) };
+        Errno::result(rc).map_err(io::Error::from)?;
+    }
+    let mut request = ifreq_for(name)?;
+    request.ifr_ifru.ifru_mtu =
+        i32::try_from(mtu).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: as above; SIOCSIFMTU reads the mtu member.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFMTU as _, &request) };
+    Errno::result(rc).map_err(io::Error::from)?;
+    interface_up(name)
+}
+
+/// The kernel's `struct rtentry` (`<linux/route.h>`), declared here because libc has it for
+/// musl only.
+#[repr(C)]
+struct RtEntry {
+    rt_pad1: libc::c_ulong,
+    rt_dst: libc::sockaddr,
+    rt_gateway: libc::sockaddr,
+    rt_genmask: libc::sockaddr,
+    rt_flags: libc::c_ushort,
+    rt_pad2: libc::c_short,
+    rt_pad3: libc::c_ulong,
+    rt_pad4: *mut libc::c_void,
+    rt_metric: libc::c_short,
+    rt_dev: *mut libc::c_char,
+    rt_mtu: libc::c_ulong,
+    rt_window: libc::c_ulong,
+    rt_irtt: libc::c_ushort,
+}
+
+/// Adds the IPv4 default route via `gateway`.
+pub fn add_default_route(gateway: std::net::Ipv4Addr) -> io::Result<()> {
+    let socket = ioctl_socket()?;
+    let any = sockaddr_v4(std::net::Ipv4Addr::UNSPECIFIED);
+    let route = RtEntry {
+        rt_pad1: 0,
+        rt_dst: any,
+        rt_gateway: sockaddr_v4(gateway),
+        rt_genmask: any,
+        rt_flags: libc::RTF_UP | libc::RTF_GATEWAY,
+        rt_pad2: 0,
+        rt_pad3: 0,
+        rt_pad4: std::ptr::null_mut(),
+        rt_metric: 0,
+        rt_dev: std::ptr::null_mut(),
+        rt_mtu: 0,
+        rt_window: 0,
+        rt_irtt: 0,
+    };
+    // SAFETY: `route` is a valid rtentry (null device: the kernel picks it by the gateway's
+    // subnet) that outlives the call; SIOCADDRT only reads it.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCADDRT as _, &route) };
     Errno::result(rc).map(drop).map_err(io::Error::from)
 }
 
@@ -238,6 +340,17 @@ mod tests {
     fn interface_up_rejects_bad_names() {
         assert!(interface_up("").is_err());
         assert!(interface_up("a-name-longer-than-ifnamsiz").is_err());
+        let address = std::net::Ipv4Addr::new(10, 0, 2, 15);
+        assert!(configure_ipv4("", address, 24, 1500).is_err());
+    }
+
+    #[test]
+    fn rtentry_has_the_kernel_layout() {
+        // <linux/route.h> on LP64: 120 bytes, rt_dev at 88 (checked with offsetof in C).
+        if std::mem::size_of::<usize>() == 8 {
+            assert_eq!(std::mem::size_of::<RtEntry>(), 120);
+            assert_eq!(std::mem::offset_of!(RtEntry, rt_dev), 88);
+        }
     }
 
     #[test]

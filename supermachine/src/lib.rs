@@ -113,6 +113,6 @@ pub use supermachine_codec::{StagedFile, WindowSize};
 pub use supermachine_vmm::PauseError;
 pub use tokio_util::sync::CancellationToken;
 pub use vm::{
-    ConfigError, Snapshot, SnapshotError, StartTimings, Vm, VmConfig, VmExit, VmExitReason,
-    AGENT_ENV, KERNEL_ENV, MAX_MEMORY_MIB, MIN_MEMORY_MIB,
+    Action, ConfigError, Limits, Network, Rule, RuleError, Snapshot, SnapshotError, StartTimings,
+    Vm, VmConfig, VmExit, VmExitReason, AGENT_ENV, KERNEL_ENV, MAX_MEMORY_MIB, MIN_MEMORY_MIB,
 };

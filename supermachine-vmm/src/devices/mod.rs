@@ -1,7 +1,8 @@
-//! Emulated devices: the virtio-mmio transport and virtio devices (vsock, block), and the serial
+//! Emulated devices: the virtio-mmio transport and virtio devices (vsock, block, net), and the serial
 //! console.
 
 pub mod block;
+pub mod net;
 pub mod serial;
 pub mod virtio;
 pub mod vsock;

@@ -10,6 +10,7 @@ use super::{lifecycle, Machine, CONSOLE_STDERR_ENV};
 use crate::arch::{self, BootSpec, PlatformContext, VirtioMmioDevice, BASE_CMDLINE};
 use crate::bus::Bus;
 use crate::devices::block::BlockDevice;
+use crate::devices::net::NetDevice;
 use crate::devices::serial::{ConsoleLog, Serial};
 use crate::devices::virtio::{MmioTransport, VirtioDevice, MMIO_SLOT_SIZE};
 use crate::devices::vsock::{VsockDevice, VsockHandle};
@@ -110,7 +111,7 @@ impl MachineBuilder {
             opaque_devices: Vec::new(),
         };
 
-        // Devices from the config, in a fixed order (vsock, then disks) so slot addresses are
+        // Devices from the config, in a fixed order (vsock, disks, NIC) so slot addresses are
         // the same on every boot of one config; snapshots rely on it.
         if let Some(vsock_config) = builder.config.vsock.clone() {
             let device = VsockDevice::new(vsock_config, builder.runtime.clone()).map_err(|e| {
@@ -129,6 +130,11 @@ impl MachineBuilder {
                     source: Box::new(e),
                 })?;
             builder.add_virtio_device(Box::new(device), "virtio-blk")?;
+        }
+        if let Some(network) = builder.config.network.clone() {
+            // A new user-mode network for every machine built, restored ones included.
+            let device = NetDevice::new(network, builder.runtime.clone());
+            builder.add_virtio_device(Box::new(device), "virtio-net")?;
         }
         Ok(builder)
     }

@@ -6,6 +6,7 @@ use crate::arch::{self, MAX_MEMORY_MIB};
 use crate::devices::serial::DEFAULT_CONSOLE_CAPACITY;
 use crate::devices::vsock::VsockConfig;
 use crate::error::ConfigError;
+use crate::net::StackConfig;
 
 #[cfg(doc)]
 use super::{Machine, BASE_CMDLINE};
@@ -39,6 +40,10 @@ pub struct MachineConfig {
     pub vsock: Option<VsockConfig>,
     /// virtio-blk disks, in order (`/dev/vda`, `/dev/vdb`, ...), in the slots after vsock.
     pub disks: Vec<DiskConfig>,
+    /// A virtio-net NIC in front of a user-mode network of its own built from this (in the
+    /// slot after the disks); `None`: no NIC at all. A restored machine gets a new network
+    /// from its own config.
+    pub network: Option<StackConfig>,
 }
 
 /// A raw disk image attached over virtio-blk.
@@ -51,7 +56,7 @@ pub struct DiskConfig {
 }
 
 impl MachineConfig {
-    /// One vCPU, 256 MiB, no initramfs, no extra cmdline.
+    /// One vCPU, 256 MiB, no initramfs, no extra cmdline, no devices.
     pub fn new(kernel: impl Into<PathBuf>) -> Self {
         MachineConfig {
             vcpus: 1,
@@ -63,6 +68,7 @@ impl MachineConfig {
             console_to_stderr: false,
             vsock: None,
             disks: Vec::new(),
+            network: None,
         }
     }
 

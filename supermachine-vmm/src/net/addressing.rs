@@ -24,6 +24,9 @@ pub const PREFIX_LEN: u8 = 24;
 pub const HOST_LOOPBACK_NAME: &str = "host.supermachine.internal";
 /// The gateway's MAC (slirp's: locally administered, 52:55 + the gateway's address).
 pub const GATEWAY_MAC: EthernetAddress = EthernetAddress([0x52, 0x55, 0x0a, 0x00, 0x02, 0x02]);
+/// The guest NIC's MAC (QEMU's default guest MAC, locally administered). Every guest has the
+/// same one: each VM has a link of its own.
+pub const GUEST_MAC: EthernetAddress = EthernetAddress([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
 /// The link MTU (the IP packet size; frames are 14 bytes longer). 1500 as on any Ethernet, so
 /// no guest path-MTU surprises; the stack re-segments on the host sockets anyway.
 pub const MTU: usize = 1500;

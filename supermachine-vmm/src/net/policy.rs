@@ -10,8 +10,11 @@
 //! IPv6 address (`::ffff:a.b.c.d`) is judged as the IPv4 address it carries.
 //!
 //! Domain rules match the names a destination address was resolved from through this VM's own
-//! DNS (the VMM answers the guest's DNS, so it knows which names led to which addresses), and the
-//! TLS SNI or HTTP `Host` of the flow where one was read; [`Flow`] carries both.
+//! DNS (the VMM answers the guest's DNS, so it knows which names led to which addresses). The
+//! stack decides at SYN time, before any payload, so it reads no TLS SNI or HTTP `Host`: a name
+//! the guest never looked up through this VM's DNS matches no domain rule. [`Flow`] has a
+//! `server_name` field for a future payload-peeking stack; the user-mode network leaves it
+//! `None`.
 
 use std::fmt;
 use std::net::IpAddr;

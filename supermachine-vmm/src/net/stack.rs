@@ -319,6 +319,12 @@ impl Stack {
     /// Gives a connected flow its smoltcp socket and lets it answer the guest's SYN. One at a
     /// time: the new socket is the only one listening when the SYN goes in, so it takes it.
     fn accept_tcp(&mut self, key: FlowKey, syn_frame: Frame) {
+        // Frames already queued go to smoltcp first: a listening socket only takes SYNs to its
+        // own endpoint, but a retransmitted SYN of another flow that is still queued would
+        // otherwise meet this socket in an earlier slot of the set before its own (50
+        // concurrent downloads: 16 came back empty).
+        let now = self.now();
+        self.iface.poll(now, &mut self.wire, &mut self.sockets);
         let size = self.config.limits.tcp_buffer;
         let mut socket = tcp::Socket::new(
             tcp::SocketBuffer::new(vec![0; size]),
@@ -338,7 +344,6 @@ impl Stack {
             flow.opened(handle);
         }
         self.wire.rx.push_back(syn_frame);
-        let now = self.now();
         self.iface.poll(now, &mut self.wire, &mut self.sockets);
     }
 

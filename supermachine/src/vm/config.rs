@@ -43,6 +43,7 @@ pub struct VmConfig {
     pub(crate) rootfs: Option<PathBuf>,
     pub(crate) image: Option<crate::image::Image>,
     pub(crate) publish: Vec<crate::publish::PortMapping>,
+    pub(crate) network: super::network::Network,
 }
 
 /// An extra initramfs entry.
@@ -67,7 +68,7 @@ impl Default for VmConfig {
 
 impl VmConfig {
     /// One vCPU, 256 MiB, kernel and agent from `SUPERMACHINE_KERNEL` / `SUPERMACHINE_AGENT_BIN`,
-    /// a 5 minute boot timeout (guest boots take 10–100 s on nested PVM hosts; well under a
+    /// the [`public`](crate::Network::public) network, a 5 minute boot timeout (guest boots take 10–100 s on nested PVM hosts; well under a
     /// second on hardware KVM).
     pub fn new() -> Self {
         VmConfig {
@@ -85,6 +86,7 @@ impl VmConfig {
             rootfs: None,
             image: None,
             publish: Vec::new(),
+            network: super::network::Network::public(),
         }
     }
 
@@ -210,6 +212,16 @@ impl VmConfig {
     /// ```
     pub fn publish(mut self, mapping: crate::publish::PortMapping) -> Self {
         self.publish.push(mapping);
+        self
+    }
+
+    /// The VM's network ([`Network::public`](crate::Network::public) by default):
+    /// [`Network::none`](crate::Network::none) gives it no NIC at all; otherwise it has `eth0`
+    /// on a user-mode network of its own, behind the network's egress policy. Whether there is
+    /// a NIC is part of the snapshot cache key; the policy is not (it is applied by the host
+    /// each time the VM starts or is restored).
+    pub fn network(mut self, network: crate::Network) -> Self {
+        self.network = network;
         self
     }
 

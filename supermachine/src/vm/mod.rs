@@ -14,6 +14,7 @@ mod config;
 mod connector;
 mod exit;
 mod initramfs;
+pub(crate) mod network;
 mod snapshot;
 
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -26,6 +27,7 @@ use tracing::{debug, info, warn};
 
 pub use config::{ConfigError, VmConfig, AGENT_ENV, KERNEL_ENV, MAX_MEMORY_MIB, MIN_MEMORY_MIB};
 pub use exit::{VmExit, VmExitReason};
+pub use network::{Action, Limits, Network, Rule, RuleError};
 pub use snapshot::{Snapshot, SnapshotError};
 
 use crate::agent::Agent;
@@ -249,9 +251,12 @@ impl Vm {
         machine_config.console_to_stderr = config.console_to_stderr;
         machine_config.vsock = Some(vsock_config());
         machine_config.disks = rootfs_disks(&identity);
+        let network = config.network.clone();
 
-        // Loading the kernel and creating the VM and its vCPUs block (file reads, ioctls).
+        // Loading the kernel and creating the VM and its vCPUs block (file reads, ioctls, the
+        // host's resolv.conf).
         let machine = blocking(move || {
+            machine_config.network = network.stack_config();
             MachineBuilder::new(machine_config)
                 .and_then(MachineBuilder::start)
                 .map_err(Error::from_vmm)
@@ -293,11 +298,26 @@ impl Vm {
         machine_config.console_to_stderr = config.console_to_stderr;
         machine_config.vsock = Some(vsock_config());
         machine_config.disks = rootfs_disks(&identity);
+        // The snapshot decides whether there is a NIC; the config only gives its policy (a
+        // snapshot with a NIC restored by a config without a network refuses every flow).
+        let has_nic = network::cmdline_has_nic(&identity.cmdline);
+        let policy = if config.network.is_enabled() {
+            config.network.clone()
+        } else {
+            network::Network::public().rule(Rule {
+                action: Action::Deny,
+                target: supermachine_vmm::net::policy::Target::Any,
+                ports: None,
+                protocol: None,
+            })
+        };
         // Mapping the memory file, creating the VM and loading its state block (ioctls, file
         // I/O): off the runtime.
         let snapshot_copy = snapshot.clone();
         let rootfs = identity.rootfs.clone();
         let machine = blocking(move || {
+            // Every restored VM gets a new user-mode network of its own.
+            machine_config.network = if has_nic { policy.stack_config() } else { None };
             if let Some(rootfs) = &rootfs {
                 // The guest's page cache holds pieces of this image: it must be the same bytes.
                 rootfs.check_unchanged()?;
@@ -756,6 +776,10 @@ fn guest_cmdline(config: &VmConfig) -> String {
     }
     if config.rootfs.is_some() {
         parts.push(ROOTFS_FLAG);
+    }
+    let net_flag = network::guest_flag();
+    if config.network.is_enabled() {
+        parts.push(&net_flag);
     }
     if !config.kernel_cmdline.trim().is_empty() {
         parts.push(config.kernel_cmdline.trim());

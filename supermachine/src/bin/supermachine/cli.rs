@@ -90,6 +90,20 @@ pub struct RunArgs {
     /// Publish a guest TCP port: [IP:]HOST_PORT:GUEST_PORT (IP defaults to 127.0.0.1).
     #[arg(short, long = "publish", value_name = "[IP:]HOST:GUEST")]
     pub publish: Vec<String>,
+    /// The VM's network: `public` (a NIC; the public internet allowed, private, loopback,
+    /// link-local and metadata addresses refused) or `none` (no NIC).
+    #[arg(long, value_name = "none|public", default_value = "public")]
+    pub network: String,
+    /// Allow a destination the policy would refuse: TARGET[:PORTS][/tcp|udp], e.g.
+    /// 10.1.2.3:5432, 203.0.113.0/24, example.com:443. Rules apply in order.
+    #[arg(long = "allow", value_name = "RULE")]
+    pub allow: Vec<String>,
+    /// Refuse a destination (same syntax as --allow); `--deny any` + --allow is an allow-list.
+    #[arg(long = "deny", value_name = "RULE")]
+    pub deny: Vec<String>,
+    /// Let the guest reach this host's 127.0.0.1:PORT as host.supermachine.internal:PORT.
+    #[arg(long = "host-loopback", value_name = "PORT")]
+    pub host_loopback: Vec<u16>,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     pub cpus: u32,

@@ -95,6 +95,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, Failure> {
     for spec in &args.publish {
         spec.parse::<supermachine::PortMapping>()?;
     }
+    crate::network::from_args(&args)?;
     if args.detach && (args.process.interactive || args.process.tty) {
         return Err(Failure::new(
             "-d runs the command in the background, without a terminal: drop -i/-t, and use \

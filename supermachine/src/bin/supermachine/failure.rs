@@ -86,5 +86,6 @@ from_error!(
     supermachine::Error,
     supermachine::ImageError,
     supermachine::PortMappingError,
+    supermachine::RuleError,
     serde_json::Error
 );

@@ -37,7 +37,8 @@ impl Host {
         let mut config = VmConfig::new()
             .vcpus(args.cpus)
             .memory_mib(args.memory)
-            .image(image.clone());
+            .image(image.clone())
+            .network(crate::network::from_args(args)?);
         for spec in &args.publish {
             config = config.publish(spec.parse()?);
         }

@@ -12,6 +12,7 @@ mod control;
 mod failure;
 mod host;
 mod image_arg;
+mod network;
 mod output;
 mod progress;
 mod registry;
