@@ -29,6 +29,8 @@
 //!   `cat` to start), `conn` the time between consecutive accepts (a whole guest-side
 //!   connect + 1-byte round trip + close, with the guest's fork/exec of `nc` and `cat`).
 //!
+//! `BENCH_NET_TCP_BUFFER_KIB` sets our stack's per-flow buffer ([`supermachine::Limits`]).
+//!
 //! It prints each run, the medians over runs, and ratios ours/firecracker.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -268,7 +270,19 @@ async fn start_guest(vmm: &str) -> Result<Guest> {
         .snapshot_cache(false);
     match vmm {
         "ours" => {
-            let config = base.network(Network::public().dns_upstreams([]));
+            let mut network = Network::public().dns_upstreams([]);
+            // An experiment knob: the per-flow buffer (and guest-facing window), in KiB.
+            if let Some(kib) = std::env::var("BENCH_NET_TCP_BUFFER_KIB")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+            {
+                network = network.limits(supermachine::Limits {
+                    tcp_buffer: kib << 10,
+                    ..Default::default()
+                });
+                println!("ours: tcp_buffer {kib} KiB");
+            }
+            let config = base.network(network);
             Ok(Guest::Ours(Box::new(Vm::start(config).await?)))
         }
         "firecracker" => Ok(Guest::Firecracker(start_firecracker(base).await?)),
