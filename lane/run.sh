@@ -83,8 +83,9 @@ case "$arch" in
   x86_64 | amd64)
     [[ $(uname -m) == x86_64 ]] || die "the x86_64 nested lane needs an x86_64 host (this is $(uname -m))"
     arch=x86_64 deb_arch=amd64 qemu=qemu-system-x86_64 qemu_pkg=qemu-system-x86
+    # tun: /dev/net/tun for peers' TAP devices (examples/bench_net.rs runs Firecracker with one).
     MODULES=(irqbypass kvm ccp kvm-amd virtio_ring virtio virtio_pci_modern_dev
-      virtio_pci_legacy_dev virtio_pci 9pnet 9pnet_virtio netfs fscache 9p)
+      virtio_pci_legacy_dev virtio_pci 9pnet 9pnet_virtio netfs fscache 9p tun)
     # The L1 kernel's cache link; the x86 lane's name from before there were two.
     kernel_link=linux
     # AMD-V with nested paging; minus the EPYC-v4 features TCG lacks (QEMU warns about each).
@@ -144,7 +145,9 @@ ensure_foreign_arch() {
 # Debian's bookworm kernel, unpacked into $CACHE/linux-VERSION; $CACHE/$kernel_link points at it.
 ensure_l1_kernel() {
   L1="$CACHE/$kernel_link"
-  [[ -f $L1/vmlinuz && -d $L1/modules ]] && return
+  local m missing=
+  for m in "${MODULES[@]}"; do [[ -f $L1/modules/$m.ko ]] || missing=1; done
+  [[ -f $L1/vmlinuz && -z $missing ]] && return
   local pkg
   pkg="$(apt-cache depends "linux-image-$deb_arch:$deb_arch" 2>/dev/null \
     | sed -n "s/^ *Depends: \\(linux-image-6\\.1\\.0-[0-9]*-$deb_arch\\)\\(:$deb_arch\\)\\{0,1\\}\$/\\1/p" | head -n1)"

@@ -112,6 +112,8 @@ pub use supermachine_codec::{StagedFile, WindowSize};
 /// Why a VM could not be paused (the source of [`Error::Pause`]).
 pub use supermachine_vmm::PauseError;
 pub use tokio_util::sync::CancellationToken;
+#[doc(hidden)]
+pub use vm::boot_files;
 pub use vm::{
     Action, ConfigError, Limits, Network, Rule, RuleError, Snapshot, SnapshotError, StartTimings,
     Vm, VmConfig, VmExit, VmExitReason, AGENT_ENV, KERNEL_ENV, MAX_MEMORY_MIB, MIN_MEMORY_MIB,

@@ -762,6 +762,23 @@ fn write_snapshot(
     Ok((snapshot, info.paused_for, info.memory_bytes_written))
 }
 
+/// The boot files of a config for another VMM (benchmarks against peers): the kernel, the
+/// initramfs with the agent and the config's files (built into the cache), and the full kernel
+/// command line this VMM would boot it with. Not a stable API.
+#[doc(hidden)]
+pub fn boot_files(
+    config: &VmConfig,
+) -> Result<(std::path::PathBuf, std::path::PathBuf, String), Error> {
+    let resolved = config.resolve()?;
+    let initramfs = build_initramfs(config, &resolved.agent)?;
+    let cmdline = format!(
+        "{} {}",
+        supermachine_vmm::platform_cmdline(),
+        guest_cmdline(config)
+    );
+    Ok((resolved.kernel, initramfs.path, cmdline))
+}
+
 /// The guest kernel parameters this VM adds.
 fn guest_cmdline(config: &VmConfig) -> String {
     let mut parts = Vec::new();
