@@ -27,6 +27,10 @@ pub enum Inspected<'a> {
     Udp(Datagram<'a>),
     /// Anything else (ARP, other TCP segments, ICMP, malformed frames): smoltcp's business.
     Other,
+    /// An IPv4 packet whose source is not the guest's address (spoofed, or `0.0.0.0`): dropped.
+    /// smoltcp would answer it, and an answer to `0.0.0.0` trips its assertion (the fuzz target
+    /// found a SYN from `0.0.0.0`).
+    Foreign,
 }
 
 /// A guest's TCP SYN.
@@ -73,6 +77,9 @@ fn inspect_ipv4(frame: &[u8]) -> Option<Inspected<'_>> {
     let guest_mac = ethernet.src_addr();
     let ip_bytes = ethernet.payload();
     let ip = Ipv4Packet::new_checked(ip_bytes).ok()?;
+    if ip.src_addr() != super::addressing::GUEST {
+        return Some(Inspected::Foreign);
+    }
     let ip_repr = Ipv4Repr::parse(&ip, &checksums).ok()?;
     if ip.more_frags() || ip.frag_offset() != 0 {
         return None;

@@ -31,7 +31,8 @@ fn a_udp_frame_round_trips_through_inspect() {
     // Refusing it quotes its header and 8 bytes: 14 + 20 + 8 + 20 + 8.
     let icmp = icmp_unreachable(&datagram, true).unwrap();
     assert_eq!(icmp.len(), 70);
-    assert_eq!(inspect(&icmp), Inspected::Other);
+    // It comes from the refused destination, not from the guest.
+    assert_eq!(inspect(&icmp), Inspected::Foreign);
 }
 
 #[test]
@@ -94,4 +95,13 @@ fn garbage_is_other() {
         &[0; MAX_UDP_PAYLOAD + 1]
     )
     .is_none());
+}
+
+#[test]
+fn frames_from_another_source_address_are_foreign() {
+    // The fuzz target's find: a SYN from 0.0.0.0, which smoltcp would answer to 0.0.0.0.
+    for source in ["0.0.0.0:40000", "10.0.2.16:40000", "255.255.255.255:68"] {
+        let frame = udp_to_guest(GUEST_MAC, end(source), end("203.0.113.10:53"), b"x").unwrap();
+        assert_eq!(inspect(&frame), Inspected::Foreign, "{source}");
+    }
 }

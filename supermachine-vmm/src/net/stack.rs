@@ -223,6 +223,9 @@ impl Stack {
             }
             Inspected::Udp(datagram) => self.udp_datagram(&datagram),
             Inspected::Other => self.wire.rx.push_back(frame),
+            Inspected::Foreign => {
+                tracing::debug!("guest frame from an address other than the guest's; dropped");
+            }
         }
     }
 
