@@ -11,12 +11,9 @@
 //! wrong shape (too short, too long, writable where readable is needed) are dropped with a
 //! debug log, and nothing here panics on guest input.
 
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use tokio::io::unix::AsyncFd;
-use tokio::io::Interest;
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tracing::{debug, error, trace, warn};
 use virtio_queue::desc::split::Descriptor;
@@ -25,6 +22,7 @@ use vm_memory::{Address, Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{RX, TX};
+use crate::devices::virtio::kick::{async_eventfd, drain};
 use crate::devices::virtio::ring::add_used;
 use crate::devices::virtio::worker_gate::{Entry, WorkerGate};
 use crate::devices::virtio::{IrqTrigger, VIRTIO_MMIO_INT_VRING};
@@ -145,8 +143,8 @@ pub(super) async fn run(mut w: Worker, notify: [EventFd; 2]) {
         let want_frame = w.rx_pending.is_none() && !w.stack_gone;
         let want_room = w.tx_pending.is_some() && !w.stack_gone;
         let woke = tokio::select! {
-            r = tx_kick.readable() => { drain(r); Woke::Kick }
-            r = rx_kick.readable() => { drain(r); Woke::Kick }
+            r = tx_kick.readable() => { drain(r, "virtio-net"); Woke::Kick }
+            r = rx_kick.readable() => { drain(r, "virtio-net"); Woke::Kick }
             frame = from_stack.recv(), if want_frame => frame.map_or(Woke::StackGone, Woke::Frame),
             room = to_stack.reserve(), if want_room => match room {
                 Ok(permit) => {
@@ -351,31 +349,4 @@ fn write_frame(mem: &Mem, descs: &[Descriptor], frame: &[u8]) -> u32 {
     }
     // At most 12 + 1518 bytes.
     u32::try_from(done).unwrap_or(0)
-}
-
-fn async_eventfd(fd: EventFd) -> std::io::Result<AsyncFd<EventFd>> {
-    let raw = fd.as_raw_fd();
-    // SAFETY: F_GETFL/F_SETFL on an fd we own; no memory is passed.
-    let flags = unsafe { libc::fcntl(raw, libc::F_GETFL) };
-    if flags < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: as above.
-    if unsafe { libc::fcntl(raw, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the EventFd owns `raw` and is moved into the AsyncFd, so the descriptor stays
-    // open and refers to the same eventfd for the AsyncFd's whole life.
-    unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(|e| e.into_parts().1)
-}
-
-/// Consumes a kick: reads the counter and clears readiness (a new kick re-arms it).
-fn drain(r: std::io::Result<tokio::io::unix::AsyncFdReadyGuard<'_, EventFd>>) {
-    match r {
-        Ok(mut guard) => {
-            let _ = guard.get_inner().read();
-            guard.clear_ready();
-        }
-        Err(e) => warn!(%e, "virtio-net queue eventfd"),
-    }
 }

@@ -7,6 +7,7 @@
 //! The transport's saved state is in `mmio/persist.rs`; the devices keep no state of their own
 //! beyond their queues', which the transport saves.
 
+pub(crate) mod kick;
 pub mod mmio;
 pub(crate) mod ring;
 #[cfg(test)]

@@ -20,13 +20,10 @@
 //! milliseconds under PVM), so everything here is about doing more per round.
 
 use std::collections::VecDeque;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::unix::AsyncFd;
-use tokio::io::Interest;
 use tokio::time::Instant;
 use tracing::{debug, error, trace, warn};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
@@ -40,6 +37,7 @@ use super::packet::{
     TYPE_STREAM,
 };
 use super::shared::Shared;
+use crate::devices::virtio::kick::{async_eventfd, drain};
 use crate::devices::virtio::ring::add_used;
 use crate::devices::virtio::worker_gate::{Entry, WorkerGate};
 use crate::devices::virtio::{IrqTrigger, VIRTIO_MMIO_INT_VRING};
@@ -197,9 +195,9 @@ impl Worker {
             let deadline = self.next_deadline();
             let far = Instant::now() + Duration::from_secs(3600);
             tokio::select! {
-                r = fds[TX].readable() => drain(r),
-                r = fds[RX].readable() => drain(r),
-                r = fds[EVENT].readable() => drain(r),
+                r = fds[TX].readable() => drain(r, "vsock"),
+                r = fds[RX].readable() => drain(r, "vsock"),
+                r = fds[EVENT].readable() => drain(r, "vsock"),
                 _ = self.shared.wake.notified() => {}
                 _ = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => {}
             }
@@ -660,34 +658,5 @@ fn write_header(pkt: &mut VsockPacket<'_, ()>, hdr: &Header) -> u32 {
             warn!(%e, "writing vsock rx header");
             0
         }
-    }
-}
-
-/// Wraps a queue EventFd for tokio. The fd is switched to non-blocking mode (it is a dup of
-/// the machine's ioeventfd; only our reads care about the flag).
-fn async_eventfd(fd: EventFd) -> std::io::Result<AsyncFd<EventFd>> {
-    let raw = fd.as_raw_fd();
-    // SAFETY: F_GETFL/F_SETFL on an fd we own; no memory is passed.
-    let flags = unsafe { libc::fcntl(raw, libc::F_GETFL) };
-    if flags < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: as above.
-    if unsafe { libc::fcntl(raw, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the EventFd owns `raw` and is moved into the AsyncFd, so the descriptor stays
-    // open and refers to the same eventfd for the AsyncFd's whole life.
-    unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(|e| e.into_parts().1)
-}
-
-/// Consumes a kick: reads the counter and clears readiness (a new kick re-arms it).
-fn drain(r: std::io::Result<tokio::io::unix::AsyncFdReadyGuard<'_, EventFd>>) {
-    match r {
-        Ok(mut guard) => {
-            let _ = guard.get_inner().read();
-            guard.clear_ready();
-        }
-        Err(e) => warn!(%e, "vsock queue eventfd"),
     }
 }
