@@ -308,7 +308,7 @@ fn flow_limit_refuses_new_flows_and_keeps_old_ones() {
         let server = Server::start("203.0.113.10:80").await;
         let mut config = config(Policy::public());
         config.limits.max_flows = 8;
-        let fds_before = netns::open_fds();
+        let fds_before = netns::tcp_sockets();
         let (stack, guest) = start(config);
         let mut held = Vec::new();
         for _ in 0..8 {
@@ -322,11 +322,8 @@ fn flow_limit_refuses_new_flows_and_keeps_old_ones() {
         }
         assert_eq!(server.accepts(), 8);
         // 8 flows: 8 host sockets (plus the server's 8 accepted ends), not 48.
-        let fds = netns::open_fds();
-        assert!(
-            fds <= fds_before + 16 + 2,
-            "fds grew from {fds_before} to {fds}"
-        );
+        let fds = netns::tcp_sockets();
+        assert_eq!(fds, fds_before + 16, "TCP sockets before: {fds_before}");
         // The old flows still work.
         for tcp in &mut held {
             tcp.write_all(b"ping").await.unwrap();
@@ -356,10 +353,10 @@ fn flow_limit_refuses_new_flows_and_keeps_old_ones() {
         drop(held);
         stack.shutdown().await;
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let fds_after = netns::open_fds();
-        assert!(
-            fds_after <= fds_before + 16,
-            "fds after shutdown: {fds_after} (before {fds_before})"
+        let fds_after = netns::tcp_sockets();
+        assert_eq!(
+            fds_after, fds_before,
+            "TCP sockets after shutdown (before: {fds_before})"
         );
     });
 }

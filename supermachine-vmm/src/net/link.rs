@@ -10,7 +10,7 @@
 
 use std::collections::VecDeque;
 
-use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
+use smoltcp::phy::{self, Checksum, Device, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 use tokio::sync::mpsc;
 
@@ -19,8 +19,9 @@ use super::addressing::MTU;
 /// One Ethernet frame, without the FCS.
 pub type Frame = Vec<u8>;
 
-/// Frames each direction's channel holds.
-pub const LINK_QUEUE: usize = 256;
+/// Frames each direction's channel holds: at most 8 MiB of 64 KiB frames per direction and
+/// VM, held only while the other side is slower.
+pub const LINK_QUEUE: usize = 128;
 
 /// An Ethernet header's length.
 pub const ETHERNET_HEADER: usize = 14;
@@ -111,6 +112,13 @@ impl Device for Wire {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ethernet;
         caps.max_transmission_unit = MTU + ETHERNET_HEADER;
+        // TCP checksums are neither checked nor computed, each a pass over every byte: the
+        // guest's are partial sums (its NIC offloads them, see `packet::guest_checksums`), and
+        // the NIC marks the stack's valid or fills them in (`devices/net/checksum.rs`).
+        // (UDP: the stack has no smoltcp UDP socket; the guest's are partial sums too. IPv4
+        // headers and ICMP are small and nobody offloads them: checked and computed.)
+        caps.checksum.tcp = Checksum::None;
+        caps.checksum.udp = Checksum::None;
         caps
     }
 }

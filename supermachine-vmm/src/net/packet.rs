@@ -23,7 +23,7 @@ pub const MAX_UDP_PAYLOAD: usize = MTU - IPV4_HEADER - UDP_HEADER;
 pub enum Inspected<'a> {
     /// A TCP SYN (without ACK): the guest opens a connection.
     TcpSyn(Syn),
-    /// A UDP datagram (not fragmented, checksums valid).
+    /// A UDP datagram (not fragmented, IPv4 header checksum valid).
     Udp(Datagram<'a>),
     /// Anything else (ARP, other TCP segments, ICMP, malformed frames): smoltcp's business.
     Other,
@@ -63,13 +63,23 @@ pub struct Datagram<'a> {
     pub ip_packet: &'a [u8],
 }
 
+/// Which checksums of a guest frame are checked: the IPv4 header's only. The guest's NIC
+/// offloads TCP and UDP checksums (`VIRTIO_NET_F_CSUM`), so those fields may hold a partial
+/// sum; the link is guest memory, so a checksum would only catch what the guest wrote on
+/// purpose, and the stack re-originates every flow on host sockets, which checksum afresh.
+pub fn guest_checksums() -> ChecksumCapabilities {
+    let mut checksums = ChecksumCapabilities::ignored();
+    checksums.ipv4 = smoltcp::phy::Checksum::Both;
+    checksums
+}
+
 /// Looks at a frame from the guest. Never panics, whatever the bytes.
 pub fn inspect(frame: &[u8]) -> Inspected<'_> {
     inspect_ipv4(frame).unwrap_or(Inspected::Other)
 }
 
 fn inspect_ipv4(frame: &[u8]) -> Option<Inspected<'_>> {
-    let checksums = ChecksumCapabilities::default();
+    let checksums = guest_checksums();
     let ethernet = EthernetFrame::new_checked(frame).ok()?;
     if ethernet.ethertype() != EthernetProtocol::Ipv4 {
         return None;

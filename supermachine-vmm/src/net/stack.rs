@@ -21,7 +21,7 @@ use std::net::SocketAddrV4;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use smoltcp::iface::{Config, Interface, SocketSet};
+use smoltcp::iface::{Config, Interface, PollResult, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpListenEndpoint};
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
@@ -43,8 +43,11 @@ use super::udp::{UdpEnds, UdpFlow};
 const RX_BATCH: usize = 64;
 /// The longest the loop sleeps without a reason to wake (timeouts are checked then).
 const TICK: Duration = Duration::from_millis(500);
-/// How many poll/service rounds one turn of the loop makes at most.
-const ROUNDS: usize = 8;
+/// How many poll/service rounds one turn of the loop makes at most. smoltcp sends at most one
+/// segment per socket per poll, so this bounds the segments a flow sends per turn; the frames
+/// of one turn reach the NIC together (one interrupt for all of them), where one frame per turn
+/// would cost the guest an interrupt per frame.
+const ROUNDS: usize = 64;
 
 /// A guest flow's two ends.
 type FlowKey = (SocketAddrV4, SocketAddrV4);
@@ -198,12 +201,14 @@ impl Stack {
         )
     }
 
-    /// Polls smoltcp and services the flows until nothing moves (or [`ROUNDS`]).
+    /// Polls smoltcp and services the flows until neither sends nor moves anything (or
+    /// [`ROUNDS`]).
     fn turn(&mut self) {
         for _ in 0..ROUNDS {
             let now = self.now();
-            self.iface.poll(now, &mut self.wire, &mut self.sockets);
-            if !self.service_tcp() {
+            let polled = self.iface.poll(now, &mut self.wire, &mut self.sockets);
+            let moved = self.service_tcp();
+            if polled == PollResult::None && !moved {
                 break;
             }
         }
@@ -241,7 +246,7 @@ impl Stack {
             frame,
             target,
             limits.connect_timeout,
-            limits.tcp_buffer,
+            limits.tcp_buffer.min(tcp_host::MAX_CHUNK),
             permit,
             Arc::clone(&self.wake),
         );

@@ -22,6 +22,10 @@ use super::admission::Refused;
 
 /// Chunks in flight each way between a flow's task and the event loop.
 pub const CHANNEL_CHUNKS: usize = 2;
+/// The largest chunk: one host read, or what the loop takes from smoltcp at once. A flow's
+/// window (its smoltcp buffers) can be larger; this keeps the bytes in the channels small
+/// beside it.
+pub const MAX_CHUNK: usize = 256 * 1024;
 
 /// What the host side reports to the loop.
 #[derive(Debug)]

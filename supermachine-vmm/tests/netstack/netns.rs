@@ -232,7 +232,19 @@ impl Drop for Dnsmasq {
     }
 }
 
-/// Open file descriptors of this process.
-pub fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
+/// TCP sockets that descriptors hold open in the calling thread's network namespace,
+/// listeners excepted: the stack's host sockets and the test servers' accepted ends. Not the
+/// process's descriptors: the other tests run on threads of this process at the same time,
+/// each in a namespace of its own.
+pub fn tcp_sockets() -> usize {
+    let table = std::fs::read_to_string("/proc/thread-self/net/tcp").unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // The state (0A: LISTEN) and the inode (0: no descriptor, as in TIME_WAIT).
+            fields.get(3) != Some(&"0A") && fields.get(9).is_some_and(|inode| *inode != "0")
+        })
+        .count()
 }

@@ -202,7 +202,10 @@ mod tests {
     #[test]
     fn the_flag_carries_the_vmm_addressing() {
         let flag = guest_flag();
-        assert_eq!(flag, "supermachine.net=10.0.2.15/24,10.0.2.2,10.0.2.3,1500");
+        assert_eq!(
+            flag,
+            "supermachine.net=10.0.2.15/24,10.0.2.2,10.0.2.3,65520"
+        );
         assert!(cmdline_has_nic(&format!("quiet {flag}")));
         assert!(!cmdline_has_nic("quiet supermachine.rootfs=1"));
     }

@@ -1,17 +1,21 @@
 //! virtio-net (device type 1) in front of the user-mode network ([`crate::net`]).
 //!
 //! Two queues, receive (0) and transmit (1), no control queue, no offloads: the guest
-//! checksums and segments itself, every frame is at most one MTU (1500) plus its Ethernet
-//! header. Offered features: `VERSION_1`, `EVENT_IDX`, `MAC` (the guest's fixed MAC) and
-//! `STATUS` (link always up).
+//! checksums and segments itself, every frame is at most one MTU plus its Ethernet header.
+//! Offered features: `VERSION_1`, `EVENT_IDX`, `INDIRECT_DESC`, `MAC` (the guest's fixed MAC),
+//! `STATUS` (link always up), `MTU` ([`MTU`](crate::net::addressing::MTU), 65520: the link
+//! ends in the VMM, so large frames cost nothing and each frame saved is a kick and an
+//! interrupt saved), `GUEST_CSUM` (see [`checksum`]: TCP segments to the guest carry no
+//! checksum to verify) and `CSUM` (the guest leaves its TCP and UDP checksums partial: the
+//! stack does not check them, [`crate::net::packet::guest_checksums`]). No segmentation
+//! offload: with a 64 KiB MTU it would save little.
 //!
 //! # Receive buffers: not mergeable
-//! Without `VIRTIO_NET_F_MRG_RXBUF` and without guest offloads, Linux posts one buffer per
-//! frame big enough for a full-size frame (12-byte header + 1518 bytes), so each frame from the
-//! stack goes into exactly one descriptor chain. The data path never holds half a frame, which
-//! keeps the snapshot state to the queue positions. Mergeable buffers only pay off with large
-//! (GSO) frames, which the user-mode stack does not produce; a frame too large for a chain is
-//! dropped and counted as the guest would count a bad frame.
+//! Without `VIRTIO_NET_F_MRG_RXBUF`, a device MTU above 1500 makes Linux post "big" receive
+//! buffers, each a chain of pages that holds a whole frame (12-byte header + MTU + 14), so
+//! each frame from the stack goes into exactly one descriptor chain. The data path never holds
+//! half a frame, which keeps the snapshot state to the queue positions. A frame too large for
+//! a chain is dropped and counted as the guest would count a bad frame.
 //!
 //! # Data path
 //! One tokio task per activation ([`worker`]): it waits on the two queue eventfds
@@ -24,6 +28,7 @@
 //! See [`persist`]: the transport saves the queues; a restored machine builds a new device
 //! and with it a new, empty [`NetStack`], so restored VMs share no flow and no DNS cache.
 
+mod checksum;
 mod persist;
 mod worker;
 
@@ -32,7 +37,10 @@ use std::sync::Arc;
 
 use tracing::debug;
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
-use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU,
+    VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+};
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -41,8 +49,9 @@ use super::block::copy_config;
 use super::virtio::worker_gate::WorkerGate;
 use super::virtio::{
     ActivateError, IrqTrigger, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
 };
-use crate::net::addressing::GUEST_MAC;
+use crate::net::addressing::{GUEST_MAC, MTU};
 use crate::net::{GuestLink, NetStack, StackConfig};
 
 /// Receive queue index.
@@ -52,13 +61,21 @@ pub const TX: usize = 1;
 /// Size of each queue offered to the driver.
 pub const QUEUE_SIZE: u16 = 256;
 
+/// Bytes of `struct virtio_net_config` the device exposes (up to and including `mtu`).
+const CONFIG_LEN: usize = 12;
+/// The MTU as the 16-bit config field holds it (checked at compile time).
+const MTU_FIELD: u16 = {
+    assert!(MTU <= u16::MAX as usize);
+    MTU as u16
+};
+
 /// A virtio-net device whose other end is a [`NetStack`] of its own.
 pub struct NetDevice {
     /// The stack; dropping the device drops it, which closes every host socket.
     _stack: NetStack,
     link: Arc<worker::Link>,
     runtime: tokio::runtime::Handle,
-    config: [u8; 8],
+    config: [u8; CONFIG_LEN],
     queue_sizes: [u16; 2],
     acked_features: u64,
     worker: Option<(Arc<WorkerGate>, tokio::task::JoinHandle<()>)>,
@@ -84,11 +101,14 @@ impl NetDevice {
     }
 
     fn with_link(stack: NetStack, link: GuestLink, runtime: tokio::runtime::Handle) -> Self {
-        // struct virtio_net_config: mac[6] @0, status le16 @6.
-        let mut config = [0u8; 8];
+        // struct virtio_net_config: mac[6] @0, status le16 @6, max_virtqueue_pairs le16 @8
+        // (read only with VIRTIO_NET_F_MQ; one pair), mtu le16 @10.
+        let mut config = [0u8; CONFIG_LEN];
         config[..6].copy_from_slice(&GUEST_MAC.0);
         // The constant is 1; the field is 16 bits.
         config[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        config[8..10].copy_from_slice(&1u16.to_le_bytes());
+        config[10..12].copy_from_slice(&MTU_FIELD.to_le_bytes());
         NetDevice {
             _stack: stack,
             link: Arc::new(worker::Link::new(link)),
@@ -122,8 +142,12 @@ impl VirtioDevice for NetDevice {
     fn features(&self) -> u64 {
         VIRTIO_F_VERSION_1
             | VIRTIO_RING_F_EVENT_IDX
+            | VIRTIO_RING_F_INDIRECT_DESC
             | (1 << VIRTIO_NET_F_MAC)
             | (1 << VIRTIO_NET_F_STATUS)
+            | (1 << VIRTIO_NET_F_MTU)
+            | (1 << VIRTIO_NET_F_GUEST_CSUM)
+            | (1 << VIRTIO_NET_F_CSUM)
     }
 
     fn ack_features(&mut self, features: u64) {
@@ -158,8 +182,10 @@ impl VirtioDevice for NetDevice {
             .try_into()
             .map_err(|_| ActivateError::QueueCount { expected: 2, got })?;
         let gate = Arc::new(WorkerGate::new(&queues));
+        let guest_csum = self.acked_features & (1 << VIRTIO_NET_F_GUEST_CSUM) != 0;
         let worker = worker::Worker::new(
             mem,
+            guest_csum,
             queues,
             irq,
             self.link.clone(),

@@ -3,20 +3,24 @@
 
 use std::collections::BTreeSet;
 
-use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS};
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS};
 
 use super::worker::NET_HDR_LEN;
 use super::{NetDevice, QUEUE_SIZE, RX, TX};
 use crate::devices::virtio::test_driver::{Buf, GuestDriver};
-use crate::devices::virtio::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
-use crate::net::addressing::{GATEWAY, GATEWAY_MAC, GUEST, GUEST_MAC};
+use crate::devices::virtio::{
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use crate::net::addressing::{GATEWAY, GATEWAY_MAC, GUEST, GUEST_MAC, MTU};
 use crate::net::policy::{Action, Policy, Rule};
 use crate::net::{Limits, StackConfig};
 
 const ALL: u64 = VIRTIO_F_VERSION_1
     | VIRTIO_RING_F_EVENT_IDX
+    | VIRTIO_RING_F_INDIRECT_DESC
     | (1 << VIRTIO_NET_F_MAC)
-    | (1 << VIRTIO_NET_F_STATUS);
+    | (1 << VIRTIO_NET_F_STATUS)
+    | (1 << VIRTIO_NET_F_MTU);
 
 fn sealed_config() -> StackConfig {
     StackConfig {
@@ -65,10 +69,12 @@ fn send(d: &mut GuestDriver, frame: &[u8]) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn config_space_has_the_mac_and_link_up() {
+async fn config_space_has_the_mac_link_up_and_the_mtu() {
     let mut d = driver();
     assert_eq!(d.read_config(0, 6), GUEST_MAC.0.to_vec());
     assert_eq!(d.read_config(6, 2), vec![1, 0]);
+    let mtu = d.read_config(10, 2);
+    assert_eq!(usize::from(u16::from_le_bytes([mtu[0], mtu[1]])), MTU);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,7 +21,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{RX, TX};
+use super::{checksum, RX, TX};
 use crate::devices::virtio::kick::{async_eventfd, drain};
 use crate::devices::virtio::ring::add_used;
 use crate::devices::virtio::worker_gate::{Entry, WorkerGate};
@@ -57,6 +57,9 @@ impl Link {
 /// What one activation's task owns.
 pub(super) struct Worker {
     mem: Arc<Mem>,
+    /// The driver accepted `VIRTIO_NET_F_GUEST_CSUM`: frames go in marked `DATA_VALID`;
+    /// otherwise their TCP checksums are filled first.
+    guest_csum: bool,
     queues: [Queue; 2],
     irq: IrqTrigger,
     link: Arc<Link>,
@@ -73,6 +76,7 @@ pub(super) struct Worker {
 impl Worker {
     pub(super) fn new(
         mem: Arc<Mem>,
+        guest_csum: bool,
         queues: [Queue; 2],
         irq: IrqTrigger,
         link: Arc<Link>,
@@ -81,6 +85,7 @@ impl Worker {
     ) -> Self {
         Worker {
             mem,
+            guest_csum,
             queues,
             irq,
             link,
@@ -237,7 +242,7 @@ impl Worker {
     ) -> Result<usize, virtio_queue::Error> {
         let mut used = 0;
         loop {
-            let frame = match self.rx_pending.take() {
+            let mut frame = match self.rx_pending.take() {
                 Some(frame) => frame,
                 None => match from_stack.try_recv() {
                     Ok(frame) => frame,
@@ -255,7 +260,13 @@ impl Worker {
             };
             let head = chain.head_index();
             let descs: Vec<Descriptor> = chain.collect();
-            let len = write_frame(mem, &descs, &frame);
+            let flags = if self.guest_csum {
+                checksum::HDR_F_DATA_VALID
+            } else {
+                checksum::fill_tcp(&mut frame);
+                0
+            };
+            let len = write_frame(mem, &descs, &frame, flags);
             add_used(&mut self.queues[RX], mem, head, len)?;
             used += 1;
         }
@@ -307,7 +318,7 @@ fn read_frame(mem: &Mem, descs: &[Descriptor]) -> Option<Frame> {
 
 /// Writes a header and `frame` into a receive chain; returns the bytes written (0 when the
 /// chain cannot take the frame, which the guest counts as a bad frame).
-fn write_frame(mem: &Mem, descs: &[Descriptor], frame: &[u8]) -> u32 {
+fn write_frame(mem: &Mem, descs: &[Descriptor], frame: &[u8], flags: u8) -> u32 {
     if descs.iter().any(|d| !d.is_write_only()) {
         debug!("virtio-net receive chain with a device-readable buffer");
         return 0;
@@ -321,8 +332,10 @@ fn write_frame(mem: &Mem, descs: &[Descriptor], frame: &[u8]) -> u32 {
         );
         return 0;
     }
-    // flags, gso_type, hdr_len, gso_size, csum_start, csum_offset: none; num_buffers = 1.
+    // flags as given; gso_type, hdr_len, gso_size, csum_start, csum_offset: none;
+    // num_buffers = 1.
     let mut header = [0u8; NET_HDR_LEN];
+    header[0] = flags;
     header[10..12].copy_from_slice(&1u16.to_le_bytes());
     let mut parts = [&header[..], frame];
     let mut done = 0usize;
@@ -347,6 +360,6 @@ fn write_frame(mem: &Mem, descs: &[Descriptor], frame: &[u8]) -> u32 {
             at = next;
         }
     }
-    // At most 12 + 1518 bytes.
+    // At most 12 + MTU + 18 bytes.
     u32::try_from(done).unwrap_or(0)
 }

@@ -93,6 +93,10 @@ impl IrqTrigger {
 pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 /// Feature bit: `used_event` / `avail_event` notification suppression (virtio 1.x §2.7.10).
 pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+/// `VIRTIO_RING_F_INDIRECT_DESC`: a descriptor may point at a table of descriptors, so one
+/// chain of many buffers takes one ring entry.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 =
+    1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 
 /// A device could not start with the queues the driver set up.
 #[derive(Debug, thiserror::Error)]
