@@ -215,6 +215,35 @@ fn start_sink(address: &str, port: u16, len: u64) {
     });
 }
 
+/// A host that reads until the guest's FIN (its half-close), then answers how many bytes came
+/// and closes: a guest whose FIN is lost never gets the answer.
+fn start_half_close_host(address: &str, port: u16) {
+    let listener = TcpListener::bind((address, port)).expect("bind half-close host");
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut got = Vec::new();
+                if stream.read_to_end(&mut got).is_ok() {
+                    let _ = stream.write_all(format!("got {}\n", got.len()).as_bytes());
+                }
+            });
+        }
+    });
+}
+
+/// A host that sends `len` pattern bytes and then resets the connection (SO_LINGER 0).
+fn start_resetting_host(address: &str, port: u16, len: usize) {
+    let listener = TcpListener::bind((address, port)).expect("bind resetting host");
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let bytes: Vec<u8> = (0..len as u64).map(pattern).collect();
+            let _ = stream.write_all(&bytes);
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+            drop(stream);
+        }
+    });
+}
+
 fn config(network: Network) -> VmConfig {
     supermachine_e2e::test_vm_config()
         .expect("test VM config")
@@ -281,7 +310,7 @@ fn downloads_and_uploads_are_byte_exact_with_concurrent_connections() {
                 );
 
                 // Concurrent connections, each checked.
-                let n = 16;
+                let n = 50;
                 let script = format!(
                     "for i in $(busybox seq {n}); do \
                        (busybox wget -q -O- http://{WEB}/bytes/$((1000 + i)) | busybox wc -c > /tmp/c$i) & \
@@ -295,6 +324,66 @@ fn downloads_and_uploads_are_byte_exact_with_concurrent_connections() {
                 assert!(web.accepts() >= 2 + n as usize);
                 vm.stop().await;
             });
+        },
+    );
+}
+
+#[test]
+fn a_half_close_reaches_the_host_and_a_host_reset_reaches_the_guest() {
+    in_netns(
+        "a_half_close_reaches_the_host_and_a_host_reset_reaches_the_guest",
+        || {
+            init_tracing();
+            start_half_close_host(WEB, 9100);
+            start_resetting_host(WEB, 9101, 100_000);
+            let web = Web::start(WEB, 80);
+            supermachine_e2e::shared_runtime().block_on(async {
+                let vm = Vm::start(config(Network::public())).await.expect("start");
+                // busybox nc shuts its write side down at EOF on stdin and keeps reading.
+                let (code, out) = sh(
+                    &vm,
+                    &format!("busybox printf 12345 | busybox timeout 60 busybox nc {WEB} 9100"),
+                )
+                .await;
+                assert_eq!((code, out.as_str()), (0, "got 5"), "half-close");
+
+                // A reset after 100 000 bytes: the guest's read fails at once (no hang, no
+                // timeout), with at most those bytes.
+                let started = Instant::now();
+                let (code, out) = sh(
+                    &vm,
+                    &format!(
+                        "busybox timeout 60 busybox nc {WEB} 9101 > /tmp/r; echo \"rc=$?\"; \
+                         busybox wc -c < /tmp/r"
+                    ),
+                )
+                .await;
+                assert_eq!(code, 0, "{out}");
+                let mut lines = out.lines();
+                let rc = lines.next().unwrap_or_default();
+                assert_ne!(rc, "rc=124", "the reset was not seen: {out}");
+                let got: usize = lines
+                    .next()
+                    .unwrap_or_default()
+                    .trim()
+                    .parse()
+                    .expect("count");
+                assert!(got <= 100_000, "{out}");
+                assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "{:?}",
+                    started.elapsed()
+                );
+                // The VM's network goes on.
+                let (code, out) = sh(
+                    &vm,
+                    &format!("busybox wget -q -O- http://{WEB}/bytes/7 | busybox wc -c"),
+                )
+                .await;
+                assert_eq!((code, out.as_str()), (0, "7"));
+                vm.stop().await;
+            });
+            assert_eq!(web.accepts(), 1);
         },
     );
 }

@@ -109,6 +109,11 @@ impl Network {
 
     /// Where the guest's DNS queries are forwarded (tried in order), instead of the
     /// `nameserver`s of the host's `/etc/resolv.conf`.
+    ///
+    /// An empty list turns forwarding off: every name but `host.supermachine.internal` gets
+    /// SERVFAIL at once. Forwarding is the VMM's own traffic, not a guest flow, so a deny-all
+    /// policy alone does not stop it (a guest could still move data out in the names it asks
+    /// for); with deny-all and no upstreams nothing the guest sends gets past the VMM.
     pub fn dns_upstreams(mut self, upstreams: impl IntoIterator<Item = SocketAddr>) -> Self {
         self.dns_upstreams = Some(upstreams.into_iter().collect());
         self
