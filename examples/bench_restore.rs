@@ -71,26 +71,91 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Warm-up: the first restore faults the memory file into the page cache.
     drop(Vm::restore(&snapshot).await?);
 
+    let mut marker = TraceMarker::from_env();
     let (mut vmm, mut agent, mut exec) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..runs {
+    for run in 0..runs {
+        marker.mark(&format!("restore {run} start"));
         let t0 = Instant::now();
         let vm = Vm::restore(&snapshot).await?;
         let timings = vm.start_timings();
+        marker.mark(&format!(
+            "restore {run} agent vcpus_us={} agent_us={}",
+            timings.vcpus_running.as_micros(),
+            timings.agent_ready.as_micros()
+        ));
         let status = vm.exec(["true"]).output().await?.status;
         let total = t0.elapsed();
+        marker.mark(&format!("restore {run} exec done"));
         if !status.success() {
             return Err(format!("`true` exited with {status:?}").into());
         }
         vmm.push(timings.vcpus_running);
         agent.push(timings.agent_ready);
         exec.push(total);
-        drop(vm);
+        if run + 1 < runs {
+            drop(vm);
+            continue;
+        }
+        // The baseline, same run: the last restored VM, now warm.
+        let (ping, warm_exec) = warm_round_trips(&vm, runs).await?;
+        let p50 = |v: &[Duration]| {
+            let mut v = v.to_vec();
+            v.sort();
+            v[v.len() / 2]
+        };
+        let ratio = |a: &[Duration], b: &[Duration]| p50(a).as_secs_f64() / p50(b).as_secs_f64();
+        report("(a) restore -> vCPUs running", vmm.clone());
+        report(
+            "(b) restore -> agent answered (reseed+clock)",
+            agent.clone(),
+        );
+        report("(c) restore -> first `true` exec done", exec.clone());
+        report("warm: agent ping (new connection)", ping.clone());
+        report("warm: `true` exec round trip", warm_exec.clone());
+        println!(
+            "ratios of p50s: (b)/warm ping {:.2}, (c)/warm exec {:.2}",
+            ratio(&agent, &ping),
+            ratio(&exec, &warm_exec)
+        );
     }
-    report("(a) restore -> vCPUs running", vmm);
-    report("(b) restore -> agent answered (reseed+clock)", agent);
-    report("(c) restore -> first `true` exec done", exec);
 
     concurrent_restores(&snapshot, concurrent).await
+}
+
+/// `n` agent pings and `n` `true` execs on a warm VM.
+async fn warm_round_trips(
+    vm: &Vm,
+    n: usize,
+) -> Result<(Vec<Duration>, Vec<Duration>), Box<dyn std::error::Error>> {
+    let (mut ping, mut exec) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        let t0 = Instant::now();
+        vm.agent().ping().await?;
+        ping.push(t0.elapsed());
+        let t0 = Instant::now();
+        vm.exec(["true"]).output().await?;
+        exec.push(t0.elapsed());
+    }
+    Ok((ping, exec))
+}
+
+/// `BENCH_TRACE_MARKER=/sys/kernel/tracing/trace_marker`: each restore's steps written into the
+/// kernel's trace, so `lane/trace-restore.sh` can count KVM exits and faults per step.
+struct TraceMarker(Option<std::fs::File>);
+
+impl TraceMarker {
+    fn from_env() -> Self {
+        let file = std::env::var_os("BENCH_TRACE_MARKER")
+            .and_then(|path| std::fs::OpenOptions::new().write(true).open(path).ok());
+        TraceMarker(file)
+    }
+
+    fn mark(&mut self, what: &str) {
+        use std::io::Write;
+        if let Some(file) = &mut self.0 {
+            let _ = file.write_all(format!("sm: {what}").as_bytes());
+        }
+    }
 }
 
 async fn concurrent_restores(

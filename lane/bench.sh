@@ -9,11 +9,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-lane_opts=() arch="${SUPERMACHINE_LANE_ARCH:-x86_64}"
+lane_opts=() arch="${SUPERMACHINE_LANE_ARCH:-x86_64}" wrap=()
 while [[ ${1:-} == --* ]]; do
   case "$1" in
     --verbose) lane_opts+=("$1"); shift ;;
     --arch) arch="${2:?--arch needs a value}"; shift 2 ;;
+    # A command (words split on spaces) that runs the example in L1: lane/trace-restore.sh.
+    --wrap) read -ra wrap <<<"${2:?--wrap needs a command}"; shift 2 ;;
     *) lane_opts+=("$1" "${2:?$1 needs a value}"); shift 2 ;;
   esac
 done
@@ -35,4 +37,4 @@ SUPERMACHINE_KERNEL="${SUPERMACHINE_KERNEL:-$(supermachine-vmm/guest/build-kerne
 cargo build -q -p supermachine-agent --release --target "$arch-unknown-linux-musl"
 cargo build -q --release "${example_target[@]}" --example "$example"
 export SUPERMACHINE_KERNEL SUPERMACHINE_AGENT_BIN="$PWD/target/$arch-unknown-linux-musl/release/supermachine-agent"
-exec lane/run.sh --arch "$arch" "${lane_opts[@]}" -- "$examples/$example" "$@"
+exec lane/run.sh --arch "$arch" "${lane_opts[@]}" -- "${wrap[@]}" "$examples/$example" "$@"
