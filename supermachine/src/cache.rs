@@ -15,8 +15,8 @@ pub fn root() -> io::Result<PathBuf> {
     if let Some(dir) = non_empty(CACHE_DIR_ENV) {
         return Ok(PathBuf::from(dir));
     }
-    match non_empty("HOME") {
-        Some(home) => Ok(crate::os::default_cache_dir(Path::new(&home))),
+    match crate::os::default_cache_dir() {
+        Some(dir) => Ok(dir),
         None => Err(io::Error::new(
             io::ErrorKind::NotFound,
             format!("no cache directory: set {CACHE_DIR_ENV} or HOME"),
@@ -37,7 +37,7 @@ pub fn install_dir() -> Option<PathBuf> {
     if let Some(dir) = non_empty(INSTALL_DIR_ENV) {
         return Some(PathBuf::from(dir));
     }
-    non_empty("HOME").map(|home| crate::os::default_install_dir(Path::new(&home)))
+    crate::os::default_install_dir()
 }
 
 /// `root()/name`, created if missing.

@@ -100,35 +100,35 @@ pub(crate) fn path_in_dir(dir: &OwnedFd, name: &OsStr) -> io::Result<PathBuf> {
 
 /// Where cached images, rootfs and snapshots go unless `SUPERMACHINE_CACHE_DIR` says:
 /// `$XDG_CACHE_HOME/supermachine` or `~/.cache/supermachine` on Linux,
-/// `~/Library/Caches/supermachine` on macOS.
-pub(crate) fn default_cache_dir(home: &Path) -> PathBuf {
-    by_convention(home, "Library/Caches", "XDG_CACHE_HOME", ".cache")
+/// `~/Library/Caches/supermachine` on macOS. `None` without the variables that decide it.
+pub(crate) fn default_cache_dir() -> Option<PathBuf> {
+    by_convention("Library/Caches", "XDG_CACHE_HOME", ".cache")
 }
 
 /// Where an installed guest kernel and agent are looked for unless `SUPERMACHINE_INSTALL_DIR`
 /// says: `$XDG_DATA_HOME/supermachine` or `~/.local/share/supermachine` on Linux,
 /// `~/Library/Application Support/supermachine` on macOS.
-pub(crate) fn default_install_dir(home: &Path) -> PathBuf {
+pub(crate) fn default_install_dir() -> Option<PathBuf> {
     by_convention(
-        home,
         "Library/Application Support",
         "XDG_DATA_HOME",
         ".local/share",
     )
 }
 
-/// `supermachine` under the macOS directory `mac` (relative to `home`), or on other hosts under
-/// `$xdg_var`, else `home/xdg_default`.
-fn by_convention(home: &Path, mac: &str, xdg_var: &str, xdg_default: &str) -> PathBuf {
+/// `supermachine` under `$HOME/mac` on macOS; elsewhere under `$xdg_var`, else
+/// `$HOME/xdg_default`.
+fn by_convention(mac: &str, xdg_var: &str, xdg_default: &str) -> Option<PathBuf> {
+    let home = || non_empty("HOME").map(PathBuf::from);
     let base = if cfg!(target_os = "macos") {
-        home.join(mac)
+        home()?.join(mac)
     } else {
         match non_empty(xdg_var) {
             Some(dir) => PathBuf::from(dir),
-            None => home.join(xdg_default),
+            None => home()?.join(xdg_default),
         }
     };
-    base.join("supermachine")
+    Some(base.join("supermachine"))
 }
 
 /// Where running VMs register (their muxer sockets) unless `SUPERMACHINE_RUNTIME_DIR` says:
