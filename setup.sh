@@ -9,7 +9,8 @@
 # 2. Rust (rustup, if cargo is missing) and the x86_64-unknown-linux-musl target (static agent),
 #    and aarch64-unknown-linux-musl for arm64 guests (`cargo build --release -p supermachine-agent
 #    --target aarch64-unknown-linux-musl`; with `supermachine-vmm/guest/build-kernel.sh --arch
-#    aarch64` for their kernel; neither is built here).
+#    aarch64` for their kernel; neither is built here), and aarch64-apple-darwin, for which CI
+#    type-checks the macOS build (README, "macOS (Apple Silicon)").
 # 3. The guest kernel (Debian's linux-source-6.1 + our config and patches; ~5 min on 2 cores, then
 #    cached under ~/.cache/supermachine/kernel/).
 # 4. The guest agent (static musl binary) and the `supermachine` CLI (into ~/.local/bin).
@@ -70,7 +71,7 @@ if ! command -v cargo >/dev/null; then
     || curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
   export PATH="$HOME/.cargo/bin:$PATH"
 fi
-for target in x86_64-unknown-linux-musl aarch64-unknown-linux-musl; do
+for target in x86_64-unknown-linux-musl aarch64-unknown-linux-musl aarch64-apple-darwin; do
   rustup target list --installed | grep -qx "$target" || rustup target add "$target"
 done
 

@@ -15,8 +15,7 @@ pub trait InterruptLine: Send + Sync {
 
 /// A bare eventfd is a line whose edges the holder of the other end counts: what KVM's irqfd
 /// consumes, and what the device tests read back.
-#[cfg(target_os = "linux")]
-impl InterruptLine for vmm_sys_util::eventfd::EventFd {
+impl InterruptLine for crate::os::EventFd {
     fn trigger(&self) -> std::io::Result<()> {
         self.write(1)
     }

@@ -27,6 +27,7 @@ pub mod interrupt;
 mod machine;
 pub mod memory;
 pub mod net;
+pub mod os;
 pub mod snapshot;
 mod vcpu;
 

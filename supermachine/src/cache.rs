@@ -7,18 +7,16 @@ use std::path::{Path, PathBuf};
 /// Environment variable overriding the cache root.
 pub const CACHE_DIR_ENV: &str = "SUPERMACHINE_CACHE_DIR";
 
-/// The cache root: `$SUPERMACHINE_CACHE_DIR`, else `$XDG_CACHE_HOME/supermachine`, else
-/// `$HOME/.cache/supermachine`.
+/// The cache root: `$SUPERMACHINE_CACHE_DIR`, else the host's convention
+/// ([`os`](crate::os): `$XDG_CACHE_HOME/supermachine` or `$HOME/.cache/supermachine` on Linux,
+/// `$HOME/Library/Caches/supermachine` on macOS).
 pub fn root() -> io::Result<PathBuf> {
     let non_empty = |name| std::env::var_os(name).filter(|v| !v.is_empty());
     if let Some(dir) = non_empty(CACHE_DIR_ENV) {
         return Ok(PathBuf::from(dir));
     }
-    if let Some(dir) = non_empty("XDG_CACHE_HOME") {
-        return Ok(PathBuf::from(dir).join("supermachine"));
-    }
-    match non_empty("HOME") {
-        Some(home) => Ok(PathBuf::from(home).join(".cache/supermachine")),
+    match crate::os::default_cache_dir() {
+        Some(dir) => Ok(dir),
         None => Err(io::Error::new(
             io::ErrorKind::NotFound,
             format!("no cache directory: set {CACHE_DIR_ENV} or HOME"),
@@ -31,17 +29,15 @@ pub const INSTALL_DIR_ENV: &str = "SUPERMACHINE_INSTALL_DIR";
 
 /// Where `setup.sh` installs the guest kernel (`vmlinux`) and agent (`supermachine-agent`),
 /// which [`VmConfig`](crate::VmConfig) uses when neither a path nor `SUPERMACHINE_KERNEL` /
-/// `SUPERMACHINE_AGENT_BIN` is given: `$SUPERMACHINE_INSTALL_DIR`, else
-/// `$XDG_DATA_HOME/supermachine`, else `$HOME/.local/share/supermachine`.
+/// `SUPERMACHINE_AGENT_BIN` is given: `$SUPERMACHINE_INSTALL_DIR`, else the host's convention
+/// ([`os`](crate::os): `$XDG_DATA_HOME/supermachine` or `$HOME/.local/share/supermachine` on
+/// Linux, `$HOME/Library/Application Support/supermachine` on macOS).
 pub fn install_dir() -> Option<PathBuf> {
     let non_empty = |name| std::env::var_os(name).filter(|v| !v.is_empty());
     if let Some(dir) = non_empty(INSTALL_DIR_ENV) {
         return Some(PathBuf::from(dir));
     }
-    if let Some(dir) = non_empty("XDG_DATA_HOME") {
-        return Some(PathBuf::from(dir).join("supermachine"));
-    }
-    non_empty("HOME").map(|home| PathBuf::from(home).join(".local/share/supermachine"))
+    crate::os::default_install_dir()
 }
 
 /// `root()/name`, created if missing.

@@ -93,6 +93,7 @@ mod connector;
 mod error;
 mod exec;
 pub mod image;
+pub mod os;
 mod publish;
 mod vm;
 

@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use crate::os::EventFd;
 use tracing::{debug, error, trace, warn};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES,
@@ -35,7 +36,6 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::virtio::ring::add_used;
 use super::virtio::worker_gate::{Entry, WorkerGate};
@@ -228,7 +228,7 @@ impl VirtioDevice for BlockDevice {
             });
         };
         let gate = Arc::new(WorkerGate::new([&queue]));
-        let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?);
+        let stop = Arc::new(EventFd::new(crate::os::EFD_NONBLOCK).map_err(ActivateError::Worker)?);
         let io = BlockIo {
             file: self.file.clone(),
             read_only: self.read_only,

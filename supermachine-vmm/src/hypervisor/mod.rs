@@ -10,12 +10,16 @@
 //! crate cfg-gates its per-arch methods.
 //!
 //! Everything crossing the boundary is backend-neutral (architectural state in `x86_64`,
-//! [`VcpuExit`], [`HvError`], [`InterruptLine`] objects); `kvm/` is the only backend today
-//! (Linux only), and no KVM type leaves it, so HVF or WHP can be added beside it
-//! (`ARCH.md` lists what a backend provides).
+//! [`VcpuExit`], [`HvError`], [`InterruptLine`] objects). Two backends, and no type of either
+//! leaves its folder: `kvm/` (Linux) and `hvf/` (macOS on Apple silicon; its logic is built and
+//! unit-tested on every host against a fake framework). `ARCH.md` lists what a backend provides.
 
 #[cfg(target_arch = "aarch64")]
 pub mod aarch64;
+pub(crate) mod blob;
+// Built on every host so its logic is unit-tested on Linux against a fake framework; only macOS
+// opens it.
+mod hvf;
 #[cfg(target_os = "linux")]
 mod kvm;
 #[cfg(target_arch = "x86_64")]
@@ -28,8 +32,8 @@ pub use self::x86_64::{ArchHypervisor, ArchVcpu};
 
 use std::sync::Arc;
 
+use crate::os::EventFd;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::interrupt::InterruptLine;
 
@@ -40,6 +44,16 @@ use crate::interrupt::InterruptLine;
 #[cfg(target_os = "linux")]
 pub fn open() -> Result<Arc<dyn Hypervisor>, HvError> {
     Ok(Arc::new(kvm::KvmHypervisor::open()?))
+}
+
+/// Opens the default hypervisor of this host (Hypervisor.framework on macOS, 15 or later).
+///
+/// Fails with [`HvError::Unavailable`] (whose message says how to fix it) when the binary lacks
+/// the `com.apple.security.hypervisor` entitlement, the host cannot virtualise, or macOS is
+/// older than 15.
+#[cfg(target_os = "macos")]
+pub fn open() -> Result<Arc<dyn Hypervisor>, HvError> {
+    hvf::open()
 }
 
 /// A hypervisor: creates VMs.
@@ -219,7 +233,7 @@ pub trait HvVcpu: ArchVcpu {
 #[derive(Debug, thiserror::Error)]
 pub enum HvError {
     /// The hypervisor device cannot be used at all; `fix` says what to do.
-    #[error("{path} is not usable: {reason}. Fix: {fix}")]
+    #[error("{path} unavailable: {reason}. Fix: {fix}")]
     Unavailable {
         /// The device node or framework (`/dev/kvm`).
         path: &'static str,

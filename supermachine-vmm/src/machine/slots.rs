@@ -3,7 +3,7 @@
 //! hypervisor), and one queue-notification eventfd per queue that the hypervisor binds to the
 //! window's QueueNotify register.
 
-use vmm_sys_util::eventfd::EventFd;
+use crate::os::EventFd;
 
 use super::builder::MachineBuilder;
 use crate::arch::{self, VirtioMmioDevice, MMIO_BASE};
@@ -82,5 +82,5 @@ impl MachineBuilder {
 
 /// A non-blocking eventfd that is not inherited by child processes the embedding program spawns.
 fn new_eventfd() -> Result<EventFd, Error> {
-    EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(Error::EventFd)
+    EventFd::new(crate::os::EFD_NONBLOCK | crate::os::EFD_CLOEXEC).map_err(Error::EventFd)
 }

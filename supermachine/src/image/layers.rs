@@ -17,14 +17,15 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, OsStr};
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
-use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps};
 
 use super::digest::{Digest, HashingReader};
 use super::error::ImageError;
+use crate::os;
 
 /// A tree being built from layers.
 pub(crate) struct Tree {
@@ -90,7 +91,7 @@ impl Tree {
     pub(crate) fn new(dir: &Path, ownership: Ownership) -> io::Result<Self> {
         let root = rustix::fs::open(
             dir,
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            os::DIR_HANDLE | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
         )?;
         let mut tree = Tree {
@@ -109,7 +110,7 @@ impl Tree {
             Ownership::Record => {
                 let st = rustix::fs::fstat(&tree.root)?;
                 tree.recorded.insert(
-                    (st.st_dev, st.st_ino),
+                    os::file_id(&st),
                     InodeMeta {
                         uid: 0,
                         gid: 0,
@@ -297,12 +298,13 @@ impl Tree {
             };
             remove_all_at(&parent, name)?;
             match self.ownership {
-                Ownership::Apply => rustix::fs::mknodat(
+                Ownership::Apply => os::mknodat(
                     &parent,
                     name,
                     file_type,
                     Mode::from_raw_mode(0o600),
-                    rustix::fs::makedev(major, minor),
+                    major,
+                    minor,
                 )?,
                 // The image gets the node (super::rootless); the tree an empty stand-in.
                 Ownership::Record => drop(rustix::fs::openat(
@@ -334,7 +336,7 @@ impl Tree {
                     rustix::fs::futimens(&file, &timestamps(meta.mtime))?;
                     let st = rustix::fs::fstat(&file)?;
                     self.recorded
-                        .insert((st.st_dev, st.st_ino), meta.recorded(None, true));
+                        .insert(os::file_id(&st), meta.recorded(None, true));
                 }
             }
         }
@@ -362,7 +364,7 @@ impl Tree {
                 )?;
                 let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
                 self.recorded
-                    .insert((st.st_dev, st.st_ino), meta.recorded(node, has_mode));
+                    .insert(os::file_id(&st), meta.recorded(node, has_mode));
                 Ok(())
             }
         }
@@ -440,10 +442,10 @@ impl Meta {
             AtFlags::SYMLINK_NOFOLLOW,
         )?;
         if has_mode {
-            rustix::fs::chmodat(dir, name, Mode::from_raw_mode(self.mode), AtFlags::empty())?;
+            rustix::fs::chmodat(dir, name, os::mode(self.mode), AtFlags::empty())?;
         }
         if !self.xattrs.is_empty() {
-            let path = proc_path(dir, name);
+            let path = os::path_in_dir(dir, name)?;
             for (key, value) in &self.xattrs {
                 if let Err(e) = rustix::fs::lsetxattr(
                     &path,
@@ -472,7 +474,7 @@ impl Meta {
             Some(rustix::fs::Uid::from_raw(self.uid)),
             Some(rustix::fs::Gid::from_raw(self.gid)),
         )?;
-        rustix::fs::fchmod(file, Mode::from_raw_mode(self.mode))?;
+        rustix::fs::fchmod(file, os::mode(self.mode))?;
         for (key, value) in &self.xattrs {
             rustix::fs::fsetxattr(
                 file,
@@ -495,13 +497,6 @@ fn timestamps(mtime: i64) -> Timestamps {
         last_access: t,
         last_modification: t,
     }
-}
-
-/// `/proc/self/fd/<dir>/<name>`: a path for the calls that have no `*at` form (lsetxattr).
-fn proc_path(dir: &OwnedFd, name: &OsStr) -> PathBuf {
-    Path::new("/proc/self/fd")
-        .join(dir.as_raw_fd().to_string())
-        .join(name)
 }
 
 /// The entry path relative to the root: leading `/` and `.` dropped, `..` refused.
@@ -543,15 +538,7 @@ fn open_dir(root: &OwnedFd, rel: &Path, create: bool) -> io::Result<OwnedFd> {
     } else {
         rel
     };
-    let open = || {
-        rustix::fs::openat2(
-            root,
-            path,
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-            ResolveFlags::IN_ROOT,
-        )
-    };
+    let open = || os::open_dir_in_root(root, path);
     let mut tries = 0;
     loop {
         match open() {
@@ -636,7 +623,7 @@ fn clear_except(dir: &OwnedFd, dir_rel: &Path, created: &HashSet<PathBuf>) -> io
                 let sub = rustix::fs::openat(
                     &readable,
                     &name,
-                    OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    os::DIR_HANDLE | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                     Mode::empty(),
                 )?;
                 clear_except(&sub, &child_rel, created)?;

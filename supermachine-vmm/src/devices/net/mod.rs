@@ -35,6 +35,7 @@ mod worker;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use crate::os::EventFd;
 use tracing::debug;
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{
@@ -43,7 +44,6 @@ use virtio_bindings::virtio_net::{
 };
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::block::copy_config;
 use super::virtio::worker_gate::WorkerGate;

@@ -14,12 +14,12 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use crate::os::EventFd;
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tracing::{debug, error, trace, warn};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::{checksum, RX, TX};
 use crate::devices::virtio::kick::{async_eventfd, drain};

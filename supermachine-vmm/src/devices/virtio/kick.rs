@@ -4,10 +4,10 @@
 
 use std::os::fd::AsRawFd;
 
+use crate::os::EventFd;
 use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 use tokio::io::Interest;
 use tracing::warn;
-use vmm_sys_util::eventfd::EventFd;
 
 /// Wraps a queue EventFd for tokio. The fd is switched to non-blocking mode (it is a dup of
 /// the machine's ioeventfd; only our reads care about the flag).

@@ -13,6 +13,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
+use crate::os::EventFd;
 use tracing::{debug, warn};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
@@ -21,7 +22,6 @@ use virtio_bindings::virtio_config::{
 use virtio_bindings::virtio_mmio as reg;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::{IrqTrigger, MmioSlot, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_CONFIG};
 use super::{QUEUE_NOTIFY_OFFSET, VIRTIO_RING_F_EVENT_IDX};
@@ -119,7 +119,7 @@ impl MmioTransport {
         }
         notify.truncate(queues.len());
         while notify.len() < queues.len() {
-            notify.push(EventFd::new(libc::EFD_NONBLOCK)?);
+            notify.push(EventFd::new(crate::os::EFD_NONBLOCK)?);
         }
         Ok(MmioTransport {
             queue_invalid: vec![false; queues.len()],

@@ -19,9 +19,9 @@ pub use mmio::{DeviceStateError, MmioTransport};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
+use crate::os::EventFd;
 use virtio_queue::{Queue, QueueState};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::interrupt::InterruptLine;
 

@@ -2,13 +2,13 @@
 
 use std::sync::Arc;
 
+use crate::os::EventFd;
 use tokio::runtime::Handle as RuntimeHandle;
 use tokio::task::JoinHandle;
 use tracing::debug;
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::handle::VsockHandle;
 use super::shared::Shared;

@@ -24,12 +24,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::os::EventFd;
 use tokio::time::Instant;
 use tracing::{debug, error, trace, warn};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use virtio_vsock::packet::VsockPacket;
 use vm_memory::{Bytes, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::conn::{Conn, Outgoing, Phase};
 use super::packet::{

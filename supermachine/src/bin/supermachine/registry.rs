@@ -263,13 +263,7 @@ fn root_dir() -> PathBuf {
     if let Some(dir) = non_empty("SUPERMACHINE_RUNTIME_DIR") {
         return PathBuf::from(dir);
     }
-    if let Some(dir) = non_empty("XDG_RUNTIME_DIR") {
-        return PathBuf::from(dir).join("supermachine");
-    }
-    PathBuf::from(format!(
-        "/tmp/supermachine-{}",
-        rustix::process::getuid().as_raw()
-    ))
+    supermachine::os::default_runtime_dir()
 }
 
 fn check_name(name: &str) -> Result<(), Failure> {
