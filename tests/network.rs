@@ -309,8 +309,9 @@ fn downloads_and_uploads_are_byte_exact_with_concurrent_connections() {
                     len as f64 / (1 << 20) as f64 / down.as_secs_f64()
                 );
 
-                // Concurrent connections, each checked.
-                let n = 50;
+                // Concurrent connections, each checked: 50, or 16 on the PVM host, where 50
+                // guest processes each forking `wget` take minutes of guest kernel work.
+                let n = if supermachine_e2e::lane() == "PVM host" { 16 } else { 50 };
                 let script = format!(
                     "for i in $(busybox seq {n}); do \
                        (busybox wget -q -O- http://{WEB}/bytes/$((1000 + i)) | busybox wc -c > /tmp/c$i) & \
