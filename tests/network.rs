@@ -256,8 +256,16 @@ async fn sh(vm: &Vm, script: &str) -> (i32, String) {
 }
 
 /// Bulk size: 256 MiB on hardware KVM; 1 MiB on the PVM host and 16 MiB in the nested lane,
-/// where every guest exit costs 20-100x more (L1 itself runs under TCG).
+/// where every guest exit costs 20-100x more (L1 itself runs under TCG), and the guest's own
+/// `sha256sum` and busybox `wget | nc` pipes (not the network) set the pace.
+/// `SUPERMACHINE_NET_BULK_MIB` overrides it (a one-off 256 MiB run in the lane).
 fn bulk_bytes() -> u64 {
+    if let Some(mib) = std::env::var("SUPERMACHINE_NET_BULK_MIB")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        return mib << 20;
+    }
     match supermachine_e2e::lane() {
         "PVM host" => 1 << 20,
         "hardware KVM" => 256 << 20,
