@@ -59,10 +59,55 @@ fn in_netns(test: &str, body: impl FnOnce()) {
             }
         });
     }
-    let status = child
-        .status()
+    let mut child = child
+        .spawn()
         .expect("re-running the test in a new network namespace (root needed)");
+    // A child that never ends would hang the suite without a word: give it CHILD_DEADLINE,
+    // then say where each of its threads waits, and kill it.
+    let deadline = Instant::now() + CHILD_DEADLINE;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for the test's child") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            eprintln!("{test}: its child is still running after {CHILD_DEADLINE:?}; its threads:");
+            eprintln!("{}", thread_report(child.id()));
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{test} hung in its network namespace");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert!(status.success(), "{test} failed in its network namespace");
+}
+
+/// The longest a test may run in its namespace (the PVM host's bulk test takes ~3 minutes).
+const CHILD_DEADLINE: Duration = Duration::from_secs(600);
+
+/// Each thread of process `pid`: name, state, kernel wait channel and kernel stack.
+fn thread_report(pid: u32) -> String {
+    let mut report = String::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return report;
+    };
+    for task in tasks.flatten() {
+        let path = task.path();
+        let read = |file: &str| std::fs::read_to_string(path.join(file)).unwrap_or_default();
+        let stat = read("stat");
+        let state = stat
+            .rsplit(") ")
+            .next()
+            .and_then(|rest| rest.split(' ').next());
+        report.push_str(&format!(
+            "  {} {} {:?} wchan={}\n{}",
+            task.file_name().to_string_lossy(),
+            read("comm").trim(),
+            state.unwrap_or("?"),
+            read("wchan"),
+            read("stack")
+        ));
+    }
+    report
 }
 
 /// Refuses to go on unless this process is in another network namespace than the test that
