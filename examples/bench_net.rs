@@ -161,8 +161,8 @@ fn start_servers() -> Result<mpsc::Receiver<Result<Sample, String>>> {
     Ok(rx)
 }
 
-fn serve_down(mut stream: TcpStream, bytes: u64) -> std::io::Result<Sample> {
-    let started = Instant::now();
+/// Writes `bytes` filler bytes to `stream`.
+fn write_filler(stream: &mut TcpStream, bytes: u64) -> std::io::Result<()> {
     let buf = vec![0x5au8; 256 * 1024];
     let mut left = bytes;
     while left > 0 {
@@ -170,6 +170,12 @@ fn serve_down(mut stream: TcpStream, bytes: u64) -> std::io::Result<Sample> {
         stream.write_all(&buf[..n])?;
         left -= n as u64;
     }
+    Ok(())
+}
+
+fn serve_down(mut stream: TcpStream, bytes: u64) -> std::io::Result<Sample> {
+    let started = Instant::now();
+    write_filler(&mut stream, bytes)?;
     stream.shutdown(std::net::Shutdown::Write)?;
     let mut line = String::new();
     BufReader::new(&stream).read_line(&mut line)?;
@@ -192,13 +198,7 @@ fn serve_http(mut stream: TcpStream, bytes: u64) -> std::io::Result<Sample> {
     }
     let header = format!("HTTP/1.0 200 OK\r\nContent-Length: {bytes}\r\nConnection: close\r\n\r\n");
     stream.write_all(header.as_bytes())?;
-    let buf = vec![0x5au8; 256 * 1024];
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        stream.write_all(&buf[..n])?;
-        left -= n as u64;
-    }
+    write_filler(&mut stream, bytes)?;
     Ok(Sample::Http)
 }
 

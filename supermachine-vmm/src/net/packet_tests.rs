@@ -35,39 +35,32 @@ fn a_udp_frame_round_trips_through_inspect() {
     assert_eq!(inspect(&icmp), Inspected::Foreign);
 }
 
-#[test]
-fn udp_checksums_are_not_checked() {
-    // With VIRTIO_NET_F_CSUM the guest leaves a partial sum there.
-    let mut frame = udp_to_guest(
+/// A one-byte UDP datagram between the guest and a test host, as `udp_to_guest` frames it.
+fn guest_udp_x() -> Vec<u8> {
+    udp_to_guest(
         GUEST_MAC,
         end("10.0.2.15:5000"),
         end("203.0.113.10:53"),
         b"x",
     )
-    .unwrap();
+    .unwrap()
+}
+
+#[test]
+fn udp_checksums_are_not_checked() {
+    // With VIRTIO_NET_F_CSUM the guest leaves a partial sum there.
+    let mut frame = guest_udp_x();
     frame[14 + 20 + 6] ^= 0xff;
     assert!(matches!(inspect(&frame), Inspected::Udp(_)));
 }
 
 #[test]
 fn corrupt_ip_headers_and_fragments_are_not_taken() {
-    let mut frame = udp_to_guest(
-        GUEST_MAC,
-        end("10.0.2.15:5000"),
-        end("203.0.113.10:53"),
-        b"x",
-    )
-    .unwrap();
+    let mut frame = guest_udp_x();
     // The IPv4 header checksum.
     frame[14 + 10] ^= 0xff;
     assert_eq!(inspect(&frame), Inspected::Other);
-    let mut fragment = udp_to_guest(
-        GUEST_MAC,
-        end("10.0.2.15:5000"),
-        end("203.0.113.10:53"),
-        b"x",
-    )
-    .unwrap();
+    let mut fragment = guest_udp_x();
     fragment[14 + 6] |= 0x20; // more fragments
     assert_eq!(inspect(&fragment), Inspected::Other);
 }

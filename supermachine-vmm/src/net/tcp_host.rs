@@ -119,13 +119,12 @@ async fn host_to_guest(
     wake: &Notify,
 ) {
     loop {
-        let mut buf = vec![0; chunk];
+        // Capacity, not zeroed length: the read fills only what arrived, and zeroing a whole
+        // chunk (256 KiB) for every read would be a pass over memory per read.
+        let mut buf = Vec::with_capacity(chunk);
         let event = match read(stream, &mut buf).await {
             Ok(0) => HostEvent::Eof,
-            Ok(len) => {
-                buf.truncate(len);
-                HostEvent::Data(buf)
-            }
+            Ok(_) => HostEvent::Data(buf),
             Err(_) => HostEvent::Reset,
         };
         let last = !matches!(event, HostEvent::Data(_));
@@ -158,10 +157,11 @@ async fn guest_to_host(
     let _ = SockRef::from(stream).shutdown(Shutdown::Write);
 }
 
-async fn read(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+/// Reads into `buf`'s spare capacity (appending); `Ok(0)` at EOF.
+async fn read(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
     loop {
         stream.readable().await?;
-        match stream.try_read(buf) {
+        match stream.try_read_buf(buf) {
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
             result => return result,
         }
