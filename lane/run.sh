@@ -9,7 +9,8 @@
 #   lane/run.sh [--arch x86_64|aarch64] [--cpus N] [--memory MiB] [--timeout SECONDS] [--verbose] -- COMMAND [ARG...]
 #
 # * Installs what it needs, once (root; cached under ${XDG_CACHE_HOME:-~/.cache}/supermachine/lane):
-#   QEMU >= 10 from bookworm-backports, Debian's linux-image-6.1.0-*-amd64|arm64 (unpacked, not
+#   QEMU >= 10 from bookworm-backports, Debian 12's linux-image-6.12.*+deb12-amd64 (x86_64;
+#   SUPERMACHINE_LANE_L1=6.1 for linux-image-6.1.0-*-amd64) or linux-image-6.1.0-*-arm64 (unpacked, not
 #   installed), an initramfs with a static busybox (the host's; for aarch64 Debian's
 #   busybox-static:arm64, which needs `dpkg --add-architecture arm64`, done here) and lane/init.sh
 #   as /init.
@@ -84,10 +85,21 @@ case "$arch" in
     [[ $(uname -m) == x86_64 ]] || die "the x86_64 nested lane needs an x86_64 host (this is $(uname -m))"
     arch=x86_64 deb_arch=amd64 qemu=qemu-system-x86_64 qemu_pkg=qemu-system-x86
     # tun: /dev/net/tun for peers' TAP devices (examples/bench_net.rs runs Firecracker with one).
-    MODULES=(irqbypass kvm ccp kvm-amd virtio_ring virtio virtio_pci_modern_dev
-      virtio_pci_legacy_dev virtio_pci 9pnet 9pnet_virtio netfs fscache 9p tun)
-    # The L1 kernel's cache link; the x86 lane's name from before there were two.
-    kernel_link=linux
+    # L1's kernel: Debian 12's 6.12 by default, the KVM of today's distributions (restores
+    # pre-fault their working set with KVM_PRE_FAULT_MEMORY, 6.10+); there virtio is built in
+    # and fscache is part of netfs. SUPERMACHINE_LANE_L1=6.1: Debian 12's original 6.1, which
+    # cannot pre-fault (restores then take one nested page fault per page they touch).
+    case "${SUPERMACHINE_LANE_L1:-6.12}" in
+      6.1)
+        MODULES=(irqbypass kvm ccp kvm-amd virtio_ring virtio virtio_pci_modern_dev
+          virtio_pci_legacy_dev virtio_pci 9pnet 9pnet_virtio netfs fscache 9p tun)
+        # The L1 kernel's cache link; the x86 lane's name from before there were two.
+        kernel_link=linux ;;
+      6.12)
+        MODULES=(irqbypass kvm ccp kvm-amd 9pnet 9pnet_virtio netfs 9p tun)
+        kernel_link=linux-6.12 ;;
+      *) die "SUPERMACHINE_LANE_L1 is 6.1 or 6.12, not '$SUPERMACHINE_LANE_L1'" ;;
+    esac
     # AMD-V with nested paging; minus the EPYC-v4 features TCG lacks (QEMU warns about each).
     qemu_args=(-accel tcg,thread=multi
       -cpu "${SUPERMACHINE_LANE_CPU:-EPYC-v4,+svm,+npt,-fxsr-opt,-misalignsse,-osvw,-topoext,-perfctr-core,-clzero,-ibpb,-nrip-save,-xsavec,-xsaves}"
@@ -149,7 +161,12 @@ ensure_l1_kernel() {
   for m in "${MODULES[@]}"; do [[ -f $L1/modules/$m.ko ]] || missing=1; done
   [[ -f $L1/vmlinuz && -z $missing ]] && return
   local pkg
-  pkg="$(apt-cache depends "linux-image-$deb_arch:$deb_arch" 2>/dev/null \
+  if [[ $kernel_link == linux-6.12 ]]; then
+    pkg="$(apt-cache search --names-only "^linux-image-6\\.12\\.[0-9]+\\+deb12-$deb_arch\$" \
+      | awk '{print $1}' | sort -V | tail -n1)"
+    [[ -n $pkg ]] || die "apt knows no linux-image-6.12.*+deb12-$deb_arch package: run apt-get update (Debian 12 sources)"
+  fi
+  [[ -n $pkg ]] || pkg="$(apt-cache depends "linux-image-$deb_arch:$deb_arch" 2>/dev/null \
     | sed -n "s/^ *Depends: \\(linux-image-6\\.1\\.0-[0-9]*-$deb_arch\\)\\(:$deb_arch\\)\\{0,1\\}\$/\\1/p" | head -n1)"
   [[ -n $pkg ]] || pkg="$(apt-cache search --names-only "^linux-image-6\\.1\\.0-[0-9]+-$deb_arch\$" \
     | awk '{print $1}' | sort -V | tail -n1)"
