@@ -14,7 +14,12 @@
 //!   snapshot;
 //! * (c) restore → the first `true` exec completed (a guest fork+exec);
 //!
-//! then restores CONCURRENT (default 20) VMs at once from the same snapshot and reports the
+//! Where the hypervisor can pre-fault guest memory, `Vm::snapshot` recorded the snapshot's
+//! working set: restores with it and without it (the file moved aside) alternate, and both
+//! are reported, with the ratio of their medians. The warm baseline follows: RUNS agent pings
+//! and `true` execs on the last restored VM, and the ratios (b)/ping and (c)/exec.
+//!
+//! It then restores CONCURRENT (default 20) VMs at once from the same snapshot and reports the
 //! total wall time and the private memory (`Private_Dirty` from /proc/self/smaps) each idle VM
 //! adds. The host is noisy: compare medians of repeated runs.
 
@@ -68,58 +73,107 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     drop(vm);
 
+    // The working set `Vm::snapshot` recorded (where the hypervisor can pre-fault): restores
+    // with and without it alternate, so both see the same host.
+    let set_file = snapshot.dir().join("working-set");
+    let set_off = snapshot.dir().join("working-set.off");
+    let modes: &[&str] = if set_file.exists() {
+        println!(
+            "working set: {} runs of pages recorded",
+            std::fs::metadata(&set_file)?.len().saturating_sub(24) / 16
+        );
+        &["working set", "no working set"]
+    } else {
+        println!("working set: none (the hypervisor cannot pre-fault guest memory)");
+        &["no working set"]
+    };
+    let use_set = |on: bool| -> std::io::Result<()> {
+        match (on, set_file.exists()) {
+            (true, false) if set_off.exists() => std::fs::rename(&set_off, &set_file),
+            (false, true) => std::fs::rename(&set_file, &set_off),
+            _ => Ok(()),
+        }
+    };
+
     // Warm-up: the first restore faults the memory file into the page cache.
     drop(Vm::restore(&snapshot).await?);
 
     let mut marker = TraceMarker::from_env();
-    let (mut vmm, mut agent, mut exec) = (Vec::new(), Vec::new(), Vec::new());
+    let mut figures: Vec<Figures> = modes.iter().map(|_| Figures::default()).collect();
+    let mut last = None;
     for run in 0..runs {
-        marker.mark(&format!("restore {run} start"));
-        let t0 = Instant::now();
-        let vm = Vm::restore(&snapshot).await?;
-        let timings = vm.start_timings();
-        marker.mark(&format!(
-            "restore {run} agent vcpus_us={} agent_us={}",
-            timings.vcpus_running.as_micros(),
-            timings.agent_ready.as_micros()
-        ));
-        let status = vm.exec(["true"]).output().await?.status;
-        let total = t0.elapsed();
-        marker.mark(&format!("restore {run} exec done"));
-        if !status.success() {
-            return Err(format!("`true` exited with {status:?}").into());
+        for (m, mode) in modes.iter().enumerate() {
+            use_set(*mode == "working set")?;
+            // Each restore's marks carry its own number, and the first its kind.
+            let run = run * modes.len() + m;
+            marker.mark(&format!("restore {run} start {}", mode.replace(' ', "-")));
+            let t0 = Instant::now();
+            let vm = Vm::restore(&snapshot).await?;
+            let timings = vm.start_timings();
+            marker.mark(&format!(
+                "restore {run} agent vcpus_us={} agent_us={}",
+                timings.vcpus_running.as_micros(),
+                timings.agent_ready.as_micros()
+            ));
+            let status = vm.exec(["true"]).output().await?.status;
+            let total = t0.elapsed();
+            marker.mark(&format!("restore {run} exec done"));
+            if !status.success() {
+                return Err(format!("`true` exited with {status:?}").into());
+            }
+            figures[m].vmm.push(timings.vcpus_running);
+            figures[m].agent.push(timings.agent_ready);
+            figures[m].exec.push(total);
+            last = Some(vm);
         }
-        vmm.push(timings.vcpus_running);
-        agent.push(timings.agent_ready);
-        exec.push(total);
-        if run + 1 < runs {
-            drop(vm);
-            continue;
-        }
-        // The baseline, same run: the last restored VM, now warm.
-        let (ping, warm_exec) = warm_round_trips(&vm, runs).await?;
-        let p50 = |v: &[Duration]| {
-            let mut v = v.to_vec();
-            v.sort();
-            v[v.len() / 2]
-        };
-        let ratio = |a: &[Duration], b: &[Duration]| p50(a).as_secs_f64() / p50(b).as_secs_f64();
-        report("(a) restore -> vCPUs running", vmm.clone());
+    }
+    use_set(true)?;
+    // The baseline, same run: the last restored VM, now warm.
+    let vm = last.ok_or("no restore ran")?;
+    let (ping, warm_exec) = warm_round_trips(&vm, runs).await?;
+    drop(vm);
+    let p50 = |v: &[Duration]| {
+        let mut v = v.to_vec();
+        v.sort();
+        v[v.len() / 2]
+    };
+    let ratio = |a: &[Duration], b: &[Duration]| p50(a).as_secs_f64() / p50(b).as_secs_f64();
+    for (mode, f) in modes.iter().zip(&figures) {
+        println!("-- restores with {mode}");
+        report("(a) restore -> vCPUs running", f.vmm.clone());
         report(
             "(b) restore -> agent answered (reseed+clock)",
-            agent.clone(),
+            f.agent.clone(),
         );
-        report("(c) restore -> first `true` exec done", exec.clone());
-        report("warm: agent ping (new connection)", ping.clone());
-        report("warm: `true` exec round trip", warm_exec.clone());
+        report("(c) restore -> first `true` exec done", f.exec.clone());
+    }
+    report("warm: agent ping (new connection)", ping.clone());
+    report("warm: `true` exec round trip", warm_exec.clone());
+    for (mode, f) in modes.iter().zip(&figures) {
         println!(
-            "ratios of p50s: (b)/warm ping {:.2}, (c)/warm exec {:.2}",
-            ratio(&agent, &ping),
-            ratio(&exec, &warm_exec)
+            "ratios of p50s, {mode}: (b)/warm ping {:.2}, (c)/warm exec {:.2}",
+            ratio(&f.agent, &ping),
+            ratio(&f.exec, &warm_exec)
+        );
+    }
+    if figures.len() == 2 {
+        println!(
+            "working set / none, p50s: (a) {:.2}, (b) {:.2}, (c) {:.2}",
+            ratio(&figures[0].vmm, &figures[1].vmm),
+            ratio(&figures[0].agent, &figures[1].agent),
+            ratio(&figures[0].exec, &figures[1].exec)
         );
     }
 
     concurrent_restores(&snapshot, concurrent).await
+}
+
+/// One kind of restore's samples.
+#[derive(Default)]
+struct Figures {
+    vmm: Vec<Duration>,
+    agent: Vec<Duration>,
+    exec: Vec<Duration>,
 }
 
 /// `n` agent pings and `n` `true` execs on a warm VM.

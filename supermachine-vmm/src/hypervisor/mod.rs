@@ -108,6 +108,12 @@ pub trait HvVm: Send + Sync {
     /// Loads state saved by [`save_state`](Self::save_state) into this (fresh) VM, after
     /// [`create_irqchip`](Self::create_irqchip) and before any vCPU runs.
     fn restore_state(&self, state: &HvState) -> Result<(), HvError>;
+
+    /// Whether this VM's vCPUs can [`prefault`](HvVcpu::prefault) guest memory (false, the
+    /// default, where the hypervisor cannot).
+    fn can_prefault(&self) -> bool {
+        false
+    }
 }
 
 /// Hypervisor state saved for a snapshot: opaque bytes only the backend that wrote them can
@@ -227,6 +233,16 @@ pub trait HvVcpu: ArchVcpu {
 
     /// Loads state saved by [`save_state`](Self::save_state) into this fresh vCPU.
     fn restore_state(&mut self, state: &HvState) -> Result<(), HvError>;
+
+    /// Maps guest RAM `[gpa, gpa + len)` (page aligned) into the hypervisor's second-level page
+    /// tables now, as guest reads of those pages would, so the guest's first touches of them do
+    /// not each exit to the host (KVM: `KVM_PRE_FAULT_MEMORY`, Linux 6.10+). A restored machine
+    /// calls it for its snapshot's recorded working set before the vCPU first runs.
+    ///
+    /// Returns `Ok(false)`, having done nothing, where the hypervisor cannot (the default).
+    fn prefault(&self, _gpa: u64, _len: u64) -> Result<bool, HvError> {
+        Ok(false)
+    }
 }
 
 /// Errors from the hypervisor backend.

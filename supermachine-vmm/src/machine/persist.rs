@@ -3,6 +3,7 @@
 //! (`devices/*/persist.rs`); the file format is `snapshot/format.rs`.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::builder::MachineBuilder;
@@ -13,10 +14,11 @@ use crate::arch::ARCH;
 use crate::devices::vsock::VsockHandle;
 use crate::error::Error;
 use crate::memory::{self, RamBacking};
+use crate::snapshot::working_set::{WorkingSet, WorkingSetError, WORKING_SET_FILE};
 use crate::snapshot::{
     format, MachineState, SnapshotError, SnapshotInfo, MEMORY_FILE, VMSTATE_FILE,
 };
-use crate::vcpu::{PauseError, VcpuSetup};
+use crate::vcpu::{PauseError, Prefault, VcpuSetup};
 
 impl Machine {
     /// Restores the snapshot in `dir` into a new machine and starts it.
@@ -63,7 +65,40 @@ impl Machine {
             }
             .into());
         }
-        MachineBuilder::assemble(config, RamBacking::SnapshotFile(file))?.restore(state)
+        // An optimisation only: a restore goes on without a working set it cannot use.
+        let working_set = match WorkingSet::load(dir, expected) {
+            Ok(set) => set,
+            Err(error) => {
+                tracing::warn!(%error, "ignoring the snapshot's working set");
+                None
+            }
+        };
+        MachineBuilder::assemble(config, RamBacking::SnapshotFile(file))?
+            .restore(state, working_set)
+    }
+
+    /// Records the guest pages this machine — restored from the snapshot in `dir` — has
+    /// touched so far into `dir`'s working set ([`WorkingSet`]), which later restores of that
+    /// snapshot map before the guest runs. Call it once the machine has answered the requests
+    /// that should be fast after a restore (the embedding library: its first agent round trip
+    /// and a first exec). Returns the set written.
+    pub fn record_working_set(&self, dir: &Path) -> Result<WorkingSet, Error> {
+        let set = WorkingSet::resident(&self.memory);
+        let set = set.map_err(|e| SnapshotError::io(dir.join(WORKING_SET_FILE))(e))?;
+        set.save(dir).map_err(|e| match e {
+            WorkingSetError::Io { path, source } => SnapshotError::io(path)(source),
+            WorkingSetError::Invalid { path, why } => {
+                SnapshotError::io(path)(std::io::Error::other(why))
+            }
+        })?;
+        Ok(set)
+    }
+
+    /// Whether this machine's hypervisor can map a working set ahead of the guest
+    /// ([`HvVcpu::prefault`](crate::hypervisor::HvVcpu::prefault)); recording one is pointless
+    /// where it cannot.
+    pub fn can_prefault(&self) -> bool {
+        self.vm.can_prefault()
     }
 
     /// Saves the machine's complete state into `dir` (which must exist): `vmstate` and a
@@ -138,7 +173,11 @@ impl Machine {
 impl MachineBuilder {
     /// Loads a snapshot's device and hypervisor state into this machine (built on the
     /// snapshot's memory) and starts it; each vCPU thread creates its vCPU and loads its state.
-    pub(super) fn restore(self, state: &MachineState) -> Result<Machine, Error> {
+    pub(super) fn restore(
+        self,
+        state: &MachineState,
+        working_set: Option<WorkingSet>,
+    ) -> Result<Machine, Error> {
         let device_err = |device: &str, source: Box<dyn std::error::Error + Send + Sync>| {
             SnapshotError::Device {
                 device: device.to_owned(),
@@ -163,10 +202,17 @@ impl MachineBuilder {
                 .restore(saved)
                 .map_err(|e| device_err(name, Box::new(e)))?;
         }
+        let prefault = working_set.map(|set| {
+            Arc::new(Prefault::new(
+                set,
+                Arc::clone(&self.memory),
+                state.vcpus.len() as u32,
+            ))
+        });
         let setups = state
             .vcpus
             .iter()
-            .map(|saved| VcpuSetup::Restore(saved.clone()))
+            .map(|saved| VcpuSetup::Restore(saved.clone(), prefault.clone()))
             .collect();
         let vsock = self.vsock.clone();
         let cmdline = state.config.cmdline.clone();

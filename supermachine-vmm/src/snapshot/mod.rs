@@ -6,6 +6,9 @@
 //!   machine's shape), framed by [`format`] with magic, format version and checksum;
 //! * `memory` — guest RAM, raw and sparse (untouched pages are holes).
 //!
+//! A third, optional file, `working-set`, lists the pages a restored machine touched while it
+//! answered its first requests ([`working_set`]); restores map those pages ahead of the guest.
+//!
 //! The embedding library adds its own metadata (`meta.json`) beside them.
 //!
 //! Taking one ([`Machine::snapshot`](crate::Machine::snapshot)) parks every vCPU between two
@@ -18,6 +21,7 @@
 //! taken with no connection open skip that reset: [`MachineState::vsock_connections`].
 
 pub mod format;
+pub mod working_set;
 
 use std::path::PathBuf;
 

@@ -4,9 +4,11 @@
 //! [`EndSink`]; this module knows nothing of the machine.
 
 mod control;
+mod prefault;
 
 pub use control::PauseError;
 pub(crate) use control::RunControl;
+pub(crate) use prefault::Prefault;
 
 use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
@@ -188,8 +190,8 @@ impl CreatedGate {
 pub(crate) enum VcpuSetup {
     /// For a boot, as the platform says.
     Boot(Arc<arch::VcpuInit>),
-    /// From a snapshot.
-    Restore(HvState),
+    /// From a snapshot, then the vCPU's share of the snapshot's working set, if it has one.
+    Restore(HvState, Option<Arc<Prefault>>),
 }
 
 /// What a vCPU thread reports once its vCPU is set up: the handle that kicks it, or why it
@@ -255,7 +257,12 @@ pub(crate) fn spawn(
 fn setup_vcpu(mut vcpu: Box<dyn HvVcpu>, setup: VcpuSetup) -> Result<Box<dyn HvVcpu>, Error> {
     match setup {
         VcpuSetup::Boot(init) => arch::configure_vcpu(vcpu.as_mut(), &init)?,
-        VcpuSetup::Restore(state) => vcpu.restore_state(&state)?,
+        VcpuSetup::Restore(state, prefault) => {
+            vcpu.restore_state(&state)?;
+            if let Some(prefault) = prefault {
+                prefault.apply(vcpu.as_ref());
+            }
+        }
     }
     Ok(vcpu)
 }

@@ -244,10 +244,13 @@ fn start(
     let (tx, rx) = mpsc::channel();
     let threads = (0..n)
         .map(|id| {
-            let setup = VcpuSetup::Restore(HvState {
-                backend: "fake".into(),
-                bytes: Vec::new(),
-            });
+            let setup = VcpuSetup::Restore(
+                HvState {
+                    backend: "fake".into(),
+                    bytes: Vec::new(),
+                },
+                None,
+            );
             spawn(id, Arc::clone(&vm), setup, Arc::clone(&ctx), tx.clone()).unwrap()
         })
         .collect();

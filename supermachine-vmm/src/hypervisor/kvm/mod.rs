@@ -16,6 +16,7 @@
 #[cfg(target_arch = "aarch64")]
 mod aarch64;
 mod blob;
+mod prefault;
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
 
@@ -159,9 +160,13 @@ impl Hypervisor for KvmHypervisor {
             .kvm
             .get_vcpu_mmap_size()
             .map_err(call_err("KVM_GET_VCPU_MMAP_SIZE"))?;
+        // Asked of the VM, not of /dev/kvm: whether pre-faulting is allowed depends on the VM type.
+        let can_prefault =
+            fd.check_extension_raw(libc::c_ulong::from(kvm_bindings::KVM_CAP_PRE_FAULT_MEMORY)) > 0;
         Ok(Box::new(KvmVm {
             fd,
             run_size,
+            can_prefault,
             arch: self.arch.clone(),
             // A unit struct on x86, not on arm64.
             #[allow(clippy::default_constructed_unit_structs)]
@@ -175,6 +180,8 @@ impl Hypervisor for KvmHypervisor {
 struct KvmVm {
     fd: VmFd,
     run_size: usize,
+    /// `KVM_CAP_PRE_FAULT_MEMORY` (Linux 6.10+ with two-dimensional paging).
+    can_prefault: bool,
     arch: ArchData,
     /// What the architecture keeps per VM (arm64: the vGIC, once the vCPUs exist).
     data: VmData,
@@ -265,6 +272,7 @@ impl HvVm for KvmVm {
                 thread: Mutex::new(Some(thread)),
             }),
             arch: self.arch.clone(),
+            can_prefault: self.can_prefault,
         }))
     }
 
@@ -284,6 +292,10 @@ impl HvVm for KvmVm {
 
     fn restore_state(&self, state: &HvState) -> Result<(), HvError> {
         arch::restore_vm(&self.fd, &self.data, state)
+    }
+
+    fn can_prefault(&self) -> bool {
+        self.can_prefault
     }
 }
 
@@ -388,6 +400,7 @@ struct KvmVcpu {
     fd: VcpuFd,
     kicker: Arc<KvmKicker>,
     arch: ArchData,
+    can_prefault: bool,
 }
 
 impl Drop for KvmVcpu {
@@ -450,6 +463,13 @@ impl HvVcpu for KvmVcpu {
 
     fn restore_state(&mut self, state: &HvState) -> Result<(), HvError> {
         arch::restore_vcpu(&self.fd, state)
+    }
+
+    fn prefault(&self, gpa: u64, len: u64) -> Result<bool, HvError> {
+        if !self.can_prefault {
+            return Ok(false);
+        }
+        prefault::prefault(&self.fd, gpa, len)
     }
 }
 

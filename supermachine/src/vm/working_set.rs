@@ -1,0 +1,60 @@
+//! Recording a snapshot's working set: right after a snapshot is written, where the hypervisor
+//! can map guest memory ahead of the guest, one VM is restored from it, answers the requests a
+//! restored VM answers first (the reseed and an exec), and the guest pages it touched are saved
+//! beside the snapshot. Every later restore maps exactly those pages before its vCPUs run, so
+//! the guest does not exit to the host once per page it touches while it answers them
+//! (`supermachine_vmm::snapshot::working_set`).
+
+use std::time::{Duration, Instant};
+
+use tracing::{debug, warn};
+
+use super::{blocking, lock, Snapshot, Vm, VmConfig};
+use crate::error::Error;
+
+/// How long the recording VM's first exec may take before the recording goes on without it.
+const FIRST_EXEC_LIMIT: Duration = Duration::from_secs(30);
+
+impl Vm {
+    /// Records `snapshot`'s working set if this VM's hypervisor can use one. Never fails the
+    /// snapshot: without a working set restores are correct, only slower, so a failure is
+    /// logged.
+    pub(super) async fn record_working_set(&self, snapshot: &Snapshot) {
+        let machine = std::sync::Arc::clone(&self.machine);
+        let can = blocking(move || Ok(lock(&machine).can_prefault())).await;
+        if !matches!(can, Ok(true)) {
+            return;
+        }
+        let started = Instant::now();
+        if let Err(e) = Self::record_from_restore(snapshot).await {
+            warn!(dir = %snapshot.dir().display(), "could not record the snapshot's working set: {}", crate::Report(&e));
+            return;
+        }
+        debug!(
+            took_ms = started.elapsed().as_secs_f64() * 1e3,
+            "working set recorded"
+        );
+    }
+
+    async fn record_from_restore(snapshot: &Snapshot) -> Result<(), Error> {
+        let vm = Self::restore_inner(snapshot, &VmConfig::new(), Instant::now()).await?;
+        // `true` may be missing from an image (distroless): the agent's exec path is still
+        // walked, and what it touched is recorded all the same.
+        let _ = tokio::time::timeout(FIRST_EXEC_LIMIT, vm.exec(["true"]).output()).await;
+        let machine = std::sync::Arc::clone(&vm.machine);
+        let dir = snapshot.dir().to_owned();
+        let set = blocking(move || {
+            lock(&machine)
+                .record_working_set(&dir)
+                .map_err(Error::from_vmm)
+        })
+        .await?;
+        debug!(
+            pages = set.pages(),
+            written = set.written_pages(),
+            runs = set.runs().len(),
+            "working set"
+        );
+        Ok(())
+    }
+}
