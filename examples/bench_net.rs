@@ -35,14 +35,14 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use supermachine::{Agent, ExecBuilder, Network, UnixConnector, Vm};
+use supermachine::{ExecBuilder, Network, Vm};
 use supermachine_e2e::bench::arg;
+use supermachine_e2e::firecracker::Firecracker as Peer;
 
 type Result<T, E = Box<dyn std::error::Error>> = std::result::Result<T, E>;
 
@@ -236,7 +236,7 @@ fn serve_rtt(mut stream: TcpStream, _: u64) -> std::io::Result<Sample> {
 /// A booted guest under one VMM.
 enum Guest {
     Ours(Box<Vm>),
-    Firecracker(Firecracker),
+    Firecracker(FcGuest),
 }
 
 impl Guest {
@@ -244,22 +244,8 @@ impl Guest {
         let argv = ["busybox", "sh", "-c", script];
         match self {
             Guest::Ours(vm) => vm.exec(argv),
-            Guest::Firecracker(fc) => fc.agent.exec(argv),
+            Guest::Firecracker(fc) => fc.peer.agent.exec(argv),
         }
-    }
-}
-
-struct Firecracker {
-    child: std::process::Child,
-    agent: Agent,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Firecracker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -290,10 +276,7 @@ async fn start_guest(vmm: &str) -> Result<Guest> {
     }
 }
 
-async fn start_firecracker(base: supermachine::VmConfig) -> Result<Firecracker> {
-    let binary = std::env::var_os("SUPERMACHINE_FIRECRACKER")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("../shared/peers/firecracker"));
+async fn start_firecracker(base: supermachine::VmConfig) -> Result<FcGuest> {
     // Same kernel and initramfs; no NIC of ours, but the agent configures Firecracker's eth0.
     let config = base.network(Network::none()).kernel_cmdline(format!(
         "supermachine.net={TAP_GUEST}/24,{TAP_HOST},{TAP_HOST},1500"
@@ -303,66 +286,28 @@ async fn start_firecracker(base: supermachine::VmConfig) -> Result<Firecracker> 
     ip(&["addr", "add", &format!("{TAP_HOST}/24"), "dev", TAP])?;
     ip(&["link", "set", TAP, "mtu", "1500", "up"])?;
     let dir = tempfile::tempdir()?;
-    let vsock = dir.path().join("vsock.sock");
-    let spec = serde_json::json!({
-        "boot-source": {
-            "kernel_image_path": kernel,
-            "initrd_path": initramfs,
-            "boot_args": cmdline,
-        },
-        "drives": [],
-        "machine-config": { "vcpu_count": 1, "mem_size_mib": 256 },
-        "network-interfaces": [{
-            "iface_id": "eth0",
-            "host_dev_name": TAP,
-            "guest_mac": "06:00:c0:00:02:02",
-        }],
-        "vsock": { "guest_cid": 3, "uds_path": vsock },
-    });
-    let config_file = dir.path().join("config.json");
-    std::fs::write(&config_file, serde_json::to_vec_pretty(&spec)?)?;
-    let log = dir.path().join("console.log");
-    let out = std::fs::File::create(&log)?;
-    let child = Command::new(&binary)
-        .args(["--no-seccomp", "--no-api", "--config-file"])
-        .arg(&config_file)
-        .stdin(std::process::Stdio::null())
-        .stdout(out.try_clone()?)
-        .stderr(out)
-        .spawn()
-        .map_err(|e| format!("{}: {e}", binary.display()))?;
-    let mut fc = Firecracker {
-        child,
-        agent: Agent::with_connector(UnixConnector::muxed(&vsock)),
-        log,
+    let mut spec = Peer::boot_config(dir.path(), (&kernel, &initramfs, &cmdline), 1, 256);
+    spec["network-interfaces"] = serde_json::json!([{
+        "iface_id": "eth0",
+        "host_dev_name": TAP,
+        "guest_mac": "06:00:c0:00:02:02",
+    }]);
+    let mut fc = Peer::spawn(dir.path(), Some(&spec)).await?;
+    let answered = fc.wait_for_agent().await?;
+    println!(
+        "firecracker: agent answered after {:.1} s",
+        answered.as_secs_f64()
+    );
+    Ok(FcGuest {
+        peer: fc,
         _dir: dir,
-    };
-    let started = Instant::now();
-    loop {
-        if vsock.exists() {
-            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(5), fc.agent.ping()).await {
-                println!(
-                    "firecracker: agent answered after {:.1} s",
-                    started.elapsed().as_secs_f64()
-                );
-                return Ok(fc);
-            }
-        }
-        if let Some(status) = fc.child.try_wait()? {
-            return Err(format!("firecracker exited ({status}): {}", tail(&fc.log)).into());
-        }
-        if started.elapsed() > Duration::from_secs(300) {
-            return Err(format!("firecracker's agent never answered: {}", tail(&fc.log)).into());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
 }
 
-/// The last lines of a log file.
-fn tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
+/// Firecracker (killed first on drop) and the directory of its sockets and log.
+struct FcGuest {
+    peer: Peer,
+    _dir: tempfile::TempDir,
 }
 
 /// One run's figures.

@@ -13,6 +13,7 @@
 
 pub mod bench;
 pub mod ext4;
+pub mod firecracker;
 pub mod images;
 pub mod registry;
 
