@@ -160,7 +160,7 @@ ensure_l1_kernel() {
   local m missing=
   for m in "${MODULES[@]}"; do [[ -f $L1/modules/$m.ko ]] || missing=1; done
   [[ -f $L1/vmlinuz && -z $missing ]] && return
-  local pkg
+  local pkg=
   if [[ $kernel_link == linux-6.12 ]]; then
     pkg="$(apt-cache search --names-only "^linux-image-6\\.12\\.[0-9]+\\+deb12-$deb_arch\$" \
       | awk '{print $1}' | sort -V | tail -n1)"

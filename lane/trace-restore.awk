@@ -34,11 +34,14 @@ NR == FNR {
   }
 }
 END {
-  for (k in kinds) report(k)
+  reported = 0
+  for (k in kinds) reported += report(k)
+  if (reported == 0) { print "no complete restore found in the trace"; exit 1 }
 }
+# Prints one kind's table; returns 0 (after saying so) when the trace holds none of it complete.
 function report(k,   n, r, da, db, dc, i, s, key, steps, ms, c, parts) {
   n = 0; for (r = 0; r < runs; r++) if ((r in tc) && kind[r] == k) n++
-  if (n == 0) { print "no complete restore of kind " k " found in the trace"; exit 1 }
+  if (n == 0) { print "no complete restore of kind " k " found in the trace"; return 0 }
   printf "\n%s: per restore, mean of %d (steps: a = call -> vCPUs running, b -> agent answered, c -> first exec done)\n", k, n
   for (r = 0; r < runs; r++) if ((r in tc) && kind[r] == k) {
     da += (ta[r] - start[r]) * 1e3; db += (tb[r] - ta[r]) * 1e3; dc += (tc[r] - tb[r]) * 1e3
@@ -52,4 +55,5 @@ function report(k,   n, r, da, db, dc, i, s, key, steps, ms, c, parts) {
   for (c in codes) { split(c, parts, SUBSEP); if (parts[1] == k) printf "  %s %s %.1f\n", parts[2], parts[3], codes[c] / n }
   print "exits by reason (per restore):"
   for (c in by) { split(c, parts, SUBSEP); if (parts[1] == k) printf "  %s %s %.1f\n", parts[2], parts[3], by[c] / n }
+  return 1
 }

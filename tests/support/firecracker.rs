@@ -14,6 +14,8 @@ type Result<T, E = Box<dyn std::error::Error>> = std::result::Result<T, E>;
 
 /// How long Firecracker may take to open its API socket, and an agent to answer.
 const START_LIMIT: Duration = Duration::from_secs(300);
+/// How long one API request may take (a snapshot load or create included).
+const API_LIMIT: Duration = Duration::from_secs(120);
 
 /// The Firecracker binary: `$SUPERMACHINE_FIRECRACKER`, else `../shared/peers/firecracker`
 /// beside the workspace.
@@ -109,23 +111,44 @@ impl Firecracker {
         Ok(())
     }
 
-    /// Waits until the agent answers a ping; returns how long that took.
+    /// Waits until the agent answers a ping; returns how long that took. Retries back off
+    /// from 2 ms to 50 ms, so a booting guest is not flooded with connections.
     pub async fn wait_for_agent(&mut self) -> Result<Duration> {
         let started = Instant::now();
+        let mut pause = Duration::from_millis(2);
         loop {
             let ping = tokio::time::timeout(Duration::from_secs(5), self.agent.ping()).await;
             if let Ok(Ok(_)) = ping {
                 return Ok(started.elapsed());
             }
             self.check_alive(started)?;
-            tokio::time::sleep(Duration::from_millis(2)).await;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
         }
     }
 
-    /// One API request (`method path` with a JSON body); fails unless the answer is 2xx.
+    /// One API request (`method path` with a JSON body); fails unless the answer is 2xx, or
+    /// after [`API_LIMIT`].
     pub async fn api(&self, method: &str, path: &str, body: &serde_json::Value) -> Result<()> {
+        match tokio::time::timeout(API_LIMIT, self.request(method, path, body)).await {
+            Ok(result) => result,
+            Err(_) => Err(format!("{method} {path}: no answer within {API_LIMIT:?}").into()),
+        }
+    }
+
+    async fn request(&self, method: &str, path: &str, body: &serde_json::Value) -> Result<()> {
         let body = serde_json::to_vec(body)?;
-        let mut stream = tokio::net::UnixStream::connect(&self.api).await?;
+        // The socket file appears just before Firecracker listens on it.
+        let started = Instant::now();
+        let mut stream = loop {
+            match tokio::net::UnixStream::connect(&self.api).await {
+                Ok(stream) => break stream,
+                Err(_) if started.elapsed() < Duration::from_secs(5) => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(e) => return Err(format!("{}: {e}", self.api.display()).into()),
+            }
+        };
         let head = format!(
             "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
              Accept: application/json\r\nContent-Length: {}\r\n\r\n",

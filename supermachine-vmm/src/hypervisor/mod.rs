@@ -239,7 +239,8 @@ pub trait HvVcpu: ArchVcpu {
     /// not each exit to the host (KVM: `KVM_PRE_FAULT_MEMORY`, Linux 6.10+). A restored machine
     /// calls it for its snapshot's recorded working set before the vCPU first runs.
     ///
-    /// Returns `Ok(false)`, having done nothing, where the hypervisor cannot (the default).
+    /// Returns `Ok(false)` where the hypervisor cannot (the default: nothing mapped; KVM may
+    /// say so after mapping part of the range, which stays mapped).
     fn prefault(&self, _gpa: u64, _len: u64) -> Result<bool, HvError> {
         Ok(false)
     }

@@ -28,8 +28,10 @@ impl Machine {
     /// initramfs and command line are not used (the snapshot's memory holds the booted kernel).
     /// Disk paths may differ from the snapshot's, but must hold the same contents.
     ///
-    /// Guest RAM is the snapshot's `memory` file mapped copy-on-write, so nothing is read up
-    /// front and VMs restored from one snapshot share its clean pages. Fails with
+    /// Guest RAM is the snapshot's `memory` file mapped copy-on-write, so VMs restored from one
+    /// snapshot share its clean pages. Only its `working-set` (if any, see
+    /// [`record_working_set`](Self::record_working_set)) is touched before the guest runs: mapped
+    /// into the hypervisor's page tables, the written pages copied first. Fails with
     /// [`Error::Snapshot`] on a damaged, truncated, foreign or mismatched snapshot (one of
     /// another architecture: [`SnapshotError::Architecture`]); nothing is left running then.
     /// Must be called inside a tokio runtime.
@@ -69,7 +71,10 @@ impl Machine {
         let working_set = match WorkingSet::load(dir, expected) {
             Ok(set) => set,
             Err(error) => {
-                tracing::warn!(%error, "ignoring the snapshot's working set");
+                tracing::warn!(
+                    error = crate::error::flatten(&error),
+                    "ignoring the snapshot's working set"
+                );
                 None
             }
         };
@@ -83,10 +88,11 @@ impl Machine {
     /// that should be fast after a restore (the embedding library: its first agent round trip
     /// and a first exec). Returns the set written.
     pub fn record_working_set(&self, dir: &Path) -> Result<WorkingSet, Error> {
-        let set = WorkingSet::resident(&self.memory);
-        let set = set.map_err(|e| SnapshotError::io(dir.join(WORKING_SET_FILE))(e))?;
+        let set =
+            WorkingSet::resident(&self.memory).map_err(SnapshotError::io("/proc/self/pagemap"))?;
         set.save(dir).map_err(|e| match e {
             WorkingSetError::Io { path, source } => SnapshotError::io(path)(source),
+            // `save` only writes; kept for the match.
             WorkingSetError::Invalid { path, why } => {
                 SnapshotError::io(path)(std::io::Error::other(why))
             }
@@ -159,6 +165,13 @@ impl Machine {
             transports: held.transport_states.clone(),
             vsock_connections: self.vsock.as_ref().map_or(0, VsockHandle::connection_count),
         };
+        // A working set recorded for what was in `dir` before does not describe this state.
+        let stale = dir.join(WORKING_SET_FILE);
+        match std::fs::remove_file(&stale) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(SnapshotError::io(stale)(e)),
+        }
         let memory_path = dir.join(MEMORY_FILE);
         let file = std::fs::File::create(&memory_path).map_err(SnapshotError::io(&memory_path))?;
         let written =

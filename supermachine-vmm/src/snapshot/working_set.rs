@@ -69,7 +69,7 @@ pub struct WorkingSet {
 #[derive(Debug, thiserror::Error)]
 pub enum WorkingSetError {
     /// Reading or writing the file failed.
-    #[error("{path}: {source}")]
+    #[error("cannot read or write {path}")]
     Io {
         /// The file.
         path: std::path::PathBuf,
@@ -95,6 +95,14 @@ impl WorkingSet {
     /// memory file mapped copy-on-write), after it answered the requests to record.
     pub fn resident(mem: &GuestMemoryMmap) -> std::io::Result<WorkingSet> {
         use std::os::unix::fs::FileExt;
+        // pagemap has one entry per host page; the set (and KVM's pre-fault) counts 4 KiB ones.
+        // SAFETY: sysconf has no preconditions.
+        let host_page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        if host_page != PAGE as libc::c_long {
+            return Err(std::io::Error::other(format!(
+                "host pages are {host_page} bytes; working sets are recorded on 4 KiB-page hosts"
+            )));
+        }
         // Bits of a pagemap entry (Documentation/admin-guide/mm/pagemap.rst).
         const PRESENT: u64 = 1 << 63;
         const FILE_OR_SHARED: u64 = 1 << 61;
@@ -236,7 +244,10 @@ impl WorkingSet {
             path: path.clone(),
             source,
         };
-        std::fs::write(&tmp, self.encode()).map_err(io)?;
+        if let Err(e) = std::fs::write(&tmp, self.encode()) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io(e));
+        }
         std::fs::rename(&tmp, &path).map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
             io(e)
@@ -247,11 +258,23 @@ impl WorkingSet {
     /// `Ok(None)` when there is none.
     pub fn load(dir: &Path, ram_size: u64) -> Result<Option<WorkingSet>, WorkingSetError> {
         let path = dir.join(WORKING_SET_FILE);
-        let bytes = match std::fs::read(&path) {
-            Ok(bytes) => bytes,
+        let meta = match std::fs::metadata(&path) {
+            Ok(meta) => meta,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(WorkingSetError::Io { path, source }),
         };
+        // Never block on a FIFO or read an endless file: a set is at most one run per page.
+        let most = 24 + 16 * (ram_size / PAGE);
+        if !meta.is_file() || meta.len() > most {
+            return Err(WorkingSetError::Invalid {
+                path,
+                why: format!("not a regular file of at most {most} bytes"),
+            });
+        }
+        let bytes = std::fs::read(&path).map_err(|source| WorkingSetError::Io {
+            path: path.clone(),
+            source,
+        })?;
         WorkingSet::decode(&bytes, ram_size)
             .map(Some)
             .map_err(|why| WorkingSetError::Invalid { path, why })
@@ -304,6 +327,17 @@ mod tests {
             assert!(err.contains(expect), "{err}");
         };
         check(b"nonsense", 4 << 20, "not a working-set");
+        // What `load` refuses before reading: something not a file, or longer than any set.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join(WORKING_SET_FILE)).unwrap();
+        assert!(matches!(
+            WorkingSet::load(dir.path(), 4 << 20),
+            Err(WorkingSetError::Invalid { .. })
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(WORKING_SET_FILE), vec![0u8; 24 + 16 * 1025]).unwrap();
+        let err = WorkingSet::load(dir.path(), 4 << 20).unwrap_err();
+        assert!(err.to_string().contains("at most"), "{err}");
         check(&good, 8 << 20, "recorded for");
         check(&good[..good.len() - 1], 4 << 20, "announced");
         // Overlapping, empty, past the end, unknown flags.

@@ -6,7 +6,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
+};
 
 use crate::hypervisor::HvVcpu;
 use crate::snapshot::working_set::{PageRun, WorkingSet};
@@ -51,7 +53,11 @@ impl Prefault {
                     return;
                 }
                 Err(error) => {
-                    tracing::warn!(vcpu = id, %error, "pre-faulting the working set failed; the guest faults it in instead");
+                    tracing::warn!(
+                        vcpu = id,
+                        error = crate::error::flatten(&error),
+                        "pre-faulting the working set failed; the guest faults it in instead"
+                    );
                     return;
                 }
             }
@@ -63,24 +69,26 @@ impl Prefault {
     /// the pre-fault maps them writable and the guest's write does not exit a second time.
     /// Linux only: no other host's hypervisor pre-faults.
     fn copy_ahead(&self, run: &PageRun) {
-        let Ok(host) = self.memory.get_host_address(GuestAddress(run.gpa())) else {
+        // The whole run inside one region (one host mapping): the madvise below must stay in it.
+        let Some(region) = self.memory.find_region(GuestAddress(run.gpa())) else {
             return;
         };
-        // RAM is one region and the set was checked against its size; checked here again, as
-        // the madvise below must stay inside the mapping.
-        if self
-            .memory
-            .get_host_address(GuestAddress(run.gpa() + run.bytes() - 1))
-            .is_err()
+        let offset = run.gpa() - region.start_addr().0;
+        if !offset
+            .checked_add(run.bytes())
+            .is_some_and(|end| end <= region.len())
         {
             return;
         }
+        let Ok(host) = region.get_host_address(MemoryRegionAddress(offset)) else {
+            return;
+        };
         #[cfg(not(target_os = "linux"))]
         let _ = host;
         #[cfg(target_os = "linux")]
         {
-            // SAFETY: `[host, host + len)` lies inside the guest RAM mapping that `self.memory`
-            // keeps alive; MADV_POPULATE_WRITE only faults pages in as writes would (copying a
+            // SAFETY: `[host, host + len)` lies inside one region of the guest RAM mapping (checked
+            // above), which `self.memory` keeps alive; MADV_POPULATE_WRITE only faults pages in as writes would (copying a
             // private file page), it changes no contents and no mapping.
             let rc = unsafe {
                 libc::madvise(host.cast(), run.bytes() as usize, libc::MADV_POPULATE_WRITE)

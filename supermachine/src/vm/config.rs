@@ -191,7 +191,9 @@ impl VmConfig {
     /// first start of a configuration boots the guest and snapshots it under
     /// `~/.cache/supermachine/snapshots/<key>/` (the key hashes the kernel, agent, extra
     /// files, size and command line); every later start restores that snapshot in
-    /// milliseconds. Off: every start cold-boots and nothing is written.
+    /// milliseconds. Where KVM can pre-fault, that first start also records the snapshot's
+    /// working set (one restore and one exec more, see [`Vm::snapshot`](crate::Vm::snapshot)).
+    /// Off: every start cold-boots and nothing is written.
     pub fn snapshot_cache(mut self, enabled: bool) -> Self {
         self.snapshot_cache = enabled;
         self

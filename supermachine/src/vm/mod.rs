@@ -277,8 +277,10 @@ impl Vm {
     /// RNG from fresh host entropy and set the guest clock (so no two VMs restored from one
     /// snapshot share randomness, and none runs on a stale clock).
     ///
-    /// Guest RAM is the snapshot's memory file mapped copy-on-write: nothing is read up front,
-    /// and VMs restored from one snapshot share its clean pages. The VM is independent of the
+    /// Guest RAM is the snapshot's memory file mapped copy-on-write, and VMs restored from one
+    /// snapshot share its clean pages. Only the snapshot's working set (if it has one: see
+    /// [`Vm::snapshot`]) is mapped before the guest runs, its written pages copied up front
+    /// as the guest's first writes would copy them. The VM is independent of the
     /// one the snapshot was taken from. Must be called inside a tokio runtime, which must
     /// outlive the VM.
     pub async fn restore(snapshot: &Snapshot) -> Result<Vm, Error> {
