@@ -41,7 +41,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use supermachine::{ExecBuilder, Network, Vm};
-use supermachine_e2e::bench::arg;
+use supermachine_e2e::bench::{arg, list_arg};
 use supermachine_e2e::firecracker::Firecracker as Peer;
 
 type Result<T, E = Box<dyn std::error::Error>> = std::result::Result<T, E>;
@@ -70,12 +70,7 @@ fn main() -> Result<()> {
         .init();
     let mib = arg(1, 8).max(1) as u64;
     let rounds = arg(2, 20).max(3);
-    let vmms: Vec<String> = std::env::args()
-        .nth(3)
-        .unwrap_or_else(|| "ours,firecracker".into())
-        .split(',')
-        .map(str::to_owned)
-        .collect();
+    let vmms = list_arg(3, "ours,firecracker");
     let runs = arg(4, 5).max(1);
     // Before any thread exists: every thread made later is in the namespace too.
     enter_namespace()?;

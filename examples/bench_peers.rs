@@ -25,7 +25,7 @@
 use std::time::{Duration, Instant};
 
 use supermachine::{Agent, Vm};
-use supermachine_e2e::bench::{arg, percentile, report};
+use supermachine_e2e::bench::{arg, list_arg, p50_ratio, report};
 use supermachine_e2e::firecracker::Firecracker;
 
 type Result<T, E = Box<dyn std::error::Error>> = std::result::Result<T, E>;
@@ -50,12 +50,7 @@ async fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let runs = arg(1, 10).max(1);
-    let vmms: Vec<String> = std::env::args()
-        .nth(2)
-        .unwrap_or_else(|| "ours,firecracker".into())
-        .split(',')
-        .map(str::to_owned)
-        .collect();
+    let vmms = list_arg(2, "ours,firecracker");
     let mut all = Vec::new();
     for vmm in &vmms {
         let figures = match vmm.as_str() {
@@ -83,12 +78,7 @@ async fn main() -> Result<()> {
     }
     let find = |name: &str| all.iter().find(|(v, _)| v == name).map(|(_, f)| f);
     if let (Some(o), Some(f)) = (find("ours"), find("firecracker")) {
-        let p50 = |v: &[Duration]| {
-            let mut v = v.to_vec();
-            v.sort();
-            percentile(&v, 0.5).as_secs_f64()
-        };
-        let ratio = |a: &[Duration], b: &[Duration]| p50(a) / p50(b);
+        let ratio = p50_ratio;
         println!(
             "ours / firecracker, p50s: cold boot {:.2}, warm ping {:.2}, warm exec {:.2}, \
              restore call {:.2}, restore -> agent {:.2}, restore -> first exec {:.2}",

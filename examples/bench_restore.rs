@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use supermachine::{Snapshot, Vm};
 
-use supermachine_e2e::bench::{arg, report};
+use supermachine_e2e::bench::{arg, p50_ratio, report};
 
 /// Sum of `Private_Dirty` over this process's mappings, in KiB.
 fn private_dirty_kib() -> u64 {
@@ -136,12 +136,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let vm = last.ok_or("no restore ran")?;
     let (ping, warm_exec) = warm_round_trips(&vm, runs).await?;
     drop(vm);
-    let p50 = |v: &[Duration]| {
-        let mut v = v.to_vec();
-        v.sort();
-        v[v.len() / 2]
-    };
-    let ratio = |a: &[Duration], b: &[Duration]| p50(a).as_secs_f64() / p50(b).as_secs_f64();
+    let ratio = p50_ratio;
     for (mode, f) in modes.iter().zip(&figures) {
         println!("-- restores with {mode}");
         report("(a) restore -> vCPUs running", f.vmm.clone());

@@ -26,6 +26,26 @@ pub fn report(name: &str, mut samples: Vec<Duration>) {
     );
 }
 
+/// The ratio of the medians (nearest rank) of `a` and `b`, in any order; both non-empty.
+pub fn p50_ratio(a: &[Duration], b: &[Duration]) -> f64 {
+    let p50 = |v: &[Duration]| {
+        let mut v = v.to_vec();
+        v.sort();
+        percentile(&v, 0.5).as_secs_f64()
+    };
+    p50(a) / p50(b)
+}
+
+/// The `n`th command-line argument split at commas, or `default` split the same way.
+pub fn list_arg(n: usize, default: &str) -> Vec<String> {
+    std::env::args()
+        .nth(n)
+        .unwrap_or_else(|| default.into())
+        .split(',')
+        .map(str::to_owned)
+        .collect()
+}
+
 /// The `n`th command-line argument parsed, or `default`.
 pub fn arg(n: usize, default: usize) -> usize {
     std::env::args()

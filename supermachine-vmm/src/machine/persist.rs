@@ -14,7 +14,7 @@ use crate::arch::ARCH;
 use crate::devices::vsock::VsockHandle;
 use crate::error::Error;
 use crate::memory::{self, RamBacking};
-use crate::snapshot::working_set::{WorkingSet, WorkingSetError, WORKING_SET_FILE};
+use crate::snapshot::working_set::{WorkingSet, WORKING_SET_FILE};
 use crate::snapshot::{
     format, MachineState, SnapshotError, SnapshotInfo, MEMORY_FILE, VMSTATE_FILE,
 };
@@ -90,13 +90,8 @@ impl Machine {
     pub fn record_working_set(&self, dir: &Path) -> Result<WorkingSet, Error> {
         let set =
             WorkingSet::resident(&self.memory).map_err(SnapshotError::io("/proc/self/pagemap"))?;
-        set.save(dir).map_err(|e| match e {
-            WorkingSetError::Io { path, source } => SnapshotError::io(path)(source),
-            // `save` only writes; kept for the match.
-            WorkingSetError::Invalid { path, why } => {
-                SnapshotError::io(path)(std::io::Error::other(why))
-            }
-        })?;
+        set.save(dir)
+            .map_err(SnapshotError::io(dir.join(WORKING_SET_FILE)))?;
         Ok(set)
     }
 

@@ -235,23 +235,16 @@ impl WorkingSet {
         Ok(WorkingSet { ram_size, runs })
     }
 
-    /// Writes the set into the snapshot directory `dir`, replacing any earlier one at once
-    /// (written beside it, then renamed).
-    pub fn save(&self, dir: &Path) -> Result<(), WorkingSetError> {
-        let path = dir.join(WORKING_SET_FILE);
+    /// Writes the set into the snapshot directory `dir` as [`WORKING_SET_FILE`], replacing any
+    /// earlier one at once (written beside it, then renamed).
+    pub fn save(&self, dir: &Path) -> std::io::Result<()> {
         let tmp = dir.join(format!(".{WORKING_SET_FILE}.tmp"));
-        let io = |source| WorkingSetError::Io {
-            path: path.clone(),
-            source,
-        };
-        if let Err(e) = std::fs::write(&tmp, self.encode()) {
+        let written = std::fs::write(&tmp, self.encode())
+            .and_then(|()| std::fs::rename(&tmp, dir.join(WORKING_SET_FILE)));
+        if written.is_err() {
             let _ = std::fs::remove_file(&tmp);
-            return Err(io(e));
         }
-        std::fs::rename(&tmp, &path).map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            io(e)
-        })
+        written
     }
 
     /// The set saved in snapshot directory `dir` for a machine of `ram_size` bytes of RAM;

@@ -14,7 +14,7 @@ vmm_sys_util::ioctl_iowr_nr!(KVM_PRE_FAULT_MEMORY, KVMIO, 0xd5, kvm_pre_fault_me
 
 /// Maps `[gpa, gpa + len)` (page aligned, inside a memory slot) for `vcpu`. `Ok(false)`: this
 /// KVM cannot (older than 6.10, shadow paging as on PVM hosts, or a VM type that refuses it);
-/// nothing was mapped and nothing is wrong.
+/// nothing is wrong, and what was mapped before it said so stays mapped.
 pub(super) fn prefault(vcpu: &VcpuFd, gpa: u64, len: u64) -> Result<bool, HvError> {
     let mut range = kvm_pre_fault_memory {
         gpa,
