@@ -59,6 +59,16 @@ impl MachineBuilder {
     /// Everything but the kernel: RAM, VM, irqchip, platform devices and the configured
     /// devices.
     pub(super) fn assemble(config: MachineConfig, backing: RamBacking) -> Result<Self, Error> {
+        let memory = memory::create(config.memory_mib, backing)?;
+        Self::assemble_on(config, memory)
+    }
+
+    /// [`assemble`](Self::assemble) on guest RAM already created (of `config`'s size): a
+    /// restore starts mapping its working set into RAM before the VM exists.
+    pub(super) fn assemble_on(
+        config: MachineConfig,
+        memory: Arc<GuestMemoryMmap>,
+    ) -> Result<Self, Error> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
 
         let hv = hypervisor::open()?;
@@ -71,7 +81,6 @@ impl MachineBuilder {
             .into());
         }
         arch::warn_host_limits(config.vcpus);
-        let memory = memory::create(config.memory_mib, backing)?;
         let vm: Arc<dyn HvVm> = Arc::from(hv.create_vm()?);
         vm.map_memory(&memory)?;
         vm.create_irqchip()?;

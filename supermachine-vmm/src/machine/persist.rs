@@ -78,8 +78,11 @@ impl Machine {
                 None
             }
         };
-        MachineBuilder::assemble(config, RamBacking::SnapshotFile(file))?
-            .restore(state, working_set)
+        let memory = memory::create(config.memory_mib, RamBacking::SnapshotFile(file))?;
+        // Mapping the set starts now, beside the VMM's own work below.
+        let prefault = working_set
+            .map(|set| Prefault::start(set, Arc::clone(&memory), state.vcpus.len() as u32));
+        MachineBuilder::assemble_on(config, memory)?.restore(state, prefault)
     }
 
     /// Records the guest pages this machine — restored from the snapshot in `dir` — has
@@ -180,11 +183,12 @@ impl Machine {
 
 impl MachineBuilder {
     /// Loads a snapshot's device and hypervisor state into this machine (built on the
-    /// snapshot's memory) and starts it; each vCPU thread creates its vCPU and loads its state.
+    /// snapshot's memory) and starts it; each vCPU thread creates its vCPU, loads its state and
+    /// maps its share of the working set, if any.
     pub(super) fn restore(
         self,
         state: &MachineState,
-        working_set: Option<WorkingSet>,
+        prefault: Option<Arc<Prefault>>,
     ) -> Result<Machine, Error> {
         let device_err = |device: &str, source: Box<dyn std::error::Error + Send + Sync>| {
             SnapshotError::Device {
@@ -210,13 +214,6 @@ impl MachineBuilder {
                 .restore(saved)
                 .map_err(|e| device_err(name, Box::new(e)))?;
         }
-        let prefault = working_set.map(|set| {
-            Arc::new(Prefault::new(
-                set,
-                Arc::clone(&self.memory),
-                state.vcpus.len() as u32,
-            ))
-        });
         let setups = state
             .vcpus
             .iter()

@@ -1,9 +1,20 @@
-//! A restored vCPU's share of its snapshot's working set
-//! ([`WorkingSet`](crate::snapshot::working_set::WorkingSet)), mapped into the hypervisor's page
-//! tables on the vCPU's thread before its first run: the hypervisor's pre-fault call takes a
-//! vCPU, and with several vCPUs the shares are mapped in parallel.
+//! A restore's working set ([`WorkingSet`](crate::snapshot::working_set::WorkingSet)) mapped
+//! before the guest runs, in two stages that overlap:
+//!
+//! 1. **The host's page tables**, on a thread of its own started as soon as guest RAM is
+//!    mapped ([`Prefault::start`]): while the VMM still creates the VM, its devices and vCPUs,
+//!    that thread faults the set into this process — the pages the guest wrote copied
+//!    (`MADV_POPULATE_WRITE`, as the guest's first write would), the others mapped read-only
+//!    from the page cache (`MADV_POPULATE_READ`, nothing copied, so restored VMs still share
+//!    them).
+//! 2. **The hypervisor's page tables**, on each vCPU thread after it loaded its state and
+//!    before its first run ([`Prefault::apply`]): the hypervisor's pre-fault call takes a
+//!    vCPU, and with several vCPUs the shares are mapped in parallel. Each run waits only for
+//!    stage 1 to have passed it, so the two stages pipeline; the hypervisor then finds the
+//!    host pages present and only fills its own tables.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::Instant;
 
 use vm_memory::{
@@ -13,25 +24,50 @@ use vm_memory::{
 use crate::hypervisor::HvVcpu;
 use crate::snapshot::working_set::{PageRun, WorkingSet};
 
-/// A working set to map, shared by the vCPU threads of one restore.
+/// Runs the host stage finishes between two wake-ups of waiting vCPU threads: each wake-up is
+/// a system call, and most runs are a page or two.
+const PROGRESS_BATCH: usize = 16;
+
+/// A working set to map, shared by the host stage's thread and the vCPU threads of one
+/// restore.
 pub(crate) struct Prefault {
     set: WorkingSet,
     memory: Arc<GuestMemoryMmap>,
     vcpus: u32,
+    /// Runs whose host pages are in place (stage 1), in order; `usize::MAX` when there is no
+    /// host-stage thread and each vCPU does its own runs' host stage.
+    host_done: AtomicUsize,
+    /// Where vCPU threads wait for `host_done` to pass their next run.
+    wait: (Mutex<()>, Condvar),
 }
 
 impl Prefault {
-    pub(crate) fn new(set: WorkingSet, memory: Arc<GuestMemoryMmap>, vcpus: u32) -> Self {
-        Prefault {
+    /// Starts stage 1 for `set` in `memory` (the restored machine's RAM) on a thread of its
+    /// own, and returns the handle its `vcpus` vCPU threads apply stage 2 with. The thread
+    /// ends by itself once the set is done, or early once the restore dropped every handle
+    /// (it failed); if it cannot be spawned, the vCPU threads do stage 1 themselves.
+    pub(crate) fn start(set: WorkingSet, memory: Arc<GuestMemoryMmap>, vcpus: u32) -> Arc<Self> {
+        let prefault = Arc::new(Prefault {
             set,
             memory,
             vcpus: vcpus.max(1),
+            host_done: AtomicUsize::new(0),
+            wait: (Mutex::new(()), Condvar::new()),
+        });
+        let weak = Arc::downgrade(&prefault);
+        let spawned = std::thread::Builder::new()
+            .name("sm-prefault".into())
+            .spawn(move || host_stage(&weak));
+        if let Err(error) = spawned {
+            tracing::debug!(%error, "no thread for the working set's host stage; vCPUs do it");
+            prefault.host_done.store(usize::MAX, Ordering::Release);
         }
+        prefault
     }
 
-    /// Maps this vCPU's share: every `vcpus`-th run, from its id. Never fails the restore: the
-    /// set is an optimisation, so a hypervisor that cannot pre-fault, or an error, ends it with
-    /// a log line and the guest faults those pages in itself.
+    /// Maps this vCPU's share into the hypervisor: every `vcpus`-th run, from its id. Never
+    /// fails the restore: the set is an optimisation, so a hypervisor that cannot pre-fault,
+    /// or an error, ends it with a log line and the guest faults those pages in itself.
     pub(crate) fn apply(&self, vcpu: &dyn HvVcpu) {
         let started = Instant::now();
         let id = vcpu.id();
@@ -40,11 +76,12 @@ impl Prefault {
             .set
             .runs()
             .iter()
+            .enumerate()
             .skip(id as usize)
             .step_by(self.vcpus as usize);
-        for run in share {
-            if run.written {
-                self.copy_ahead(run);
+        for (index, run) in share {
+            if !self.wait_for_host(index) {
+                self.map_in_host(run);
             }
             match vcpu.prefault(run.gpa(), run.bytes()) {
                 Ok(true) => pages += u64::from(run.pages),
@@ -65,10 +102,37 @@ impl Prefault {
         tracing::debug!(vcpu = id, pages, took = ?started.elapsed(), "working set pre-faulted");
     }
 
-    /// Makes the private copies of pages the guest will write (as its first write would), so
-    /// the pre-fault maps them writable and the guest's write does not exit a second time.
-    /// Linux only: no other host's hypervisor pre-faults.
-    fn copy_ahead(&self, run: &PageRun) {
+    /// Waits until stage 1 has passed run `index`. False when there is no stage-1 thread (the
+    /// caller maps the run in the host itself).
+    fn wait_for_host(&self, index: usize) -> bool {
+        let done = self.host_done.load(Ordering::Acquire);
+        if done == usize::MAX {
+            return false;
+        }
+        if done > index {
+            return true;
+        }
+        let (lock, cvar) = &self.wait;
+        let mut guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+        while self.host_done.load(Ordering::Acquire) <= index {
+            guard = cvar.wait(guard).unwrap_or_else(|p| p.into_inner());
+        }
+        true
+    }
+
+    /// Publishes that stage 1 has done `runs` runs and wakes the vCPU threads waiting for it.
+    fn host_progress(&self, runs: usize) {
+        let (lock, cvar) = &self.wait;
+        // Under the lock, so a vCPU thread between its check and its wait cannot miss this.
+        let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.host_done.store(runs, Ordering::Release);
+        cvar.notify_all();
+    }
+
+    /// Stage 1 for one run: faults its pages into this process's page tables, copying those
+    /// the guest wrote. Linux only (no other host's hypervisor pre-faults); failures are left
+    /// to the guest's own faults.
+    fn map_in_host(&self, run: &PageRun) {
         // The whole run inside one region (one host mapping): the madvise below must stay in it.
         let Some(region) = self.memory.find_region(GuestAddress(run.gpa())) else {
             return;
@@ -87,16 +151,50 @@ impl Prefault {
         let _ = host;
         #[cfg(target_os = "linux")]
         {
-            // SAFETY: `[host, host + len)` lies inside one region of the guest RAM mapping (checked
-            // above), which `self.memory` keeps alive; MADV_POPULATE_WRITE only faults pages in as writes would (copying a
-            // private file page), it changes no contents and no mapping.
-            let rc = unsafe {
-                libc::madvise(host.cast(), run.bytes() as usize, libc::MADV_POPULATE_WRITE)
+            let advice = if run.written {
+                libc::MADV_POPULATE_WRITE
+            } else {
+                libc::MADV_POPULATE_READ
             };
+            // SAFETY: `[host, host + len)` lies inside one region of the guest RAM mapping
+            // (checked above), which `self.memory` keeps alive; MADV_POPULATE_* only fault pages
+            // in as reads or writes would (a write copies a private file page), they change no
+            // contents and no mapping.
+            let rc = unsafe { libc::madvise(host.cast(), run.bytes() as usize, advice) };
             if rc != 0 {
-                // Before Linux 5.14 (EINVAL): the guest's own write copies the page.
-                tracing::trace!(error = %std::io::Error::last_os_error(), "MADV_POPULATE_WRITE");
+                // Before Linux 5.14 (EINVAL): the hypervisor's pre-fault or the guest's own
+                // access faults the page in.
+                tracing::trace!(error = %std::io::Error::last_os_error(), "MADV_POPULATE");
             }
+        }
+    }
+}
+
+/// Stage 1's thread: every run in order, publishing progress in batches; stops early once no
+/// one holds the [`Prefault`] any more (the restore failed before its vCPUs applied it).
+fn host_stage(weak: &Weak<Prefault>) {
+    let started = Instant::now();
+    let mut done = 0;
+    loop {
+        let Some(prefault) = weak.upgrade() else {
+            tracing::debug!(runs = done, "working set's host stage abandoned");
+            return;
+        };
+        let runs = prefault.set.runs();
+        let end = (done + PROGRESS_BATCH).min(runs.len());
+        for run in &runs[done..end] {
+            prefault.map_in_host(run);
+        }
+        done = end;
+        prefault.host_progress(done);
+        if done == runs.len() {
+            tracing::debug!(
+                runs = done,
+                pages = prefault.set.pages(),
+                took = ?started.elapsed(),
+                "working set mapped in the host"
+            );
+            return;
         }
     }
 }
