@@ -158,8 +158,9 @@ impl Vm {
     }
 
     async fn start_with_rootfs(config: VmConfig, started: Instant) -> Result<Vm, Error> {
-        // Reading the agent, building the initramfs and hashing the kernel take file I/O and
-        // tens to hundreds of milliseconds: off the runtime.
+        // The kernel's and rootfs's digests and the initramfs come from the cache when their
+        // files are unchanged (`cache::file_digest`, `initramfs::Recipe`); otherwise reading
+        // and hashing take tens to hundreds of milliseconds: off the runtime either way.
         let (config, resolved, initramfs, identity) = blocking(move || {
             let resolved = config.resolve()?;
             let initramfs = build_initramfs(&config, &resolved.agent)?;
@@ -865,12 +866,13 @@ fn identity_from(
     resolved: &config::Resolved,
     initramfs: &BuiltInitramfs,
 ) -> Result<Identity, Error> {
-    let kernel_sha256 = snapshot::sha256_file_cached(&resolved.kernel).map_err(|e| {
-        ConfigError::KernelUnreadable {
-            path: resolved.kernel.clone(),
-            reason: e.to_string(),
-        }
-    })?;
+    let kernel_sha256 =
+        crate::cache::file_digest::sha256_file_cached(&resolved.kernel).map_err(|e| {
+            ConfigError::KernelUnreadable {
+                path: resolved.kernel.clone(),
+                reason: e.to_string(),
+            }
+        })?;
     Ok(Identity {
         kernel_sha256,
         agent_sha256: initramfs.agent_sha256.clone(),
@@ -891,28 +893,37 @@ fn identity_from(
     })
 }
 
-/// Builds (or finds in the cache) the initramfs for `config`.
+/// Builds (or finds in the cache) the initramfs for `config`: a recipe built before is found
+/// without reading the agent again ([`initramfs::Recipe`]).
 fn build_initramfs(config: &VmConfig, agent: &std::path::Path) -> Result<BuiltInitramfs, Error> {
+    let recipe = initramfs::Recipe::of(agent, &config.files);
+    if let Some(recipe) = &recipe {
+        if let Some(built) = recipe.lookup() {
+            return Ok(BuiltInitramfs {
+                path: built.path,
+                sha256: built.sha256,
+                agent_sha256: recipe.agent_sha256.clone(),
+            });
+        }
+    }
     let invalid = |e: initramfs::InitramfsError| {
         Error::from(ConfigError::Initramfs(crate::Report(&e).to_string()))
     };
     let agent_bytes = initramfs::read_host_file(agent).map_err(invalid)?;
     let agent_sha256 = snapshot::sha256_hex(&agent_bytes);
     let mut fs = Initramfs::with_agent(agent_bytes);
+    let mut copied = Vec::with_capacity(config.files.len());
     for file in &config.files {
         match file {
             GuestFile::Copy { guest, host, mode } => {
                 let contents = initramfs::read_host_file(host).map_err(invalid)?;
-                let mode = match mode {
-                    Some(mode) => *mode,
-                    None => std::fs::metadata(host)
-                        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777)
-                        .unwrap_or(0o644),
-                };
+                copied.push(Some(snapshot::sha256_hex(&contents)));
+                let mode = initramfs::host_file_mode(host, *mode);
                 fs.add(guest, Entry::File { mode, contents })
                     .map_err(invalid)?;
             }
             GuestFile::Symlink { guest, target } => {
+                copied.push(None);
                 fs.add(
                     guest,
                     Entry::Symlink {
@@ -923,13 +934,20 @@ fn build_initramfs(config: &VmConfig, agent: &std::path::Path) -> Result<BuiltIn
             }
         }
     }
-    let (path, sha256) = fs.cached().map_err(|source| Error::Cache {
+    let (path, sha256, len) = fs.cached().map_err(|source| Error::Cache {
         what: "the initramfs",
         source,
     })?;
+    let built = initramfs::Built { path, sha256 };
+    // Recorded only when what was read is what the recipe names: no input changed between
+    // its digest and its read.
+    let read = initramfs::Recipe::from_digests(agent_sha256.clone(), &config.files, &copied);
+    if recipe.as_ref() == Some(&read) {
+        read.record(&built, len);
+    }
     Ok(BuiltInitramfs {
-        path,
-        sha256,
+        path: built.path,
+        sha256: built.sha256,
         agent_sha256,
     })
 }

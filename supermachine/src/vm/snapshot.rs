@@ -8,16 +8,14 @@
 //! the memory file, which restores map lazily; [`Snapshot::verify_memory`] is the explicit,
 //! slow check of the memory file's contents.
 
-use std::collections::HashMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use supermachine_vmm::snapshot::{format, MachineState, MEMORY_FILE, VMSTATE_FILE};
 
 use super::config::VmConfig;
+use crate::cache::file_digest;
 use crate::error::Error;
 use crate::image::digest::hex;
 use crate::image::ImageConfig;
@@ -63,7 +61,7 @@ impl RootfsIdentity {
         let path = std::fs::canonicalize(path)?;
         let m = std::fs::metadata(&path)?;
         Ok(RootfsIdentity {
-            sha256: sha256_file_cached(&path)?,
+            sha256: file_digest::sha256_file_cached(&path)?,
             len: m.len(),
             mtime_ns: m
                 .mtime()
@@ -81,7 +79,7 @@ impl RootfsIdentity {
         if (now.0, now.1, now.2) == (self.len, self.mtime_ns, self.ino) {
             return Ok(());
         }
-        let sha256 = sha256_file(&self.path).map_err(SnapshotError::io(&self.path))?;
+        let sha256 = file_digest::sha256_file(&self.path).map_err(SnapshotError::io(&self.path))?;
         if sha256 == self.sha256 {
             return Ok(());
         }
@@ -394,46 +392,6 @@ pub(crate) fn write_meta(
     let path = dir.join(META_FILE);
     let json = serde_json::to_vec_pretty(&meta).map_err(|e| SnapshotError::Encode(Box::new(e)))?;
     std::fs::write(&path, json).map_err(SnapshotError::io(&path))
-}
-
-/// SHA-256 of a file's contents, in hex.
-fn sha256_file(path: &Path) -> std::io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex(&h.finalize()))
-}
-
-/// SHA-256 of a file, remembered per process by (path, size, mtime, inode): the kernel is
-/// tens of MiB, and every `Vm::start` needs its hash for the snapshot cache key.
-pub(crate) fn sha256_file_cached(path: &Path) -> std::io::Result<String> {
-    use std::os::unix::fs::MetadataExt;
-    type Key = (PathBuf, u64, i64, i64, u64);
-    static HASHES: Mutex<Option<HashMap<Key, String>>> = Mutex::new(None);
-    let m = std::fs::metadata(path)?;
-    let key = (path.to_owned(), m.len(), m.mtime(), m.mtime_nsec(), m.ino());
-    if let Some(hash) = HASHES
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .as_ref()
-        .and_then(|h| h.get(&key))
-    {
-        return Ok(hash.clone());
-    }
-    let hash = sha256_file(path)?;
-    HASHES
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get_or_insert_with(HashMap::new)
-        .insert(key, hash.clone());
-    Ok(hash)
 }
 
 /// SHA-256 of bytes, in hex.

@@ -1,8 +1,11 @@
 //! The on-disk cache (`~/.cache/supermachine`): where derived artefacts such as initramfs
-//! archives are kept, keyed by content hash.
+//! archives are kept, keyed by content hash, and the digests of large host files
+//! (`digests/`, see `file_digest`).
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+
+pub(crate) mod file_digest;
 
 /// Environment variable overriding the cache root.
 pub const CACHE_DIR_ENV: &str = "SUPERMACHINE_CACHE_DIR";

@@ -13,6 +13,9 @@ use sha2::{Digest, Sha256};
 
 use crate::cache;
 
+mod recipe;
+pub(crate) use recipe::{Built, Recipe};
+
 /// Mode bits of the file types the archive holds.
 const S_IFDIR: u32 = 0o040_000;
 const S_IFREG: u32 = 0o100_000;
@@ -122,19 +125,34 @@ impl Initramfs {
     }
 
     /// Writes the archive into the cache under its content hash (once; concurrent writers race
-    /// harmlessly through a temp file and rename) and returns its path.
-    /// The archive's path in the cache (written if missing) and its SHA-256 in hex.
-    pub(crate) fn cached(&self) -> io::Result<(PathBuf, String)> {
+    /// harmlessly through a temp file and rename). Returns its path, its SHA-256 in hex and its
+    /// length.
+    pub(crate) fn cached(&self) -> io::Result<(PathBuf, String, u64)> {
         let bytes = self.to_bytes();
-        let digest = Sha256::digest(&bytes);
-        let name = format!("{}.cpio", crate::image::digest::hex(&digest[..16]));
+        let sha256 = crate::image::digest::hex(&Sha256::digest(&bytes));
         let dir = cache::dir("initramfs")?;
-        let path = dir.join(name);
-        if !path.metadata().is_ok_and(|m| m.len() == bytes.len() as u64) {
+        let path = dir.join(Self::cache_name(&sha256));
+        let len = bytes.len() as u64;
+        if !path.metadata().is_ok_and(|m| m.len() == len) {
             cache::write_atomically(&path, &bytes)?;
         }
-        Ok((path, crate::image::digest::hex(&digest)))
+        Ok((path, sha256, len))
     }
+
+    /// The cache file name of the archive whose SHA-256 (hex) is `sha256`.
+    pub(crate) fn cache_name(sha256: &str) -> String {
+        format!("{}.cpio", &sha256[..sha256.len().min(32)])
+    }
+}
+
+/// The mode an extra file gets: `mode` if given, else the host file's permission bits (0644
+/// when they cannot be read).
+pub(crate) fn host_file_mode(host: &Path, mode: Option<u32>) -> u32 {
+    mode.unwrap_or_else(|| {
+        std::fs::metadata(host)
+            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777)
+            .unwrap_or(0o644)
+    })
 }
 
 /// Reads a host file for the archive.
