@@ -142,6 +142,37 @@ fn record(entry: &Path, path: &Path, stamp: &Stamp, hex: &str) {
     if let Err(error) = super::write_atomically(entry, text.as_bytes()) {
         tracing::debug!(%error, entry = %entry.display(), "digest not remembered");
     }
+    if let Some(entries) = entry.parent() {
+        prune(entries);
+    }
+}
+
+/// Entries kept before [`prune`] looks for dead ones.
+const PRUNE_ABOVE: usize = 512;
+
+/// Removes the entries of files that no longer exist once there are more than
+/// [`PRUNE_ABOVE`] (temporary root filesystems, old kernels), so the directory stays small.
+fn prune(entries: &Path) {
+    let Ok(list) = std::fs::read_dir(entries) else {
+        return;
+    };
+    let list: Vec<PathBuf> = list.flatten().map(|e| e.path()).collect();
+    if list.len() <= PRUNE_ABOVE {
+        return;
+    }
+    for entry in list {
+        let Ok(text) = std::fs::read_to_string(&entry) else {
+            continue;
+        };
+        // The third line is the file's path (as `Path::display` wrote it).
+        let dead = !text
+            .lines()
+            .nth(2)
+            .is_some_and(|path| Path::new(path).exists());
+        if dead {
+            let _ = std::fs::remove_file(&entry);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -228,5 +259,27 @@ mod tests {
         assert_eq!(read_entry(&entry, &other), None, "another version's stamp");
         // Without a cache directory it still hashes.
         assert_eq!(digest_via(None, &file, &settled).unwrap(), sha(b"fresh"));
+    }
+
+    #[test]
+    fn pruning_keeps_the_entries_of_files_that_exist() {
+        let entries = tempfile::tempdir().unwrap();
+        let files = tempfile::tempdir().unwrap();
+        let live = files.path().join("live-file");
+        std::fs::write(&live, b"x").unwrap();
+        let write = |name: String, path: &Path| {
+            let text = format!("v1 stamp\n{}\n{}\n", "0".repeat(64), path.display());
+            std::fs::write(entries.path().join(name), text).unwrap();
+        };
+        write("kept".into(), &live);
+        for i in 0..PRUNE_ABOVE {
+            write(format!("dead-{i}"), &files.path().join(format!("gone-{i}")));
+        }
+        prune(entries.path());
+        let left: Vec<String> = std::fs::read_dir(entries.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, ["kept"]);
     }
 }
