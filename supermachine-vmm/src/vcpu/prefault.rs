@@ -9,12 +9,14 @@
 //!    them).
 //! 2. **The hypervisor's page tables**, on each vCPU thread after it loaded its state and
 //!    before its first run ([`Prefault::apply`]): the hypervisor's pre-fault call takes a
-//!    vCPU, and with several vCPUs the shares are mapped in parallel. Each run waits only for
-//!    stage 1 to have passed it, so the two stages pipeline; the hypervisor then finds the
-//!    host pages present and only fills its own tables.
+//!    vCPU, and with several vCPUs the shares are mapped in parallel. A run stage 1 has passed
+//!    needs only the hypervisor's tables filled (the host pages are present); a run it has not
+//!    reached yet the vCPU thread faults into the host itself rather than wait (faulting a
+//!    present page again is cheap), so no vCPU ever waits on that thread, and several vCPUs
+//!    share the host work when there is much of it.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use vm_memory::{
@@ -24,35 +26,28 @@ use vm_memory::{
 use crate::hypervisor::HvVcpu;
 use crate::snapshot::working_set::{PageRun, WorkingSet};
 
-/// Runs the host stage finishes between two wake-ups of waiting vCPU threads: each wake-up is
-/// a system call, and most runs are a page or two.
-const PROGRESS_BATCH: usize = 16;
-
 /// A working set to map, shared by the host stage's thread and the vCPU threads of one
 /// restore.
 pub(crate) struct Prefault {
     set: WorkingSet,
     memory: Arc<GuestMemoryMmap>,
     vcpus: u32,
-    /// Runs whose host pages are in place (stage 1), in order; `usize::MAX` when there is no
-    /// host-stage thread and each vCPU does its own runs' host stage.
+    /// Runs whose host pages stage 1 has put in place, in order.
     host_done: AtomicUsize,
-    /// Where vCPU threads wait for `host_done` to pass their next run.
-    wait: (Mutex<()>, Condvar),
 }
 
 impl Prefault {
     /// Starts stage 1 for `set` in `memory` (the restored machine's RAM) on a thread of its
     /// own, and returns the handle its `vcpus` vCPU threads apply stage 2 with. The thread
-    /// ends by itself once the set is done, or early once the restore dropped every handle
-    /// (it failed); if it cannot be spawned, the vCPU threads do stage 1 themselves.
+    /// ends by itself once the set is done, or early once every handle is gone (the vCPUs are
+    /// done, or the restore failed); if it cannot be spawned, the vCPU threads do stage 1
+    /// themselves.
     pub(crate) fn start(set: WorkingSet, memory: Arc<GuestMemoryMmap>, vcpus: u32) -> Arc<Self> {
         let prefault = Arc::new(Prefault {
             set,
             memory,
             vcpus: vcpus.max(1),
             host_done: AtomicUsize::new(0),
-            wait: (Mutex::new(()), Condvar::new()),
         });
         let weak = Arc::downgrade(&prefault);
         let spawned = std::thread::Builder::new()
@@ -60,7 +55,6 @@ impl Prefault {
             .spawn(move || host_stage(&weak));
         if let Err(error) = spawned {
             tracing::debug!(%error, "no thread for the working set's host stage; vCPUs do it");
-            prefault.host_done.store(usize::MAX, Ordering::Release);
         }
         prefault
     }
@@ -80,7 +74,7 @@ impl Prefault {
             .skip(id as usize)
             .step_by(self.vcpus as usize);
         for (index, run) in share {
-            if !self.wait_for_host(index) {
+            if self.host_done.load(Ordering::Acquire) <= index {
                 self.map_in_host(run);
             }
             match vcpu.prefault(run.gpa(), run.bytes()) {
@@ -100,33 +94,6 @@ impl Prefault {
             }
         }
         tracing::debug!(vcpu = id, pages, took = ?started.elapsed(), "working set pre-faulted");
-    }
-
-    /// Waits until stage 1 has passed run `index`. False when there is no stage-1 thread (the
-    /// caller maps the run in the host itself).
-    fn wait_for_host(&self, index: usize) -> bool {
-        let done = self.host_done.load(Ordering::Acquire);
-        if done == usize::MAX {
-            return false;
-        }
-        if done > index {
-            return true;
-        }
-        let (lock, cvar) = &self.wait;
-        let mut guard = lock.lock().unwrap_or_else(|p| p.into_inner());
-        while self.host_done.load(Ordering::Acquire) <= index {
-            guard = cvar.wait(guard).unwrap_or_else(|p| p.into_inner());
-        }
-        true
-    }
-
-    /// Publishes that stage 1 has done `runs` runs and wakes the vCPU threads waiting for it.
-    fn host_progress(&self, runs: usize) {
-        let (lock, cvar) = &self.wait;
-        // Under the lock, so a vCPU thread between its check and its wait cannot miss this.
-        let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
-        self.host_done.store(runs, Ordering::Release);
-        cvar.notify_all();
     }
 
     /// Stage 1 for one run: faults its pages into this process's page tables, copying those
@@ -170,24 +137,17 @@ impl Prefault {
     }
 }
 
-/// Stage 1's thread: every run in order, publishing progress in batches; stops early once no
-/// one holds the [`Prefault`] any more (the restore failed before its vCPUs applied it).
+/// Stage 1's thread: every run in order, publishing its progress after each; stops early once
+/// no one holds the [`Prefault`] any more.
 fn host_stage(weak: &Weak<Prefault>) {
     let started = Instant::now();
     let mut done = 0;
     loop {
         let Some(prefault) = weak.upgrade() else {
-            tracing::debug!(runs = done, "working set's host stage abandoned");
+            tracing::debug!(runs = done, "working set's host stage ended early");
             return;
         };
-        let runs = prefault.set.runs();
-        let end = (done + PROGRESS_BATCH).min(runs.len());
-        for run in &runs[done..end] {
-            prefault.map_in_host(run);
-        }
-        done = end;
-        prefault.host_progress(done);
-        if done == runs.len() {
+        let Some(run) = prefault.set.runs().get(done) else {
             tracing::debug!(
                 runs = done,
                 pages = prefault.set.pages(),
@@ -195,6 +155,9 @@ fn host_stage(weak: &Weak<Prefault>) {
                 "working set mapped in the host"
             );
             return;
-        }
+        };
+        prefault.map_in_host(run);
+        done += 1;
+        prefault.host_done.store(done, Ordering::Release);
     }
 }

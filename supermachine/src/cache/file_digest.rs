@@ -4,14 +4,24 @@
 //! Every `Vm::start` needs these hashes for its snapshot cache key, and every CLI command is a
 //! new process: hashing an 18 MiB kernel and a root filesystem image each time cost more than
 //! the restore itself (native: tens of ms per 100 MiB; under emulation, hundreds). Build tools
-//! do the same (git's index, ccache's direct mode): a file whose device, inode, size,
+//! do the same (git's index, ccache's direct mode, make): a file whose device, inode, size,
 //! modification and change times are all unchanged is taken to hold the same bytes. The change
-//! time (`ctime`) cannot be set from user space, so even a write that restores the old
-//! modification time (`touch -d`) is noticed.
+//! time (`ctime`) is set by the kernel on every write and `utimes`, so even a write that
+//! restores the old modification time (`touch -d`) is noticed. That holds on local filesystems,
+//! whose timestamps come from this kernel's clock; a FUSE or network filesystem reports what its
+//! server says, and one that reports a stale or fixed `ctime` for changed contents defeats it.
+//!
+//! Only digests that can be trusted are remembered, in this process or on disk: the file was
+//! read through one open descriptor whose stamp did not change while it was read, and its last
+//! change was at least [`SETTLED`] before the read began (timestamps are coarse, so a second
+//! write in the same tick, of the same size, would leave every stamp as it was: "racy git").
+//! Files `stat` cannot describe — empty ones (`/proc` and `/sys` files report no size and keep
+//! their stamp as their contents change), FIFOs, devices — are hashed every time.
 //!
 //! One entry per file path (`digests/<hash of the path>`), so a file rewritten in place
-//! replaces its entry and the directory grows only with the number of distinct files hashed.
-//! An entry is only an optimisation: unreadable, damaged or stale ones are hashed again.
+//! replaces its entry and the directory grows only with the number of distinct files hashed
+//! (entries of files that are gone are pruned). An entry is only an optimisation: unreadable,
+//! damaged or stale ones are hashed again.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -22,9 +32,7 @@ use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 
-/// Files changed less than this long before they were hashed are not remembered: timestamps
-/// are coarse (a kernel tick on many filesystems), so a second write in the same tick, of the
-/// same size, would leave every stamp as it was ("racy git").
+/// How long before a read a file must have last changed for its digest to be remembered.
 const SETTLED: Duration = Duration::from_secs(2);
 
 /// What `stat` says of one version of a file.
@@ -47,12 +55,16 @@ impl Stamp {
 }
 
 /// SHA-256 of the file at `path`, in hex: from this process's memory or the cache's `digests`
-/// directory when the file's stamp is the one recorded, else read and hashed (and recorded).
+/// directory when the file's stamp is one recorded, else read and hashed (and remembered if
+/// it can be trusted).
 pub(crate) fn sha256_file_cached(path: &Path) -> std::io::Result<String> {
     static SEEN: Mutex<Option<HashMap<(PathBuf, Stamp), String>>> = Mutex::new(None);
     let path = std::fs::canonicalize(path)?;
-    let stamp = Stamp::of(&std::fs::metadata(&path)?);
-    let key = (path, stamp);
+    let meta = std::fs::metadata(&path)?;
+    if !cacheable(&meta) {
+        return sha256_file(&path);
+    }
+    let key = (path, Stamp::of(&meta));
     let remembered = SEEN
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -61,25 +73,36 @@ pub(crate) fn sha256_file_cached(path: &Path) -> std::io::Result<String> {
     if let Some(hex) = remembered {
         return Ok(hex);
     }
-    let (path, stamp) = &key;
     let entries = super::dir("digests")
         .map_err(|error| tracing::debug!(%error, "no digest cache"))
         .ok();
-    let hex = digest_via(entries.as_deref(), path, stamp)?;
-    SEEN.lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get_or_insert_with(HashMap::new)
-        .insert(key.clone(), hex.clone());
+    let (hex, trusted) = digest_via(entries.as_deref(), &key.0, &key.1)?;
+    if trusted {
+        SEEN.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(HashMap::new)
+            .insert(key, hex.clone());
+    }
     Ok(hex)
+}
+
+/// Whether the digest of a file with this metadata may be remembered at all: a regular file
+/// with contents (see the module docs).
+pub(crate) fn cacheable(meta: &std::fs::Metadata) -> bool {
+    meta.is_file() && meta.len() > 0
 }
 
 /// SHA-256 of the file at `path`, in hex, read now.
 pub(crate) fn sha256_file(path: &Path) -> std::io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
+    sha256_reader(&mut std::fs::File::open(path)?)
+}
+
+/// SHA-256 of everything `reader` yields, in hex.
+fn sha256_reader(reader: &mut impl Read) -> std::io::Result<String> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = file.read(&mut buf)?;
+        let n = reader.read(&mut buf)?;
         if n == 0 {
             break;
         }
@@ -89,17 +112,40 @@ pub(crate) fn sha256_file(path: &Path) -> std::io::Result<String> {
 }
 
 /// The digest of `path` (canonical, at `stamp`) from its entry in `entries` if that records
-/// this stamp, else read and hashed now and recorded there.
-fn digest_via(entries: Option<&Path>, path: &Path, stamp: &Stamp) -> std::io::Result<String> {
+/// this stamp, else read and hashed now, and recorded there if it can be trusted. Returns
+/// whether it can (a recorded digest can).
+fn digest_via(
+    entries: Option<&Path>,
+    path: &Path,
+    stamp: &Stamp,
+) -> std::io::Result<(String, bool)> {
     let entry = entries.map(|dir| entry_path(dir, path));
     if let Some(hex) = entry.as_deref().and_then(|entry| read_entry(entry, stamp)) {
-        return Ok(hex);
+        return Ok((hex, true));
     }
-    let hex = sha256_file(path)?;
-    if let Some(entry) = &entry {
+    let began = SystemTime::now();
+    let mut file = std::fs::File::open(path)?;
+    let before = file.metadata()?;
+    let hex = sha256_reader(&mut file)?;
+    let after = Stamp::of(&file.metadata()?);
+    let trusted = Stamp::of(&before) == *stamp && after == *stamp && settled(&before, began);
+    if let Some(entry) = entry.as_deref().filter(|_| trusted) {
         record(entry, path, stamp, &hex);
     }
-    Ok(hex)
+    Ok((hex, trusted))
+}
+
+/// Whether the file last changed at least [`SETTLED`] before `began` (a change time in the
+/// future, from a skewed clock, is not settled).
+fn settled(meta: &std::fs::Metadata, began: SystemTime) -> bool {
+    let changed = SystemTime::UNIX_EPOCH
+        + Duration::new(
+            u64::try_from(meta.ctime()).unwrap_or(0),
+            u32::try_from(meta.ctime_nsec()).unwrap_or(0),
+        );
+    began
+        .duration_since(changed)
+        .is_ok_and(|age| age >= SETTLED)
 }
 
 /// The entry of `path` in `entries`: named by a hash of the path, one per file.
@@ -121,23 +167,8 @@ fn read_entry(entry: &Path, stamp: &Stamp) -> Option<String> {
     valid.then(|| hex.to_owned())
 }
 
-/// Records `hex` as the digest of `path` at `stamp`, if the file did not change while it was
-/// hashed and has been settled long enough ([`SETTLED`]). Failing to record is only logged.
+/// Records `hex` as the digest of `path` at `stamp`. Failing to record is only logged.
 fn record(entry: &Path, path: &Path, stamp: &Stamp, hex: &str) {
-    let Ok(now) = std::fs::metadata(path) else {
-        return;
-    };
-    let changed = SystemTime::UNIX_EPOCH
-        + Duration::new(
-            u64::try_from(now.ctime()).unwrap_or(0),
-            u32::try_from(now.ctime_nsec()).unwrap_or(0),
-        );
-    let settled = SystemTime::now()
-        .duration_since(changed)
-        .is_ok_and(|age| age >= SETTLED);
-    if Stamp::of(&now) != *stamp || !settled {
-        return;
-    }
     let text = format!("{}\n{hex}\n{}\n", stamp.0, path.display());
     if let Err(error) = super::write_atomically(entry, text.as_bytes()) {
         tracing::debug!(%error, entry = %entry.display(), "digest not remembered");
@@ -156,7 +187,16 @@ fn prune(entries: &Path) {
     let Ok(list) = std::fs::read_dir(entries) else {
         return;
     };
-    let list: Vec<PathBuf> = list.flatten().map(|e| e.path()).collect();
+    // Entries only: not another process's temp file on its way to becoming one.
+    let is_entry = |name: &std::ffi::OsStr| {
+        name.to_str()
+            .is_some_and(|n| n.len() == 32 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+    };
+    let list: Vec<PathBuf> = list
+        .flatten()
+        .filter(|e| is_entry(&e.file_name()))
+        .map(|e| e.path())
+        .collect();
     if list.len() <= PRUNE_ABOVE {
         return;
     }
@@ -192,6 +232,10 @@ mod tests {
         std::thread::sleep(SETTLED + Duration::from_millis(100));
     }
 
+    fn count(dir: &Path) -> usize {
+        std::fs::read_dir(dir).unwrap().count()
+    }
+
     #[test]
     fn a_settled_file_is_remembered_and_a_rewrite_is_hashed_again() {
         let entries = tempfile::tempdir().unwrap();
@@ -200,30 +244,29 @@ mod tests {
         std::fs::write(&file, b"first").unwrap();
         settle();
         let first = stamp(&file);
-        assert_eq!(
-            digest_via(Some(entries.path()), &file, &first).unwrap(),
-            sha(b"first")
-        );
-        assert_eq!(std::fs::read_dir(entries.path()).unwrap().count(), 1);
+        let digest = |stamp: &Stamp| digest_via(Some(entries.path()), &file, stamp).unwrap();
+        assert_eq!(digest(&first), (sha(b"first"), true));
+        assert_eq!(count(entries.path()), 1);
         // The entry answers for that stamp without reading the file: a file that is gone
         // still gets its recorded digest.
         std::fs::remove_file(&file).unwrap();
-        assert_eq!(
-            digest_via(Some(entries.path()), &file, &first).unwrap(),
-            sha(b"first")
-        );
+        assert_eq!(digest(&first), (sha(b"first"), true));
 
-        // Same size, new bytes: the stamp differs (ctime at least), so it is hashed again.
+        // Same size, new bytes: the stamp differs (ctime at least), so it is hashed again,
+        // and not trusted while it is fresh.
         std::fs::write(&file, b"again").unwrap();
         let again = stamp(&file);
         assert_ne!(again, first);
+        assert_eq!(digest(&again), (sha(b"again"), false));
+        // A stamp taken before a change that the read then sees: hashed, neither trusted
+        // nor recorded.
+        settle();
+        let elsewhere = tempfile::tempdir().unwrap();
         assert_eq!(
-            digest_via(Some(entries.path()), &file, &again).unwrap(),
-            sha(b"again")
+            digest_via(Some(elsewhere.path()), &file, &first).unwrap(),
+            (sha(b"again"), false)
         );
-        // Through the public entry point too (the real cache directory is not touched: the
-        // file is too fresh to be recorded).
-        assert_eq!(sha256_file_cached(&file).unwrap(), sha(b"again"));
+        assert_eq!(count(elsewhere.path()), 0);
     }
 
     #[test]
@@ -234,12 +277,9 @@ mod tests {
             .unwrap()
             .join("rootfs.ext4");
         std::fs::write(&file, b"fresh").unwrap();
-        digest_via(Some(entries.path()), &file, &stamp(&file)).unwrap();
-        assert_eq!(
-            std::fs::read_dir(entries.path()).unwrap().count(),
-            0,
-            "too fresh"
-        );
+        let fresh = digest_via(Some(entries.path()), &file, &stamp(&file)).unwrap();
+        assert_eq!(fresh, (sha(b"fresh"), false));
+        assert_eq!(count(entries.path()), 0, "too fresh");
 
         settle();
         let settled = stamp(&file);
@@ -248,7 +288,7 @@ mod tests {
         assert_eq!(read_entry(&entry, &settled), None, "damaged");
         assert_eq!(
             digest_via(Some(entries.path()), &file, &settled).unwrap(),
-            sha(b"fresh")
+            (sha(b"fresh"), true)
         );
         assert_eq!(
             read_entry(&entry, &settled),
@@ -258,7 +298,24 @@ mod tests {
         let other = Stamp(format!("{}x", settled.0));
         assert_eq!(read_entry(&entry, &other), None, "another version's stamp");
         // Without a cache directory it still hashes.
-        assert_eq!(digest_via(None, &file, &settled).unwrap(), sha(b"fresh"));
+        assert_eq!(
+            digest_via(None, &file, &settled).unwrap(),
+            (sha(b"fresh"), true)
+        );
+    }
+
+    #[test]
+    fn only_regular_files_with_contents_are_cacheable() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, b"").unwrap();
+        let full = dir.path().join("full");
+        std::fs::write(&full, b"x").unwrap();
+        let meta = |p: &Path| std::fs::metadata(p).unwrap();
+        assert!(cacheable(&meta(&full)));
+        assert!(!cacheable(&meta(&empty)));
+        assert!(!cacheable(&meta(dir.path())));
+        assert!(!cacheable(&meta(Path::new("/dev/null"))));
     }
 
     #[test]
@@ -271,15 +328,19 @@ mod tests {
             let text = format!("v1 stamp\n{}\n{}\n", "0".repeat(64), path.display());
             std::fs::write(entries.path().join(name), text).unwrap();
         };
-        write("kept".into(), &live);
-        for i in 0..PRUNE_ABOVE {
-            write(format!("dead-{i}"), &files.path().join(format!("gone-{i}")));
+        let entry_name = |i: usize| format!("{i:032x}");
+        write(entry_name(0), &live);
+        for i in 1..=PRUNE_ABOVE {
+            write(entry_name(i), &files.path().join(format!("gone-{i}")));
         }
+        // Not an entry's name (another process's temp file): left alone.
+        std::fs::write(entries.path().join(".tmpXYZ"), b"partial").unwrap();
         prune(entries.path());
-        let left: Vec<String> = std::fs::read_dir(entries.path())
+        let mut left: Vec<String> = std::fs::read_dir(entries.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
-        assert_eq!(left, ["kept"]);
+        left.sort();
+        assert_eq!(left, [".tmpXYZ".to_owned(), entry_name(0)]);
     }
 }

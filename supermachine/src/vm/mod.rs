@@ -917,8 +917,8 @@ fn build_initramfs(config: &VmConfig, agent: &std::path::Path) -> Result<BuiltIn
         match file {
             GuestFile::Copy { guest, host, mode } => {
                 let contents = initramfs::read_host_file(host).map_err(invalid)?;
-                copied.push(Some(snapshot::sha256_hex(&contents)));
                 let mode = initramfs::host_file_mode(host, *mode);
+                copied.push(Some((mode, snapshot::sha256_hex(&contents))));
                 fs.add(guest, Entry::File { mode, contents })
                     .map_err(invalid)?;
             }

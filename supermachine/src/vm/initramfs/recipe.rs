@@ -18,6 +18,38 @@ use crate::cache::{self, file_digest};
 use crate::image::digest::hex;
 use crate::vm::config::GuestFile;
 
+/// Bumped whenever what a recipe stands for changes in a way [`format_digest`] cannot see.
+const RECIPE_VERSION: &str = "v2";
+
+/// SHA-256 (hex) of a sample archive: the base layout plus a nested file with its own mode and
+/// a symlink. Its bytes stand for this build's archive format (the layout, how parents are
+/// made, how paths are normalised, how each kind of entry is written), so a build that packs
+/// archives differently gets different recipes and does not reuse older builds' archives.
+fn format_digest() -> String {
+    let mut sample = Initramfs::with_agent(b"agent".to_vec());
+    let added = sample
+        .add(
+            "/sample/dir/file",
+            super::Entry::File {
+                mode: 0o640,
+                contents: b"file".to_vec(),
+            },
+        )
+        .and_then(|()| {
+            sample.add(
+                "/sample/link",
+                super::Entry::Symlink {
+                    target: "dir/file".into(),
+                },
+            )
+        });
+    if added.is_err() {
+        // Cannot happen with these fixed paths; a distinct digest keeps recipes apart anyway.
+        return "sample-refused".into();
+    }
+    hex(&Sha256::digest(sample.to_bytes()))
+}
+
 /// One initramfs's inputs, by digest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Recipe {
@@ -38,15 +70,24 @@ pub(crate) struct Built {
 
 impl Recipe {
     /// The recipe of an initramfs with `agent` as `/init` and `files` added, from the files'
-    /// digests ([`file_digest`]); `None` if an input cannot be read (building the archive then
-    /// reports why).
+    /// digests ([`file_digest`]); `None` if an input cannot be read, or is not a regular file
+    /// with contents (a FIFO read here would be empty when the build reads it): the build then
+    /// reads each input once and reports what is wrong.
     pub(crate) fn of(agent: &Path, files: &[GuestFile]) -> Option<Recipe> {
-        let agent_sha256 = file_digest::sha256_file_cached(agent).ok()?;
+        let digest = |path: &Path| {
+            let meta = std::fs::metadata(path).ok()?;
+            if !file_digest::cacheable(&meta) {
+                return None;
+            }
+            file_digest::sha256_file_cached(path).ok()
+        };
+        let agent_sha256 = digest(agent)?;
         let copied = files
             .iter()
             .map(|file| match file {
-                GuestFile::Copy { host, .. } => {
-                    file_digest::sha256_file_cached(host).ok().map(Some)
+                GuestFile::Copy { host, mode, .. } => {
+                    let mode = super::host_file_mode(host, *mode);
+                    digest(host).map(|sha| Some((mode, sha)))
                 }
                 GuestFile::Symlink { .. } => Some(None),
             })
@@ -54,23 +95,20 @@ impl Recipe {
         Some(Self::from_digests(agent_sha256, files, &copied))
     }
 
-    /// The recipe with the agent's digest and, for each of `files` that is a copy, the
-    /// digest of its contents (`copied`, one per file, `None` for symlinks).
+    /// The recipe with the agent's digest and, for each of `files` that is a copy, the mode it
+    /// gets and the digest of its contents (`copied`, one per file, `None` for symlinks).
     pub(crate) fn from_digests(
         agent_sha256: String,
         files: &[GuestFile],
-        copied: &[Option<String>],
+        copied: &[Option<(u32, String)>],
     ) -> Recipe {
-        // The base layout's own bytes stand for this build's archive format: a change to
-        // the layout or the writer changes every recipe.
-        let layout = hex(&Sha256::digest(
-            Initramfs::with_agent(Vec::new()).to_bytes(),
-        ));
-        let mut text = format!("initramfs recipe v1\nlayout {layout}\nagent {agent_sha256}\n");
-        for (file, sha) in files.iter().zip(copied) {
-            match (file, sha) {
-                (GuestFile::Copy { guest, host, mode }, Some(sha)) => {
-                    let mode = super::host_file_mode(host, *mode);
+        let mut text = format!(
+            "initramfs recipe {RECIPE_VERSION}\nformat {}\nagent {agent_sha256}\n",
+            format_digest()
+        );
+        for (file, copy) in files.iter().zip(copied) {
+            match (file, copy) {
+                (GuestFile::Copy { guest, .. }, Some((mode, sha))) => {
                     let _ = writeln!(text, "file {guest:?} {mode:o} {sha}");
                 }
                 (GuestFile::Copy { guest, .. }, None) => {
@@ -130,12 +168,12 @@ impl Recipe {
 mod tests {
     use super::*;
 
-    fn files(mode: Option<u32>) -> Vec<GuestFile> {
+    fn files() -> Vec<GuestFile> {
         vec![
             GuestFile::Copy {
                 guest: "/etc/app.conf".into(),
                 host: "/nonexistent/app.conf".into(),
-                mode,
+                mode: None,
             },
             GuestFile::Symlink {
                 guest: "/bin/sh".into(),
@@ -146,24 +184,47 @@ mod tests {
 
     #[test]
     fn a_recipe_names_every_input() {
-        let copied = [Some("c".repeat(64)), None];
-        let base = Recipe::from_digests("a".repeat(64), &files(Some(0o644)), &copied);
+        let files = files();
+        let copied = |mode: u32, sha: &str| [Some((mode, sha.repeat(64))), None];
+        let base = Recipe::from_digests("a".repeat(64), &files, &copied(0o644, "c"));
         assert_eq!(
             base,
-            Recipe::from_digests("a".repeat(64), &files(Some(0o644)), &copied),
+            Recipe::from_digests("a".repeat(64), &files, &copied(0o644, "c")),
             "deterministic"
         );
-        let other_agent = Recipe::from_digests("b".repeat(64), &files(Some(0o644)), &copied);
-        let other_mode = Recipe::from_digests("a".repeat(64), &files(Some(0o600)), &copied);
-        let other_file = Recipe::from_digests(
-            "a".repeat(64),
-            &files(Some(0o644)),
-            &[Some("d".repeat(64)), None],
-        );
-        let no_files = Recipe::from_digests("a".repeat(64), &[], &[]);
-        for other in [other_agent, other_mode, other_file, no_files] {
+        let others = [
+            Recipe::from_digests("b".repeat(64), &files, &copied(0o644, "c")),
+            Recipe::from_digests("a".repeat(64), &files, &copied(0o600, "c")),
+            Recipe::from_digests("a".repeat(64), &files, &copied(0o644, "d")),
+            Recipe::from_digests("a".repeat(64), &[], &[]),
+        ];
+        for other in others {
             assert_ne!(base.digest, other.digest);
         }
+    }
+
+    #[test]
+    fn inputs_that_are_not_regular_files_with_contents_have_no_recipe() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = dir.path().join("agent");
+        std::fs::write(&agent, b"agent").unwrap();
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, b"").unwrap();
+        let copy = |host: &Path| {
+            vec![GuestFile::Copy {
+                guest: "/etc/x".into(),
+                host: host.to_owned(),
+                mode: None,
+            }]
+        };
+        assert!(Recipe::of(&agent, &[]).is_some());
+        assert!(Recipe::of(&empty, &[]).is_none(), "empty agent");
+        assert!(Recipe::of(&agent, &copy(&empty)).is_none(), "empty file");
+        assert!(
+            Recipe::of(&agent, &copy(dir.path())).is_none(),
+            "a directory"
+        );
+        assert!(Recipe::of(&agent, &copy(&dir.path().join("missing"))).is_none());
     }
 
     #[test]
