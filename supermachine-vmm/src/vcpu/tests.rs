@@ -25,6 +25,8 @@ struct Log {
     /// vCPUs asleep in a run.
     asleep: AtomicUsize,
     ends: Mutex<Vec<VcpuEnd>>,
+    /// Ranges pre-faulted, as (guest address, bytes).
+    prefaulted: Mutex<Vec<(u64, u64)>>,
 }
 
 struct FakeVm {
@@ -172,6 +174,10 @@ impl HvVcpu for FakeVcpu {
     }
     fn restore_state(&mut self, _: &HvState) -> Result<(), HvError> {
         Ok(())
+    }
+    fn prefault(&self, gpa: u64, len: u64) -> Result<bool, HvError> {
+        self.log.prefaulted.lock().unwrap().push((gpa, len));
+        Ok(true)
     }
 }
 
@@ -321,5 +327,43 @@ fn a_power_off_from_any_vcpu_wakes_and_stops_the_others() {
             ends[1..].iter().all(|e| *e == VcpuEnd::Stopped),
             "the sleeping vCPUs were kicked out, not failed: {ends:?}"
         );
+    }
+}
+
+/// Every run of a working set is pre-faulted exactly once, whether one vCPU does them all
+/// (pipelined with the host stage's thread) or several share them.
+#[test]
+fn a_working_set_is_prefaulted_once_per_run_across_vcpus() {
+    use vm_memory::{Bytes, GuestAddress};
+    let mem = crate::memory::create(4, crate::memory::RamBacking::Anonymous).unwrap();
+    for page in [0u64, 1, 5, 9, 10, 11, 700] {
+        mem.write_obj(1u8, GuestAddress(crate::memory::RAM_START + page * 4096))
+            .unwrap();
+    }
+    let set = crate::snapshot::working_set::WorkingSet::resident(&mem).unwrap();
+    assert_eq!(set.runs().len(), 4, "{:?}", set.runs());
+    let mut expected: Vec<(u64, u64)> = set.runs().iter().map(|r| (r.gpa(), r.bytes())).collect();
+    expected.sort_unstable();
+    for vcpus in [1u32, 2, 3] {
+        let log = Arc::new(Log::default());
+        let prefault = Prefault::start(set.clone(), Arc::clone(&mem), vcpus);
+        std::thread::scope(|scope| {
+            for id in 0..vcpus {
+                let (prefault, log) = (&prefault, Arc::clone(&log));
+                scope.spawn(move || {
+                    let vcpu = FakeVcpu {
+                        id,
+                        sleeps: false,
+                        others_to_sleep: None,
+                        kicker: Arc::default(),
+                        log,
+                    };
+                    prefault.apply(&vcpu);
+                });
+            }
+        });
+        let mut done = log.prefaulted.lock().unwrap().clone();
+        done.sort_unstable();
+        assert_eq!(done, expected, "{vcpus} vCPUs");
     }
 }
