@@ -116,6 +116,10 @@ impl Prefault {
     /// vCPU while the stage-1 thread is at work (see the module docs); false means the caller
     /// does the host part itself.
     fn host_has(&self, index: usize) -> bool {
+        // Most runs are passed long before a vCPU gets to them: no lock for those.
+        if self.host_done.load(Ordering::Acquire) > index {
+            return true;
+        }
         let wait = self.vcpus == 1;
         let (lock, cvar) = &self.wait;
         let mut guard = lock.lock().unwrap_or_else(|p| p.into_inner());

@@ -30,7 +30,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use sha2::{Digest, Sha256};
+use sha2::{Digest as _, Sha256};
+
+use crate::image::digest::{Digest, HashingReader};
 
 /// How long before a read a file must have last changed for its digest to be remembered.
 const SETTLED: Duration = Duration::from_secs(2);
@@ -94,21 +96,15 @@ pub(crate) fn cacheable(meta: &std::fs::Metadata) -> bool {
 
 /// SHA-256 of the file at `path`, in hex, read now.
 pub(crate) fn sha256_file(path: &Path) -> std::io::Result<String> {
-    sha256_reader(&mut std::fs::File::open(path)?)
+    sha256_reader(std::fs::File::open(path)?)
 }
 
-/// SHA-256 of everything `reader` yields, in hex.
-fn sha256_reader(reader: &mut impl Read) -> std::io::Result<String> {
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = reader.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(crate::image::digest::hex(&h.finalize()))
+/// SHA-256 of everything `reader` yields, in hex (through the image store's hashing reader,
+/// buffered in MiB reads: kernels and root filesystems are tens to hundreds of MiB).
+fn sha256_reader(reader: impl Read) -> std::io::Result<String> {
+    let buffered = std::io::BufReader::with_capacity(1 << 20, reader);
+    let (digest, _len) = HashingReader::new(buffered).finish()?;
+    Ok(digest.hex().to_owned())
 }
 
 /// The digest of `path` (canonical, at `stamp`) from its entry in `entries` if that records
@@ -159,11 +155,7 @@ fn read_entry(entry: &Path, stamp: &Stamp) -> Option<String> {
     let text = std::fs::read_to_string(entry).ok()?;
     let mut lines = text.lines();
     let (recorded, hex) = (lines.next()?, lines.next()?);
-    let valid = recorded == stamp.0
-        && hex.len() == 64
-        && hex
-            .bytes()
-            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
+    let valid = recorded == stamp.0 && Digest::parse(&format!("sha256:{hex}")).is_ok();
     valid.then(|| hex.to_owned())
 }
 

@@ -10,12 +10,13 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
-use sha2::{Digest, Sha256};
+use sha2::{Digest as _, Sha256};
 
 use super::Initramfs;
 use crate::cache::{self, file_digest};
-use crate::image::digest::hex;
+use crate::image::digest::{hex, Digest};
 use crate::vm::config::GuestFile;
 
 /// Bumped whenever what a recipe stands for changes in a way [`format_digest`] cannot see.
@@ -25,7 +26,13 @@ const RECIPE_VERSION: &str = "v2";
 /// a symlink. Its bytes stand for this build's archive format (the layout, how parents are
 /// made, how paths are normalised, how each kind of entry is written), so a build that packs
 /// archives differently gets different recipes and does not reuse older builds' archives.
-fn format_digest() -> String {
+/// Computed once per process.
+fn format_digest() -> &'static str {
+    static DIGEST: OnceLock<String> = OnceLock::new();
+    DIGEST.get_or_init(sample_digest)
+}
+
+fn sample_digest() -> String {
     let mut sample = Initramfs::with_agent(b"agent".to_vec());
     let added = sample
         .add(
@@ -142,9 +149,7 @@ impl Recipe {
         let text = std::fs::read_to_string(self.entry(dir)).ok()?;
         let mut lines = text.lines();
         let (sha256, len) = (lines.next()?, lines.next()?.parse::<u64>().ok()?);
-        if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return None;
-        }
+        Digest::parse(&format!("sha256:{sha256}")).ok()?;
         let path = dir.join(Initramfs::cache_name(sha256));
         path.metadata()
             .is_ok_and(|m| m.is_file() && m.len() == len)
