@@ -1,9 +1,9 @@
 //! A restore's working set ([`WorkingSet`](crate::snapshot::working_set::WorkingSet)) mapped
 //! before the guest runs, in two stages that overlap:
 //!
-//! 1. **The host's page tables**, on a thread of its own started as soon as guest RAM is
-//!    mapped ([`Prefault::start`]): while the VMM still creates the VM, its devices and vCPUs,
-//!    that thread faults the set into this process — the pages the guest wrote copied
+//! 1. **The host's page tables**, on a thread of its own (one-vCPU machines) started as soon
+//!    as guest RAM is mapped ([`Prefault::start`]): while the VMM still creates the VM, its
+//!    devices and vCPUs, that thread faults the set into this process — the pages the guest wrote copied
 //!    (`MADV_POPULATE_WRITE`, as the guest's first write would), the others mapped read-only
 //!    from the page cache (`MADV_POPULATE_READ`, nothing copied, so restored VMs still share
 //!    them).
@@ -12,13 +12,15 @@
 //!    vCPU, and with several vCPUs the shares are mapped in parallel. The hypervisor then
 //!    finds the host pages present and only fills its own tables.
 //!
-//! A single vCPU waits, run by run, for stage 1 to pass the run it is at: the two stages then
-//! pipeline on two threads. Doing the host part itself instead was measured slower (x86
-//! nested lane, alternating restores: first exec 2 ms later than waiting or no thread at all;
-//! both threads then fault the same pages). Several vCPUs do not wait: their shares run in
-//! parallel and one stage-1 thread would be their bottleneck, so each does the host part of
-//! the runs stage 1 has not reached. Nor does anyone wait once the stage-1 thread is gone
-//! (it could not start, finished early, or panicked).
+//! Stage 1 has a thread of its own only with a single vCPU, which waits, run by run, for that
+//! thread to pass the run it is at: the two stages then pipeline on two threads. Doing the
+//! host part itself instead was measured slower (x86 nested lane, alternating restores: first
+//! exec 2 ms later than waiting or no thread at all; both threads then fault the same pages).
+//! Several vCPUs each do both stages for their own, disjoint share, with no stage-1 thread:
+//! one such thread would be their bottleneck, and a thread faulting the same pages as two vCPUs
+//! (beside their KVM pre-faults) once left all three spinning in the L1 kernel of the x86
+//! nested lane. A vCPU does not wait either once the stage-1 thread is gone (it could not
+//! start, finished early, or panicked).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
@@ -51,8 +53,8 @@ pub(crate) struct Prefault {
 
 impl Prefault {
     /// Starts stage 1 for `set` in `memory` (the restored machine's RAM) on a thread of its
-    /// own, and returns the handle its `vcpus` vCPU threads apply stage 2 with. The thread
-    /// ends by itself once the set is done, or early once every handle is gone (the vCPUs are
+    /// own when `vcpus` is 1 (see the module docs), and returns the handle the vCPU threads
+    /// apply stage 2 with. The thread ends by itself once the set is done, or early once every handle is gone (the vCPUs are
     /// done, or the restore failed); if it cannot be spawned, the vCPU threads do stage 1
     /// themselves.
     pub(crate) fn start(set: WorkingSet, memory: Arc<GuestMemoryMmap>, vcpus: u32) -> Arc<Self> {
@@ -64,6 +66,14 @@ impl Prefault {
             host_running: AtomicBool::new(true),
             wait: (Mutex::new(()), Condvar::new()),
         });
+        if prefault.vcpus > 1 {
+            // Several vCPUs map disjoint shares, host part included, and no thread overlaps
+            // them. A stage-1 thread faulting the same pages as two vCPUs, beside their KVM
+            // pre-faults, left all three spinning in the kernel for 20 minutes in the x86
+            // nested lane (smp suite, L1 on Debian's 6.12 under TCG; the cause is not known).
+            prefault.host_stopped();
+            return prefault;
+        }
         let weak = Arc::downgrade(&prefault);
         let spawned = std::thread::Builder::new()
             .name("sm-prefault".into())
