@@ -2,7 +2,8 @@
 # Issue 18's breakdown of a restore in the nested lane: examples/bench_restore with the L1
 # kernel's KVM trace events on (kvm_exit, kvm_page_fault) and a trace marker at each step of
 # every restore, then, per step, the KVM exits by reason and the nested page faults:
-#   (a) restore call -> vCPUs running, (b) -> agent answered, (c) -> first `true` exec done.
+#   (a) restore call -> vCPUs running, then (b) -> first ping answered or (c) -> first `true`
+#   exec done, each on restores of its own (the first request carries the reseed).
 #
 #   lane/trace-restore.sh [RUNS]                     (default 5; x86_64 lane)
 #

@@ -32,6 +32,23 @@ async fn source() -> &'static (tempfile::TempDir, Snapshot) {
         .get_or_init(|| async {
             let config = supermachine_e2e::test_vm_config().expect("test VM config");
             let vm = Vm::start(config).await.expect("source VM starts");
+            // The snapshot's clock says 2001: a restored guest shows the host's time only if
+            // the reseed (which also sets the clock) reached it before what the test asks.
+            let set = vm
+                .exec(["date", "-s", "@978307200"])
+                .output()
+                .await
+                .expect("exec date -s");
+            assert!(set.status.success(), "date -s: {set:?}");
+            let now = vm.exec(["date", "+%s"]).output().await.expect("exec date");
+            let now: u64 = String::from_utf8_lossy(&now.stdout)
+                .trim()
+                .parse()
+                .expect("date +%s");
+            assert!(
+                now < 1_000_000_000,
+                "the source guest's clock was not set back: {now}"
+            );
             let dir = tempfile::tempdir().expect("temp dir");
             let snapshot = vm
                 .snapshot(dir.path().join("snap"))
@@ -48,6 +65,32 @@ async fn source() -> &'static (tempfile::TempDir, Snapshot) {
         })
         .await
 }
+
+/// Checks what [`RNG_AND_CLOCK`] printed in restored guests: each line's random bytes are its
+/// own, and each guest clock was within 2 s of the host's (`before..after`, Unix seconds). A
+/// guest not reseeded can still read bytes of its own (early in its life its kernel reseeds on
+/// its own, from RDRAND), but its clock says 2001, as the snapshot's did ([`source`]).
+fn assert_reseeded(lines: &[(i32, String)], before: u64, after: u64) {
+    let mut seen = std::collections::HashSet::new();
+    for (code, line) in lines {
+        assert_eq!(*code, 0, "{line}");
+        let (bytes, date) = line.split_once(' ').expect("bytes and date");
+        assert_eq!(bytes.len(), 32, "{line}");
+        assert!(
+            seen.insert(bytes.to_owned()),
+            "random bytes {bytes} read twice"
+        );
+        let t: u64 = date.trim().parse().expect("date +%s");
+        assert!(
+            t + 2 >= before && t <= after + 2,
+            "guest clock {t} not within 2 s of the host ({before}..{after})"
+        );
+    }
+}
+
+/// Prints 16 random bytes in hex and the guest's clock in Unix seconds, on one line.
+const RNG_AND_CLOCK: &str =
+    "echo $(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n') $(date +%s)";
 
 fn run(test: &str, body: impl std::future::Future<Output = ()>) {
     if !supermachine_e2e::kvm_available_or_skip(test) {
@@ -110,6 +153,61 @@ fn restored_vms_run_execs_and_share_nothing() {
             (0, "mine".into())
         );
         assert_eq!(sh(&b, "test -e /tmp/cow-marker").await.0, 1);
+    });
+}
+
+/// The reseed rides in front of the first requests: several requests made at once, before the
+/// guest has answered anything, must each find it applied, in both VMs restored from one
+/// snapshot (without it, the two VMs' reads would repeat each other's).
+#[test]
+fn concurrent_first_requests_all_find_the_guest_reseeded() {
+    run(
+        "concurrent_first_requests_all_find_the_guest_reseeded",
+        async {
+            let (_, snapshot) = source().await;
+            let before = unix_now();
+            let (a, b) = tokio::join!(Vm::restore(snapshot), Vm::restore(snapshot));
+            let (a, b) = (a.expect("restore a"), b.expect("restore b"));
+            let reads = |vm| futures::future::join_all((0..4).map(move |_| sh(vm, RNG_AND_CLOCK)));
+            let (from_a, from_b) = tokio::join!(reads(&a), reads(&b));
+            let lines: Vec<_> = from_a.into_iter().chain(from_b).collect();
+            assert_reseeded(&lines, before, unix_now());
+        },
+    );
+}
+
+/// Clients of `Vm::serve_vsock_unix` reach the agent around the VM's `Agent`, so they carry no
+/// reseed: as the first thing asked of two VMs restored from one snapshot, they must still find
+/// each guest reseeded (the muxer holds them until it is).
+#[test]
+fn muxer_clients_first_find_the_guest_reseeded() {
+    run("muxer_clients_first_find_the_guest_reseeded", async {
+        let (_, snapshot) = source().await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let before = unix_now();
+        let (a, b) = tokio::join!(Vm::restore(snapshot), Vm::restore(snapshot));
+        let (a, b) = (a.expect("restore a"), b.expect("restore b"));
+        let mut lines = Vec::new();
+        for (name, vm) in [("a", &a), ("b", &b)] {
+            let path = dir.path().join(name);
+            let muxer = tokio::spawn(vm.serve_vsock_unix(&path));
+            while !path.exists() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let client =
+                supermachine::Agent::with_connector(supermachine::UnixConnector::muxed(&path));
+            let out = client
+                .exec(["sh", "-c", RNG_AND_CLOCK])
+                .output()
+                .await
+                .expect("exec through the muxer");
+            lines.push((
+                supermachine_e2e::shell_code(&out.status),
+                String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+            ));
+            muxer.abort();
+        }
+        assert_reseeded(&lines, before, unix_now());
     });
 }
 
@@ -254,7 +352,10 @@ fn damaged_and_mismatched_snapshots_are_refused() {
 
         let dir = case("meta-version");
         let meta = std::fs::read_to_string(dir.join("meta.json")).expect("meta");
-        let meta = meta.replacen("\"format_version\": 1", "\"format_version\": 7", 1);
+        // The version this build writes (supermachine's SNAPSHOT_FORMAT_VERSION).
+        let current = "\"format_version\": 2";
+        assert!(meta.contains(current), "{meta}");
+        let meta = meta.replacen(current, "\"format_version\": 7", 1);
         std::fs::write(dir.join("meta.json"), meta).expect("write meta");
         assert!(matches!(
             snapshot_error(Snapshot::open(&dir).await),

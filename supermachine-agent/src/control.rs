@@ -43,7 +43,10 @@ pub async fn respond(agent: &Agent, message: ControlMessage, data: Bytes) -> (Co
         ControlAction::SetClock { unix_nanos } => set_clock(agent.mode, unix_nanos),
         ControlAction::ReseedRng => reseed_rng(agent.mode, &data),
         ControlAction::CrashGuest => crash_guest(agent.mode, agent.boot_flags),
-        ControlAction::Restored { unix_nanos } => restored(agent.mode, unix_nanos, &data),
+        // The server applies these before a connection's first frame (`restored`, below).
+        ControlAction::Restored { .. } => {
+            Err("restored: must come before a connection's first frame".into())
+        }
         // The server hands these to `forward` before they get here.
         ControlAction::ConnectTcp { port } => Err(format!(
             "connect_tcp {port}: must be the first frame of its own connection"
@@ -157,18 +160,27 @@ fn crash_guest(mode: Mode, flags: BootFlags) -> Reply {
     ok()
 }
 
-/// After a snapshot restore: fresh entropy in, the CRNG reseeded from it, the clock set.
-fn restored(mode: Mode, unix_nanos: u64, seed: &[u8]) -> Reply {
-    unsupported_in_host_mode(mode, "restored")?;
-    reseed_rng(mode, seed)?;
+/// A restored guest's preamble (SEMANTICS.md "restored"): fresh host entropy in, the CRNG
+/// reseeded from it, and the clock set, unless a preamble with a newer host time already set
+/// it (the first connections to a restored VM each carry one, and their tasks may run in any
+/// order). Runs before the connection's request is read, so that request, and every request
+/// the host sends once it has an answer on any connection, sees the new RNG state and time.
+pub fn restored(agent: &Agent, unix_nanos: u64, seed: &[u8]) -> Result<(), String> {
+    unsupported_in_host_mode(agent.mode, "restored")?;
+    reseed_rng(agent.mode, seed)?;
     let random = std::fs::OpenOptions::new()
         .write(true)
         .open("/dev/urandom")
         .map_err(|e| format!("restored: opening /dev/urandom: {e}"))?;
     sys::reseed_crng(&random).map_err(|e| format!("restored: RNDRESEEDCRNG: {e}"))?;
-    set_clock(mode, unix_nanos)?;
+    let newest = agent
+        .restored_clock
+        .fetch_max(unix_nanos, std::sync::atomic::Ordering::AcqRel);
+    if unix_nanos > newest {
+        set_clock(agent.mode, unix_nanos)?;
+    }
     tracing::debug!("restored: RNG reseeded, clock set");
-    ok()
+    Ok(())
 }
 
 fn reseed_rng(mode: Mode, seed: &[u8]) -> Reply {

@@ -1,5 +1,6 @@
 //! Listening, accepting, and dispatching each connection on its first frame: REQUEST → exec,
 //! CONTROL → control (`connect_tcp` → a TCP splice), anything else → `ERROR invalid-request` and close.
+//! A restored VM's `restored` preambles before the first frame are applied first.
 
 use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd};
@@ -227,6 +228,16 @@ where
             None => return,
             // Unknown kinds are skippable, also before the first frame.
             Some(Ok(Frame::Unknown { kind, .. })) => tracing::debug!(kind, "skipping"),
+            // A restored VM's preamble: applied, never answered; the next frame is the first.
+            Some(Ok(Frame::Control {
+                message: ControlMessage::Action(ControlAction::Restored { unix_nanos }),
+                data,
+            })) => {
+                if let Err(message) = control::restored(&agent, unix_nanos, &data) {
+                    refuse_unseeded(&agent, message, frames, sink).await;
+                    return;
+                }
+            }
             Some(first) => break first,
         }
     };
@@ -271,6 +282,31 @@ where
         Err(e) => {
             let error = AgentError::new(ErrorCode::InvalidRequest, e.to_string());
             reply_and_close(frames, sink, Frame::Error(error)).await;
+        }
+    }
+}
+
+/// A restored guest whose RNG could not be reseeded must run nothing the host asks for (its
+/// random numbers would repeat those of every VM restored from the same snapshot): in the
+/// guest the agent powers the VM off, which the host sees as the VM's end; in host mode, where
+/// the preamble is refused, the connection gets the reason in an ack.
+async fn refuse_unseeded<R, W>(
+    agent: &Agent,
+    message: String,
+    frames: FramedRead<R, ExecCodec>,
+    sink: FramedWrite<W, ExecCodec>,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    match agent.mode {
+        crate::state::Mode::Guest => {
+            tracing::error!("{message}: powering the restored VM off");
+            crate::init::power_off()
+        }
+        crate::state::Mode::Host => {
+            let ack = ControlAck::error(message);
+            reply_and_close(frames, sink, Frame::control(ControlMessage::Ack(ack))).await;
         }
     }
 }

@@ -31,6 +31,10 @@ pub struct Agent {
     pub reaper: Reaper,
     /// Running exec process groups.
     pub workload: Workload,
+    /// The newest host time a `restored` preamble set the clock to (ns since the epoch): the
+    /// preambles of concurrent first connections may be served out of order, and an older one
+    /// must not step the clock back.
+    pub restored_clock: AtomicU64,
 }
 
 impl Agent {
@@ -41,6 +45,7 @@ impl Agent {
             boot_flags,
             reaper,
             workload: Workload::default(),
+            restored_clock: AtomicU64::new(0),
         })
     }
 }

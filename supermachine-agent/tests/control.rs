@@ -185,6 +185,48 @@ async fn clock_and_rng_are_refused_in_host_mode() {
     );
 }
 
+/// A `restored` preamble is refused in host mode, and the request behind it is not served.
+#[tokio::test]
+async fn a_restored_preamble_is_refused_in_host_mode_with_what_follows() {
+    let agent = Agent::start();
+    let mut conn = agent.connect().await;
+    let preamble = Frame::Control {
+        message: ControlMessage::Action(ControlAction::Restored {
+            unix_nanos: 1_000_000_000,
+        }),
+        data: Bytes::from_static(&[7u8; 64]),
+    };
+    conn.send(preamble).await.unwrap();
+    conn.send(Frame::control(ControlMessage::Action(ControlAction::Ping)))
+        .await
+        .unwrap();
+    let reply = tokio::time::timeout(PROMPTLY, conn.next())
+        .await
+        .expect("an answer in time")
+        .expect("an answer, not a closed connection")
+        .expect("valid frame");
+    match reply {
+        Frame::Control {
+            message: ControlMessage::Ack(ack),
+            ..
+        } => {
+            assert!(!ack.ok, "{ack:?}");
+            assert_eq!(
+                ack.error.as_deref(),
+                Some("unsupported in host mode: restored")
+            );
+        }
+        other => panic!("expected the refusal, got {other:?}"),
+    }
+    let after = tokio::time::timeout(PROMPTLY, conn.next())
+        .await
+        .expect("closed in time");
+    assert!(
+        after.is_none(),
+        "the ping behind it was answered: {after:?}"
+    );
+}
+
 #[tokio::test]
 async fn signal_workload_reaches_every_running_exec() {
     let agent = Agent::start();

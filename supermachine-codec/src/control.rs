@@ -36,10 +36,13 @@ pub enum ControlAction {
     /// test how hosts handle a dying guest. Refused unless the guest kernel command line has
     /// `supermachine.test_hooks=1`, and always refused in host mode. Acked before the exit.
     CrashGuest,
-    /// Sent by the host first thing after a VM was restored from a snapshot, before any exec:
-    /// mix the frame's attachment (fresh host entropy) into the kernel's pool and force the
-    /// kernel RNG to reseed from it, then set the wall clock. Two VMs restored from one
-    /// snapshot otherwise share their RNG state and a stale clock.
+    /// A restored VM's preamble: the first frame of each connection the host opens to a VM
+    /// restored from a snapshot, until one of them has been answered. The agent mixes the
+    /// frame's attachment (fresh host entropy) into the kernel's pool, forces the kernel RNG
+    /// to reseed from it and sets the wall clock (unless a preamble with a later time set it
+    /// already), then reads the connection's real first frame. Never acked: the request
+    /// after it costs no extra round trip. A guest that cannot reseed powers off. Two VMs
+    /// restored from one snapshot otherwise share their RNG state and a stale clock.
     Restored {
         /// The host's time, in nanoseconds since the Unix epoch.
         unix_nanos: u64,

@@ -76,7 +76,7 @@
 //!
 //! | call | where its work runs |
 //! |---|---|
-//! | [`Vm::start`], [`Vm::restore`] | blocking pool: reading the agent, building the initramfs, hashing the kernel, opening the cached snapshot, creating the VM and its vCPUs (or mapping and loading a snapshot); then the runtime waits for the agent |
+//! | [`Vm::start`], [`Vm::restore`] | blocking pool: reading the agent, building the initramfs, hashing the kernel, opening the cached snapshot, creating the VM and its vCPUs (or mapping and loading a snapshot); then, after a boot, the runtime waits for the agent |
 //! | [`Vm::snapshot`], [`Snapshot::open`], [`Snapshot::verify_memory`], [`Snapshot::check_matches`] | blocking pool (writing or reading and hashing files) |
 //! | [`Vm::pause`], [`Vm::resume`], [`Vm::stop`] | blocking pool (parking or joining vCPU threads) |
 //! | [`Image::pull`], [`Image::rootfs`], imports, [`Image::local`], [`Image::list_local`], [`Image::remove_local`] | network I/O on the runtime; store, index, locks, unpacking and `mkfs` on the blocking pool |

@@ -107,8 +107,9 @@ pub struct StartTimings {
     /// From the call until the vCPUs ran (config checks, initramfs or snapshot checks, VMM
     /// set-up: memory mapped, state loaded).
     pub vcpus_running: Duration,
-    /// From the call until the agent answered over vsock (after a restore: its RNG reseeded
-    /// and clock set). This is when the VM was handed over.
+    /// From the call until the VM was handed over: a cold-booted VM's agent had answered over
+    /// vsock; a restored VM's vCPUs were running, as nothing is waited for after that (its
+    /// agent reseeds the RNG and sets the clock from the first request, before serving it).
     pub agent_ready: Duration,
 }
 
@@ -116,15 +117,53 @@ pub struct StartTimings {
 /// `Vm::settle_connections`).
 const SNAPSHOT_SETTLE: Duration = Duration::from_secs(1);
 
-/// How long a restored guest has to answer the host's first message.
+/// How long a restored guest that has not answered anything has to answer a ping before its
+/// VM is stopped ([`watch_first_answer`]).
 const RESTORE_AGENT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a restored VM may go without any request answered before the host checks on it
+/// itself (a ping carrying the reseed): long enough to stay out of the way of the first
+/// requests of a caller that makes them at once.
+const FIRST_ANSWER_GRACE: Duration = Duration::from_secs(1);
+
+/// Watches a restored VM that nobody has had an answer from yet: after
+/// [`FIRST_ANSWER_GRACE`] it pings the agent (the ping carries the reseed), and a VM whose
+/// agent does not answer within [`RESTORE_AGENT_TIMEOUT`] is stopped, so that requests to it
+/// fail ([`Error::VmExited`]) instead of waiting forever. Holds the machine weakly: a VM dropped
+/// meanwhile is left alone.
+async fn watch_first_answer(
+    agent: Agent,
+    machine: std::sync::Weak<Mutex<Machine>>,
+    console: ConsoleLog,
+) {
+    tokio::time::sleep(FIRST_ANSWER_GRACE).await;
+    if !agent.reseed_pending() || machine.strong_count() == 0 {
+        return;
+    }
+    match tokio::time::timeout(RESTORE_AGENT_TIMEOUT, agent.ensure_reseeded()).await {
+        Ok(Ok(())) => {}
+        // A VM that ended says why on its own; any other failure shows on the next request.
+        Ok(Err(e)) => debug!("checking on the restored VM: {}", crate::Report(&e)),
+        Err(_) => {
+            let Some(machine) = machine.upgrade() else {
+                return;
+            };
+            warn!(
+                "the restored VM's agent did not answer within {RESTORE_AGENT_TIMEOUT:?}; \
+                 stopping the VM. Console: {}",
+                console.tail(CONSOLE_TAIL_BYTES)
+            );
+            let _ = tokio::task::spawn_blocking(move || lock(&machine).stop()).await;
+        }
+    }
+}
 
 impl Vm {
-    /// Starts a VM and waits until its agent answers.
+    /// Starts a VM: cold-booted, it is returned once its agent answers; restored, once its
+    /// vCPUs run (see [`Vm::restore`]).
     ///
     /// With the snapshot cache on (the default, see [`VmConfig::snapshot_cache`]), the first
     /// start of a configuration cold-boots the guest and snapshots it once the agent answers;
-    /// later starts restore that snapshot instead of booting. Concurrent first starts of one
+    /// later starts restore that snapshot instead of booting (if restoring fails, they boot). Concurrent first starts of one
     /// configuration take turns (a file lock), so only one boots and snapshots.
     ///
     /// Fails with [`Error::InvalidConfig`] before anything is created when the config is
@@ -274,9 +313,16 @@ impl Vm {
         Ok(vm.ready(agent_ready))
     }
 
-    /// Restores `snapshot` into a new VM and returns once its agent has reseeded the guest's
-    /// RNG from fresh host entropy and set the guest clock (so no two VMs restored from one
-    /// snapshot share randomness, and none runs on a stale clock).
+    /// Restores `snapshot` into a new VM and returns as soon as its vCPUs run.
+    ///
+    /// Before the guest serves anything it reseeds its RNG from fresh host entropy and sets
+    /// its clock to the host's (so no two VMs restored from one snapshot share randomness, and
+    /// none runs on a stale clock): the entropy and the time go in front of the first requests
+    /// on their own connections, so the first exec costs no extra round trip (SEMANTICS.md,
+    /// `restored`). A guest that cannot reseed powers off, and the request fails with
+    /// [`Error::VmExited`]. If nothing has been asked of the VM a second after the restore, the
+    /// host pings it itself; a VM whose agent does not answer that within a minute is stopped,
+    /// so requests fail instead of waiting.
     ///
     /// Guest RAM is the snapshot's memory file mapped copy-on-write, and VMs restored from one
     /// snapshot share its clean pages. Only the snapshot's working set (if it has one: see
@@ -334,23 +380,18 @@ impl Vm {
         })
         .await?;
         let vm = Self::attach(machine, identity, true, started.elapsed())?;
-        let entropy = host_entropy()?;
-        match tokio::time::timeout(RESTORE_AGENT_TIMEOUT, vm.agent.restored(entropy)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(e),
-            Err(_) => {
-                return Err(Error::BootTimeout {
-                    after: RESTORE_AGENT_TIMEOUT,
-                    console_tail: vm.console_tail(),
-                })
-            }
-        }
-        let agent_ready = started.elapsed();
+        // No round trip here: the reseed rides on the first requests (`agent::reseed`).
+        tokio::spawn(watch_first_answer(
+            vm.agent.clone(),
+            Arc::downgrade(&vm.machine),
+            vm.console.clone(),
+        ));
+        let ready = started.elapsed();
         debug!(
-            restore_ms = agent_ready.as_secs_f64() * 1e3,
-            "restored VM agent is answering"
+            restore_ms = ready.as_secs_f64() * 1e3,
+            "restored VM is running; its reseed goes with the first request"
         );
-        Ok(vm.ready(agent_ready))
+        Ok(vm.ready(ready))
     }
 
     /// Wraps a started machine: liveness watch and the agent over its vsock.
@@ -369,6 +410,11 @@ impl Vm {
             handle: handle.clone(),
             liveness: liveness.clone(),
         });
+        let agent = if restored {
+            agent.reseeding_first_requests()
+        } else {
+            agent
+        };
         Ok(Vm {
             agent,
             liveness,
@@ -627,14 +673,27 @@ impl Vm {
     /// connects, writes `CONNECT <port>\n`, reads `OK <port>\n`, and the socket is then that
     /// guest port's connection ([`UnixConnector::muxed`](crate::UnixConnector::muxed) is the
     /// client). Runs until the returned future is dropped, which removes the socket file and
-    /// closes its clients; fails only if `path` cannot be bound.
+    /// closes its clients; fails only if `path` cannot be bound. In a restored VM whose agent
+    /// has answered nothing yet, a client waits until the guest has taken its reseed (one ping
+    /// carries it) before it is connected: clients reach the guest around this VM's [`Agent`],
+    /// which otherwise carries the reseed.
     pub fn serve_vsock_unix(
         &self,
         path: impl Into<std::path::PathBuf>,
     ) -> impl std::future::Future<Output = std::io::Result<()>> + Send + 'static {
-        let handle = self.vsock.clone();
-        let path = path.into();
-        async move { handle.serve_unix(path).await }
+        let agent = self.agent.clone();
+        let gate: supermachine_vmm::devices::vsock::ClientGate = Arc::new(move || {
+            let agent = agent.clone();
+            Box::pin(async move {
+                agent.ensure_reseeded().await.map_err(|e| {
+                    std::io::Error::other(format!(
+                        "the restored VM's agent did not take its reseed: {}",
+                        crate::Report(&e)
+                    ))
+                })
+            })
+        });
+        self.vsock.serve_unix_gated(path, gate)
     }
 
     /// Test hook: makes the guest kernel panic (see [`VmConfig::test_hooks`]).
@@ -643,8 +702,8 @@ impl Vm {
         self.agent.crash_guest().await
     }
 
-    /// How long [`Vm::start`] (or [`Vm::restore`]) took, from the call to the agent's first
-    /// answer.
+    /// How long [`Vm::start`] (or [`Vm::restore`]) took, from the call until the VM was
+    /// handed over ([`StartTimings::agent_ready`]).
     pub fn boot_time(&self) -> Duration {
         self.timings.agent_ready
     }
@@ -835,16 +894,6 @@ fn vsock_config() -> VsockConfig {
         guest_cid: GUEST_CID,
         ..VsockConfig::default()
     }
-}
-
-/// Fresh host entropy for a restored guest.
-fn host_entropy() -> Result<Vec<u8>, Error> {
-    use std::io::Read;
-    let mut seed = vec![0u8; 64];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut seed))
-        .map_err(|source| Error::VmSetup(Box::new(source)))?;
-    Ok(seed)
 }
 
 /// The initramfs of a config, in the cache.

@@ -22,8 +22,11 @@ use crate::image::ImageConfig;
 
 /// The metadata file's name in a snapshot directory.
 pub const META_FILE: &str = "meta.json";
-/// Version of `meta.json`'s layout and of what a snapshot directory contains.
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 1;
+/// Version of `meta.json`'s layout, of what a snapshot directory contains, and of how a restore
+/// talks to the snapshot's agent. 2: restores send the reseed as a preamble on the first
+/// requests (SEMANTICS.md `restored`), which the agents in version 1 snapshots answered as an
+/// exchange of its own, closing the connection the request was on.
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 2;
 
 /// What a snapshot was made from. Two VMs with the same identity boot to the same state, so
 /// the identity is also the snapshot cache key.

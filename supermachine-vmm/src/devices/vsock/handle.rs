@@ -146,6 +146,16 @@ impl VsockHandle {
         &self,
         path: impl Into<PathBuf>,
     ) -> impl Future<Output = io::Result<()>> + Send + 'static {
-        super::muxer::serve(self.clone(), path.into())
+        super::muxer::serve(self.clone(), path.into(), None)
+    }
+
+    /// [`serve_unix`](Self::serve_unix), where each client, once it has asked for a port,
+    /// waits for `gate` before its guest connection is made, and is closed if `gate` fails.
+    pub fn serve_unix_gated(
+        &self,
+        path: impl Into<PathBuf>,
+        gate: super::muxer::ClientGate,
+    ) -> impl Future<Output = io::Result<()>> + Send + 'static {
+        super::muxer::serve(self.clone(), path.into(), Some(gate))
     }
 }

@@ -43,6 +43,7 @@ use std::time::Duration;
 
 pub use device::VsockDevice;
 pub use handle::VsockHandle;
+pub use muxer::ClientGate;
 pub use stream::VsockStream;
 
 /// Size of each of the three queues.

@@ -1,8 +1,11 @@
 //! The Unix-socket vsock muxer (Firecracker's host-initiated connection protocol):
 //! `CONNECT <port>\n` → `OK <port>\n`, then raw bytes both ways.
 
+use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -15,6 +18,11 @@ use super::handle::VsockHandle;
 const MAX_LINE: u64 = 64;
 /// Copy buffer per direction; large enough to fill several guest rx buffers per round.
 const COPY_BUF: usize = 64 * 1024;
+
+/// What each client waits for before its guest connection is made (the embedding library: a
+/// restored guest's reseed); a failure closes that client.
+pub type ClientGate =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = io::Result<()>> + Send>> + Send + Sync>;
 
 /// Removes the socket file when serving stops.
 struct Unlink(PathBuf);
@@ -41,7 +49,11 @@ fn bind(path: &Path) -> io::Result<UnixListener> {
     }
 }
 
-pub(super) async fn serve(handle: VsockHandle, path: PathBuf) -> io::Result<()> {
+pub(super) async fn serve(
+    handle: VsockHandle,
+    path: PathBuf,
+    gate: Option<ClientGate>,
+) -> io::Result<()> {
     let listener = bind(&path)?;
     let _unlink = Unlink(path.clone());
     debug!(path = %path.display(), "vsock muxer listening");
@@ -50,7 +62,7 @@ pub(super) async fn serve(handle: VsockHandle, path: PathBuf) -> io::Result<()> 
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    clients.spawn(client(handle.clone(), stream));
+                    clients.spawn(client(handle.clone(), stream, gate.clone()));
                 }
                 // Out of fds, a client that vanished mid-accept: transient. Back off briefly
                 // rather than spin or stop serving everyone else.
@@ -71,7 +83,7 @@ fn parse_connect(line: &[u8]) -> Option<u32> {
     port.trim_end_matches('\r').parse().ok()
 }
 
-async fn client(handle: VsockHandle, stream: UnixStream) {
+async fn client(handle: VsockHandle, stream: UnixStream, gate: Option<ClientGate>) {
     let mut reader = BufReader::new(stream);
     let mut line = Vec::with_capacity(32);
     if let Err(e) = (&mut reader)
@@ -86,6 +98,12 @@ async fn client(handle: VsockHandle, stream: UnixStream) {
         warn!(line = %String::from_utf8_lossy(&line), "vsock muxer: bad request; closing");
         return;
     };
+    if let Some(gate) = gate {
+        if let Err(e) = gate().await {
+            warn!(port, %e, "vsock muxer: the client's gate failed; closing client");
+            return;
+        }
+    }
     let mut vsock = match handle.connect(port).await {
         Ok(s) => s,
         Err(e) => {

@@ -11,12 +11,18 @@ use crate::error::Error;
 use crate::exec::ExecBuilder;
 use crate::publish::GuestTcpStream;
 
+mod reseed;
+
+use reseed::Reseed;
+
 /// A handle to a guest agent: the place where execs and control actions run.
 ///
 /// Cheap to clone; every call opens its own connection, so any number of execs can run at once.
 #[derive(Debug, Clone)]
 pub struct Agent {
     connector: Arc<dyn Connector>,
+    /// Set for a VM restored from a snapshot: its reseed rides on the first requests.
+    reseed: Option<Arc<Reseed>>,
 }
 
 /// What `ping` learned about the agent.
@@ -38,7 +44,32 @@ impl Agent {
     pub fn with_connector(connector: impl Connector) -> Self {
         Agent {
             connector: Arc::new(connector),
+            reseed: None,
         }
+    }
+
+    /// This agent, for a guest just restored from a snapshot: its connections carry the
+    /// reseed preamble ([`reseed`]) until one of them has been answered.
+    pub(crate) fn reseeding_first_requests(mut self) -> Self {
+        self.reseed = Some(Reseed::pending());
+        self
+    }
+
+    /// Whether this agent still owes a restored guest its reseed (no preambled connection has
+    /// been answered yet).
+    pub(crate) fn reseed_pending(&self) -> bool {
+        self.reseed
+            .as_ref()
+            .is_some_and(|reseed| !reseed.answered())
+    }
+
+    /// Makes sure a restored guest has applied its reseed (one ping carrying the preamble if
+    /// nothing has been answered yet), for paths that reach the guest around this agent.
+    pub(crate) async fn ensure_reseeded(&self) -> Result<(), Error> {
+        if self.reseed_pending() {
+            self.ping().await?;
+        }
+        Ok(())
     }
 
     /// Starts building an exec of `argv` (program, then arguments; the program is looked up
@@ -102,30 +133,17 @@ impl Agent {
         Ok(())
     }
 
-    /// Tells a just-restored guest to reseed its RNG from `entropy` and set its clock to the
-    /// host's. The time is read once the connection is up, so the handshake does not age it;
-    /// if the exchange itself took long (a loaded host), the clock is set once more, so the
-    /// guest is off by at most one quick one-way trip.
-    pub(crate) async fn restored(&self, entropy: Vec<u8>) -> Result<(), Error> {
-        let sent = std::time::Instant::now();
-        self.control_with("restored", Bytes::from(entropy), || {
-            ControlAction::Restored {
-                unix_nanos: unix_nanos_now(),
-            }
-        })
-        .await?;
-        if sent.elapsed() > CLOCK_RESYNC_AFTER {
-            self.control_with("set_clock", Bytes::new(), || ControlAction::SetClock {
-                unix_nanos: unix_nanos_now(),
-            })
-            .await?;
-        }
-        Ok(())
-    }
-
+    /// Opens a connection to the agent; for a restored guest whose reseed has not been
+    /// answered yet, with the preamble written in front of what the caller sends.
     pub(crate) async fn connect(&self) -> Result<BoxedStream, Error> {
-        self.connector
-            .connect()
+        let connected = async {
+            let stream = self.connector.connect().await?;
+            match &self.reseed {
+                Some(reseed) => reseed.prepare(stream).await,
+                None => Ok(stream),
+            }
+        };
+        connected
             .await
             .map_err(|source| match crate::error::vm_gone(&source) {
                 Some(exit) => Error::VmExited(exit),
@@ -240,14 +258,4 @@ impl Agent {
             }
         }
     }
-}
-
-/// A `restored` exchange slower than this is followed by a second clock setting.
-const CLOCK_RESYNC_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
-
-fn unix_nanos_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
