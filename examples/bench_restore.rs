@@ -122,12 +122,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     "restore {run} running vcpus_us={}",
                     vcpus.as_micros()
                 ));
+                figures[m].vmm.push(vcpus);
                 match first {
                     Ask::Ping => {
                         vm.agent().ping().await?;
                         figures[m].agent.push(t0.elapsed());
                         marker.mark(&format!("restore {run} ping done"));
-                        figures[m].vmm.push(vcpus);
                     }
                     Ask::Exec => {
                         let status = vm.exec(["true"]).output().await?.status;

@@ -74,11 +74,11 @@ enum FuzzControl {
     SetClock(u64),
     ReseedRng,
     CrashGuest,
-    Restored(u64),
+    Restored(u64, u64),
     ConnectTcp(u16),
     Echo,
     Unknown(String),
-    Ack(bool, Option<String>, Option<String>, Option<String>),
+    Ack(bool, Option<String>, Option<String>, Option<String>, Option<u32>),
 }
 
 fn stdio(null: bool) -> StdioMode {
@@ -139,16 +139,22 @@ fn control(c: FuzzControl) -> ControlMessage {
         FuzzControl::SetClock(unix_nanos) => Action(ControlAction::SetClock { unix_nanos }),
         FuzzControl::ReseedRng => Action(ControlAction::ReseedRng),
         FuzzControl::CrashGuest => Action(ControlAction::CrashGuest),
-        FuzzControl::Restored(unix_nanos) => Action(ControlAction::Restored { unix_nanos }),
+        FuzzControl::Restored(unix_nanos, restore_id) => Action(ControlAction::Restored {
+            unix_nanos,
+            restore_id,
+        }),
         FuzzControl::ConnectTcp(port) => Action(ControlAction::ConnectTcp { port }),
         FuzzControl::Echo => Action(ControlAction::Echo),
         FuzzControl::Unknown(name) => ControlMessage::UnknownAction(name),
-        FuzzControl::Ack(ok, error, version, boot_id) => ControlMessage::Ack(ControlAck {
-            ok,
-            error,
-            version,
-            boot_id,
-        }),
+        FuzzControl::Ack(ok, error, version, boot_id, protocol) => {
+            ControlMessage::Ack(ControlAck {
+                ok,
+                error,
+                version,
+                boot_id,
+                protocol,
+            })
+        }
     }
 }
 

@@ -79,6 +79,7 @@ fn ping() -> ControlAck {
     ControlAck {
         version: Some(env!("CARGO_PKG_VERSION").to_owned()),
         boot_id,
+        protocol: Some(supermachine_codec::AGENT_PROTOCOL),
         ..ControlAck::ok()
     }
 }
@@ -161,23 +162,29 @@ fn crash_guest(mode: Mode, flags: BootFlags) -> Reply {
 }
 
 /// A restored guest's preamble (SEMANTICS.md "restored"): fresh host entropy in, the CRNG
-/// reseeded from it, and the clock set, unless a preamble with a newer host time already set
-/// it (the first connections to a restored VM each carry one, and their tasks may run in any
-/// order). Runs before the connection's request is read, so that request, and every request
-/// the host sends once it has an answer on any connection, sees the new RNG state and time.
-pub fn restored(agent: &Agent, unix_nanos: u64, seed: &[u8]) -> Result<(), String> {
+/// reseeded from it, and the clock set, unless a preamble of the same restore with a later host
+/// time already set it (the first connections to a restored VM each carry one, and their tasks
+/// may run in any order). Runs before the connection's request is read, so that request, and
+/// every request the host sends once it has an answer on any connection, sees the new RNG
+/// state and time.
+pub fn restored(
+    agent: &Agent,
+    restore_id: u64,
+    unix_nanos: u64,
+    seed: &[u8],
+) -> Result<(), String> {
     unsupported_in_host_mode(agent.mode, "restored")?;
-    reseed_rng(agent.mode, seed)?;
-    let random = std::fs::OpenOptions::new()
-        .write(true)
-        .open("/dev/urandom")
-        .map_err(|e| format!("restored: opening /dev/urandom: {e}"))?;
+    let random = add_seed(seed).map_err(|e| format!("restored: {e}"))?;
     sys::reseed_crng(&random).map_err(|e| format!("restored: RNDRESEEDCRNG: {e}"))?;
-    let newest = agent
+    // Held while the clock is set, so that two preambles cannot interleave between the check
+    // and the setting.
+    let mut newest = agent
         .restored_clock
-        .fetch_max(unix_nanos, std::sync::atomic::Ordering::AcqRel);
-    if unix_nanos > newest {
-        set_clock(agent.mode, unix_nanos)?;
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if newest.0 != restore_id || unix_nanos > newest.1 {
+        set_clock(agent.mode, unix_nanos).map_err(|e| format!("restored: {e}"))?;
+        *newest = (restore_id, unix_nanos);
     }
     tracing::debug!("restored: RNG reseeded, clock set");
     Ok(())
@@ -185,19 +192,26 @@ pub fn restored(agent: &Agent, unix_nanos: u64, seed: &[u8]) -> Result<(), Strin
 
 fn reseed_rng(mode: Mode, seed: &[u8]) -> Reply {
     unsupported_in_host_mode(mode, "reseed_rng")?;
+    add_seed(seed).map_err(|e| format!("reseed_rng: {e}"))?;
+    ok()
+}
+
+/// Mixes `seed` into the kernel's entropy pool and credits it; returns `/dev/urandom`, opened
+/// for writing, for what comes next.
+fn add_seed(seed: &[u8]) -> Result<std::fs::File, String> {
     if seed.is_empty() {
-        return Err("reseed_rng: no seed bytes attached".into());
+        return Err("no seed bytes attached".into());
     }
     if seed.len() > MAX_SEED {
         return Err(format!(
-            "reseed_rng: seed of {} bytes is larger than {MAX_SEED}",
+            "seed of {} bytes is larger than {MAX_SEED}",
             seed.len()
         ));
     }
     let random = std::fs::OpenOptions::new()
         .write(true)
         .open("/dev/urandom")
-        .map_err(|e| format!("reseed_rng: opening /dev/urandom: {e}"))?;
-    sys::add_entropy(&random, seed).map_err(|e| format!("reseed_rng: {e}"))?;
-    ok()
+        .map_err(|e| format!("opening /dev/urandom: {e}"))?;
+    sys::add_entropy(&random, seed).map_err(|e| e.to_string())?;
+    Ok(random)
 }

@@ -230,10 +230,14 @@ where
             Some(Ok(Frame::Unknown { kind, .. })) => tracing::debug!(kind, "skipping"),
             // A restored VM's preamble: applied, never answered; the next frame is the first.
             Some(Ok(Frame::Control {
-                message: ControlMessage::Action(ControlAction::Restored { unix_nanos }),
+                message:
+                    ControlMessage::Action(ControlAction::Restored {
+                        unix_nanos,
+                        restore_id,
+                    }),
                 data,
             })) => {
-                if let Err(message) = control::restored(&agent, unix_nanos, &data) {
+                if let Err(message) = control::restored(&agent, restore_id, unix_nanos, &data) {
                     refuse_unseeded(&agent, message, frames, sink).await;
                     return;
                 }

@@ -31,10 +31,11 @@ pub struct Agent {
     pub reaper: Reaper,
     /// Running exec process groups.
     pub workload: Workload,
-    /// The newest host time a `restored` preamble set the clock to (ns since the epoch): the
-    /// preambles of concurrent first connections may be served out of order, and an older one
-    /// must not step the clock back.
-    pub restored_clock: AtomicU64,
+    /// The restore the last `restored` preamble named, and the newest host time (ns since the
+    /// epoch) a preamble of it set the clock to: the preambles of one restore's concurrent
+    /// first connections may be served out of order, and an older one must not step the clock
+    /// back; a new restore's first preamble always sets it.
+    pub restored_clock: Mutex<(u64, u64)>,
 }
 
 impl Agent {
@@ -45,7 +46,7 @@ impl Agent {
             boot_flags,
             reaper,
             workload: Workload::default(),
-            restored_clock: AtomicU64::new(0),
+            restored_clock: Mutex::new((0, 0)),
         })
     }
 }

@@ -193,6 +193,7 @@ async fn a_restored_preamble_is_refused_in_host_mode_with_what_follows() {
     let preamble = Frame::Control {
         message: ControlMessage::Action(ControlAction::Restored {
             unix_nanos: 1_000_000_000,
+            restore_id: 1,
         }),
         data: Bytes::from_static(&[7u8; 64]),
     };

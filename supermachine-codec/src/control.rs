@@ -46,6 +46,11 @@ pub enum ControlAction {
     Restored {
         /// The host's time, in nanoseconds since the Unix epoch.
         unix_nanos: u64,
+        /// Names one restore (random, the same on all its preambles): among preambles of one
+        /// restore an older time never steps the clock back, while the first preamble of a new
+        /// restore always sets it, even to a time before one a snapshot's earlier restore saw.
+        #[serde(default)]
+        restore_id: u64,
     },
     /// Connect to TCP `127.0.0.1:port` inside the guest and, after an ok ack, turn this
     /// connection into that TCP stream: from the byte after the ack frame on, both directions
@@ -76,6 +81,12 @@ pub struct ControlAck {
     /// Kernel boot id of the guest (ping).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_id: Option<String>,
+    /// The agent protocol revision the agent speaks (ping; see [`AGENT_PROTOCOL`]): absent
+    /// from agents before revision 2.
+    ///
+    /// [`AGENT_PROTOCOL`]: crate::AGENT_PROTOCOL
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<u32>,
 }
 
 impl ControlAck {

@@ -49,5 +49,11 @@ pub use error::CodecError;
 pub use frame::{kind, AgentError, ErrorCode, ExitInfo, Frame, WindowSize};
 pub use request::{ExecRequest, StagedFile, StdioMode, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
+/// The agent protocol revision this crate describes, which a ping's ack reports
+/// ([`ControlAck::protocol`]; agents that report none speak revision 1). 2: `restored` is a
+/// preamble in front of a connection's first frame, never acked, where revision 1 answered it
+/// as an exchange of its own.
+pub const AGENT_PROTOCOL: u32 = 2;
+
 /// The guest vsock port the agent listens on for exec and control connections.
 pub const AGENT_VSOCK_PORT: u32 = 1024;

@@ -124,6 +124,7 @@ fn valid_frames() -> Vec<(&'static str, Frame)> {
             "control_restored",
             action(ControlAction::Restored {
                 unix_nanos: 1_700_000_000_000_000_000,
+                restore_id: 7,
             }),
         ),
         (
@@ -137,6 +138,7 @@ fn valid_frames() -> Vec<(&'static str, Frame)> {
                 error: None,
                 version: Some("0.1.0".into()),
                 boot_id: Some("4f1c5b3e-0000-4000-8000-000000000000".into()),
+                protocol: Some(2),
             })),
         ),
         (

@@ -189,6 +189,7 @@ fn every_variant_by_hand() {
         Frame::Control {
             message: ControlMessage::Action(ControlAction::Restored {
                 unix_nanos: 1_700_000_000_000_000_000,
+                restore_id: 7,
             }),
             data: Bytes::from_static(&[7; 32]),
         },
@@ -201,6 +202,7 @@ fn every_variant_by_hand() {
                 error: None,
                 version: Some("0.1.0".into()),
                 boot_id: Some("abc".into()),
+                protocol: Some(2),
             }),
             data: Bytes::from_static(b"file body"),
         },

@@ -91,6 +91,21 @@ pub enum Error {
     /// The VMM could not set the VM up (memory, devices, kernel loading).
     #[error("setting up the VM failed")]
     VmSetup(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The VM's agent speaks an older protocol than `what` needs: its binary is not the one
+    /// built with this library (an agent installed by an older `setup.sh`, or
+    /// `SUPERMACHINE_AGENT_BIN` pointing at one).
+    #[error(
+        "the VM's agent speaks protocol {found}, {what} needs {needed}: install the agent of this \
+         library (`setup.sh`, or SUPERMACHINE_AGENT_BIN)"
+    )]
+    AgentOutdated {
+        /// What could not be done.
+        what: &'static str,
+        /// The revision the agent reported.
+        found: u32,
+        /// The revision needed.
+        needed: u32,
+    },
     /// The guest agent did not answer within the boot timeout; the VM was stopped.
     #[error("the guest agent did not answer within {after:?}\n--- guest console (tail) ---\n{console_tail}")]
     BootTimeout {
@@ -213,6 +228,15 @@ impl Error {
             Error::InvalidConfig(e) => Error::InvalidConfig(e.clone()),
             Error::HypervisorUnavailable(m) => Error::HypervisorUnavailable(m.clone()),
             Error::VmSetup(e) => Error::VmSetup(Box::new(Flattened::of(e.as_ref()))),
+            Error::AgentOutdated {
+                what,
+                found,
+                needed,
+            } => Error::AgentOutdated {
+                what,
+                found: *found,
+                needed: *needed,
+            },
             Error::BootTimeout {
                 after,
                 console_tail,

@@ -218,7 +218,12 @@ pub fn action() -> impl Strategy<Value = ControlAction> {
         any::<u64>().prop_map(|unix_nanos| ControlAction::SetClock { unix_nanos }),
         Just(ControlAction::ReseedRng),
         Just(ControlAction::CrashGuest),
-        any::<u64>().prop_map(|unix_nanos| ControlAction::Restored { unix_nanos }),
+        (any::<u64>(), any::<u64>()).prop_map(|(unix_nanos, restore_id)| {
+            ControlAction::Restored {
+                unix_nanos,
+                restore_id,
+            }
+        }),
     ]
 }
 
@@ -248,12 +253,14 @@ pub fn ack() -> impl Strategy<Value = ControlAck> {
         option::of(text(20)),
         option::of(text(8)),
         option::of(text(36)),
+        option::of(any::<u32>()),
     )
-        .prop_map(|(ok, error, version, boot_id)| ControlAck {
+        .prop_map(|(ok, error, version, boot_id, protocol)| ControlAck {
             ok,
             error,
             version,
             boot_id,
+            protocol,
         })
 }
 

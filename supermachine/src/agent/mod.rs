@@ -11,7 +11,7 @@ use crate::error::Error;
 use crate::exec::ExecBuilder;
 use crate::publish::GuestTcpStream;
 
-mod reseed;
+pub(crate) mod reseed;
 
 use reseed::Reseed;
 
@@ -32,6 +32,9 @@ pub struct AgentInfo {
     pub version: String,
     /// The guest kernel's boot id (changes on every boot, not on snapshot restore).
     pub boot_id: String,
+    /// The agent protocol revision it speaks ([`supermachine_codec::AGENT_PROTOCOL`] for the
+    /// agent built with this library; 1 for agents that do not say).
+    pub protocol: u32,
 }
 
 impl Agent {
@@ -49,10 +52,16 @@ impl Agent {
     }
 
     /// This agent, for a guest just restored from a snapshot: its connections carry the
-    /// reseed preamble ([`reseed`]) until one of them has been answered.
-    pub(crate) fn reseeding_first_requests(mut self) -> Self {
-        self.reseed = Some(Reseed::pending());
-        self
+    /// reseed preamble ([`reseed`]) until one of them has been answered. Fails only if the
+    /// host's entropy cannot be read.
+    pub(crate) fn reseeding_first_requests(mut self) -> std::io::Result<Self> {
+        self.reseed = Some(Reseed::pending()?);
+        Ok(self)
+    }
+
+    /// The restored guest's reseed, if this agent carries one.
+    pub(crate) fn reseed(&self) -> Option<&Arc<Reseed>> {
+        self.reseed.as_ref()
     }
 
     /// Whether this agent still owes a restored guest its reseed (no preambled connection has
@@ -90,6 +99,7 @@ impl Agent {
         Ok(AgentInfo {
             version: ack.version.unwrap_or_default(),
             boot_id: ack.boot_id.unwrap_or_default(),
+            protocol: ack.protocol.unwrap_or(1),
         })
     }
 
@@ -139,7 +149,7 @@ impl Agent {
         let connected = async {
             let stream = self.connector.connect().await?;
             match &self.reseed {
-                Some(reseed) => reseed.prepare(stream).await,
+                Some(reseed) => reseed.prepare(stream),
                 None => Ok(stream),
             }
         };

@@ -14,11 +14,12 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use supermachine_codec::{ControlAction, ControlMessage, ExecCodec, Frame};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
 use tokio_util::codec::Encoder;
 
 use crate::connector::BoxedStream;
@@ -26,16 +27,29 @@ use crate::connector::BoxedStream;
 /// Bytes of host entropy in each preamble (the kernel's CRNG key is 32).
 const SEED_BYTES: usize = 64;
 
-/// Whether a restored guest has been seen to apply its reseed; shared by an agent's clones.
-#[derive(Debug, Default)]
+/// A restored guest's reseed: whether one has been handed to a connection and whether the
+/// guest has been seen to apply one; shared by an agent's clones.
+#[derive(Debug)]
 pub(crate) struct Reseed {
+    /// Names this restore in its preambles, so the agent tells its preambles from those of an
+    /// earlier restore of the snapshot's VM (whose newest time a snapshot of it may carry).
+    restore_id: u64,
+    sent: AtomicBool,
     answered: AtomicBool,
+    answer: Notify,
 }
 
 impl Reseed {
     /// A reseed not applied yet: every connection carries the preamble until one is answered.
-    pub(crate) fn pending() -> Arc<Reseed> {
-        Arc::new(Reseed::default())
+    pub(crate) fn pending() -> io::Result<Arc<Reseed>> {
+        let mut id = [0u8; 8];
+        id.copy_from_slice(&host_entropy(8)?);
+        Ok(Arc::new(Reseed {
+            restore_id: u64::from_le_bytes(id),
+            sent: AtomicBool::new(false),
+            answered: AtomicBool::new(false),
+            answer: Notify::new(),
+        }))
     }
 
     /// Whether a connection that carried the preamble has been answered.
@@ -43,42 +57,83 @@ impl Reseed {
         self.answered.load(Ordering::Acquire)
     }
 
-    /// Writes the preamble onto the fresh connection `stream`, unless the guest has applied
-    /// one already, and returns the stream the request goes on: one that records the reseed
-    /// as applied on the first byte the agent sends back.
-    pub(crate) async fn prepare(
-        self: &Arc<Self>,
-        mut stream: BoxedStream,
-    ) -> io::Result<BoxedStream> {
+    /// Whether a preamble has gone out on some connection (its request may still be waiting
+    /// for an answer, or have been dropped).
+    pub(crate) fn sent(&self) -> bool {
+        self.sent.load(Ordering::Acquire)
+    }
+
+    /// Waits until a connection that carried the preamble has been answered.
+    pub(crate) async fn wait_answered(&self) {
+        loop {
+            let answer = self.answer.notified();
+            tokio::pin!(answer);
+            // Registered before the check, so an answer in between is not missed.
+            answer.as_mut().enable();
+            if self.answered() {
+                return;
+            }
+            answer.await;
+        }
+    }
+
+    fn set_answered(&self) {
+        self.answered.store(true, Ordering::Release);
+        self.answer.notify_waiters();
+    }
+
+    /// The stream the request goes on, for the fresh connection `stream`: unless the guest
+    /// has applied a preamble already, one that sends the preamble in front of the request's
+    /// first bytes (one write, so one vsock packet) and records the reseed as applied on the
+    /// first byte the agent sends back.
+    pub(crate) fn prepare(self: &Arc<Self>, stream: BoxedStream) -> io::Result<BoxedStream> {
         if self.answered() {
             return Ok(stream);
         }
         let preamble = Frame::Control {
             message: ControlMessage::Action(ControlAction::Restored {
                 unix_nanos: unix_nanos_now(),
+                restore_id: self.restore_id,
             }),
-            data: host_entropy()?,
+            data: host_entropy(SEED_BYTES)?,
         };
-        let mut bytes = BytesMut::new();
+        let mut out = BytesMut::new();
         ExecCodec::new()
-            .encode(preamble, &mut bytes)
+            .encode(preamble, &mut out)
             .map_err(io::Error::other)?;
-        // Written with the request, not awaited: the agent answers nothing before it has
-        // applied it.
-        stream.write_all(&bytes).await?;
         Ok(Box::new(Preambled {
             inner: stream,
+            out,
+            merged: false,
             reseed: Some(Arc::clone(self)),
         }))
     }
 }
 
-/// A connection that carried the preamble: any byte read from it was sent by an agent that
+/// A connection that carries the preamble: any byte read from it was sent by an agent that
 /// had applied it (the agent answers nothing on a connection before its preamble is applied,
 /// and powers off if it cannot apply it).
 struct Preambled {
     inner: BoxedStream,
+    /// Bytes accepted but not yet written: the preamble, then with it the first write's bytes.
+    out: BytesMut,
+    /// Whether the first write's bytes have joined the preamble.
+    merged: bool,
     reseed: Option<Arc<Reseed>>,
+}
+
+impl Preambled {
+    /// Writes out what is buffered.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.out.is_empty() {
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.out))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.out.advance(n);
+        }
+        Poll::Ready(Ok(()))
+    }
 }
 
 impl AsyncRead for Preambled {
@@ -91,7 +146,7 @@ impl AsyncRead for Preambled {
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
             if let Some(reseed) = self.reseed.take() {
-                reseed.answered.store(true, Ordering::Release);
+                reseed.set_answered();
             }
         }
         polled
@@ -104,7 +159,22 @@ impl AsyncWrite for Preambled {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let this = &mut *self;
+        if !this.merged {
+            // The first bytes are taken whole and go out behind the preamble; whatever the
+            // stream does not take now goes on the next write or flush.
+            this.merged = true;
+            this.out.extend_from_slice(buf);
+            if let Some(reseed) = &this.reseed {
+                reseed.sent.store(true, Ordering::Release);
+            }
+            if let Poll::Ready(Err(e)) = this.poll_drain(cx) {
+                return Poll::Ready(Err(e));
+            }
+            return Poll::Ready(Ok(buf.len()));
+        }
+        ready!(this.poll_drain(cx))?;
+        Pin::new(&mut this.inner).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -112,6 +182,13 @@ impl AsyncWrite for Preambled {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if !self.merged || !self.out.is_empty() {
+            let first = bufs
+                .iter()
+                .find(|b| !b.is_empty())
+                .map_or(&[][..], |b| &**b);
+            return self.poll_write(cx, first);
+        }
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
@@ -120,19 +197,21 @@ impl AsyncWrite for Preambled {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_drain(cx))?;
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_drain(cx))?;
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
-/// Fresh host entropy for a restored guest (64 bytes of `/dev/urandom`, which never blocks
-/// once the host's pool is initialised).
-fn host_entropy() -> io::Result<Bytes> {
+/// `n` bytes of fresh host entropy (`/dev/urandom`, which never blocks once the host's pool is
+/// initialised).
+fn host_entropy(n: usize) -> io::Result<Bytes> {
     use std::io::Read;
-    let mut seed = vec![0u8; SEED_BYTES];
+    let mut seed = vec![0u8; n];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut seed)?;
     Ok(Bytes::from(seed))
 }
@@ -149,23 +228,31 @@ pub(crate) fn unix_nanos_now() -> u64 {
 mod tests {
     use super::*;
     use futures::StreamExt;
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio_util::codec::FramedRead;
 
     #[tokio::test]
     async fn a_preamble_goes_first_until_an_answer_is_read() {
-        let reseed = Reseed::pending();
+        let reseed = Reseed::pending().unwrap();
         let (host, guest) = tokio::io::duplex(4096);
-        let mut stream = reseed.prepare(Box::new(host)).await.unwrap();
+        let mut stream = reseed.prepare(Box::new(host)).unwrap();
+        assert!(!reseed.sent());
         stream.write_all(b"request").await.unwrap();
+        stream.flush().await.unwrap();
+        assert!(reseed.sent());
         let (guest_read, mut guest_write) = tokio::io::split(guest);
         let mut frames = FramedRead::new(guest_read, ExecCodec::new());
         match frames.next().await {
             Some(Ok(Frame::Control {
-                message: ControlMessage::Action(ControlAction::Restored { unix_nanos }),
+                message:
+                    ControlMessage::Action(ControlAction::Restored {
+                        unix_nanos,
+                        restore_id,
+                    }),
                 data,
             })) => {
                 assert!(unix_nanos > 0);
+                assert_eq!(restore_id, reseed.restore_id);
                 assert_eq!(data.len(), SEED_BYTES);
             }
             other => panic!("expected the preamble, got {other:?}"),
@@ -177,9 +264,13 @@ mod tests {
         let mut byte = [0u8; 1];
         stream.read_exact(&mut byte).await.unwrap();
         assert!(reseed.answered());
+        // Waiters learn of it, also those that come later.
+        tokio::time::timeout(std::time::Duration::from_secs(5), reseed.wait_answered())
+            .await
+            .unwrap();
         // Once answered, connections go out as they are.
         let (host, mut guest) = tokio::io::duplex(64);
-        let mut stream = reseed.prepare(Box::new(host)).await.unwrap();
+        let mut stream = reseed.prepare(Box::new(host)).unwrap();
         stream.write_all(b"plain").await.unwrap();
         drop(stream);
         let mut got = Vec::new();

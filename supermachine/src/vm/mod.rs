@@ -2,7 +2,8 @@
 //!
 //! Start-up: the config is checked, the initramfs (the agent as `/init`, plus any extra files)
 //! is built and cached under its content hash, the machine boots with a vsock device, and
-//! [`Vm::start`] returns once the agent answers a `ping` over vsock. From then on the VM is an
+//! [`Vm::start`] returns once the agent answers a `ping` over vsock (a start restored from the
+//! snapshot cache: once its vCPUs run, see [`Vm::restore`]). From then on the VM is an
 //! [`Agent`] like any other: [`Vm::exec`] has exactly the host-mode API.
 //!
 //! When the VM ends for any reason (kernel panic, reset, VMM failure, [`Vm::stop`], drop),
@@ -96,6 +97,10 @@ pub struct Vm {
     image: Option<crate::image::ImageConfig>,
     /// Published ports; dropped (listeners closed, connections cut) with the VM.
     publisher: Publisher,
+    /// The agent protocol revision the guest's agent speaks: from its first ping after a boot;
+    /// after a restore the snapshot's (which [`Vm::snapshot`] only writes for agents of this
+    /// library's revision).
+    agent_protocol: u32,
 }
 
 /// Where the time of [`Vm::start`] / [`Vm::restore`] went.
@@ -117,44 +122,66 @@ pub struct StartTimings {
 /// `Vm::settle_connections`).
 const SNAPSHOT_SETTLE: Duration = Duration::from_secs(1);
 
-/// How long a restored guest that has not answered anything has to answer a ping before its
-/// VM is stopped ([`watch_first_answer`]).
+/// How long a restored guest that has answered nothing has to answer before its VM is stopped
+/// ([`watch_first_answer`]); time spent paused does not count.
 const RESTORE_AGENT_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long a restored VM may go without any request answered before the host checks on it
-/// itself (a ping carrying the reseed): long enough to stay out of the way of the first
-/// requests of a caller that makes them at once.
-const FIRST_ANSWER_GRACE: Duration = Duration::from_secs(1);
+/// How soon after a restore the host sends the reseed itself (a ping) if the caller has not
+/// sent a request, which would have carried it: processes that were running when the snapshot
+/// was taken run on the snapshot's RNG state and clock until then. Short, but long enough that
+/// a caller who asks for something right after the restore goes first, alone.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_millis(20);
 
-/// Watches a restored VM that nobody has had an answer from yet: after
-/// [`FIRST_ANSWER_GRACE`] it pings the agent (the ping carries the reseed), and a VM whose
-/// agent does not answer within [`RESTORE_AGENT_TIMEOUT`] is stopped, so that requests to it
-/// fail ([`Error::VmExited`]) instead of waiting forever. Holds the machine weakly: a VM dropped
-/// meanwhile is left alone.
+/// Watches a restored VM until the guest has applied its reseed: sends it after
+/// [`FIRST_REQUEST_GRACE`] (a ping, which carries it) when no request has, and stops a VM that
+/// answers nothing within [`RESTORE_AGENT_TIMEOUT`] of running time, so that requests to it fail
+/// ([`Error::VmExited`], with the reason logged) instead of waiting forever. Holds the machine
+/// weakly: a VM dropped meanwhile is left alone.
 async fn watch_first_answer(
     agent: Agent,
     machine: std::sync::Weak<Mutex<Machine>>,
+    paused: PausedFlag,
     console: ConsoleLog,
 ) {
-    tokio::time::sleep(FIRST_ANSWER_GRACE).await;
-    if !agent.reseed_pending() || machine.strong_count() == 0 {
+    let Some(reseed) = agent.reseed().cloned() else {
+        return;
+    };
+    tokio::time::sleep(FIRST_REQUEST_GRACE).await;
+    if reseed.answered() || machine.strong_count() == 0 {
         return;
     }
-    match tokio::time::timeout(RESTORE_AGENT_TIMEOUT, agent.ensure_reseeded()).await {
-        Ok(Ok(())) => {}
-        // A VM that ended says why on its own; any other failure shows on the next request.
-        Ok(Err(e)) => debug!("checking on the restored VM: {}", crate::Report(&e)),
-        Err(_) => {
-            let Some(machine) = machine.upgrade() else {
+    // A request on its way carries the reseed: give it the time a ping would get before
+    // pinging as well (it may also have been dropped before it went out).
+    if reseed.sent()
+        && tokio::time::timeout(RESTORE_AGENT_TIMEOUT, reseed.wait_answered())
+            .await
+            .is_ok()
+    {
+        return;
+    }
+    let ping = agent.ensure_reseeded();
+    tokio::pin!(ping);
+    loop {
+        match tokio::time::timeout(RESTORE_AGENT_TIMEOUT, &mut ping).await {
+            Ok(Ok(())) => return,
+            // A VM that ended says why on its own; any other failure shows on the next request.
+            Ok(Err(e)) => {
+                debug!("checking on the restored VM: {}", crate::Report(&e));
                 return;
-            };
-            warn!(
-                "the restored VM's agent did not answer within {RESTORE_AGENT_TIMEOUT:?}; \
-                 stopping the VM. Console: {}",
-                console.tail(CONSOLE_TAIL_BYTES)
-            );
-            let _ = tokio::task::spawn_blocking(move || lock(&machine).stop()).await;
+            }
+            // A paused guest cannot answer: keep waiting.
+            Err(_) if paused.get() => continue,
+            Err(_) => break,
         }
     }
+    let Some(machine) = machine.upgrade() else {
+        return;
+    };
+    warn!(
+        "the restored VM's agent answered nothing within {RESTORE_AGENT_TIMEOUT:?}; stopping the \
+         VM. Console: {}",
+        console.tail(CONSOLE_TAIL_BYTES)
+    );
+    let _ = tokio::task::spawn_blocking(move || lock(&machine).stop()).await;
 }
 
 impl Vm {
@@ -163,13 +190,15 @@ impl Vm {
     ///
     /// With the snapshot cache on (the default, see [`VmConfig::snapshot_cache`]), the first
     /// start of a configuration cold-boots the guest and snapshots it once the agent answers;
-    /// later starts restore that snapshot instead of booting (if restoring fails, they boot). Concurrent first starts of one
-    /// configuration take turns (a file lock), so only one boots and snapshots.
+    /// later starts restore that snapshot instead of booting (if the restore itself fails, they
+    /// boot; a restored guest that then answers nothing is stopped, see [`Vm::restore`]).
+    /// Concurrent first starts of one configuration take turns (a file lock), so only one boots
+    /// and snapshots.
     ///
     /// Fails with [`Error::InvalidConfig`] before anything is created when the config is
     /// unusable, [`Error::HypervisorUnavailable`] when `/dev/kvm` cannot be used (the message
     /// says how to fix it), [`Error::VmExited`] if the guest dies while booting and
-    /// [`Error::BootTimeout`] if the agent does not answer in time; nothing is left running.
+    /// [`Error::BootTimeout`] if a booted agent does not answer in time; nothing is left running.
     pub async fn start(config: VmConfig) -> Result<Vm, Error> {
         let started = Instant::now();
         // Bound first: a port in use must fail the start before anything is built or booted.
@@ -305,7 +334,9 @@ impl Vm {
         .await?;
         let vm = Self::attach(machine, identity, false, started.elapsed())?;
         // On any error below, dropping `vm` stops the machine.
-        let agent_ready = vm.wait_for_agent(started, config.boot_timeout).await?;
+        let (agent_ready, info) = vm.wait_for_agent(started, config.boot_timeout).await?;
+        let mut vm = vm;
+        vm.agent_protocol = info.protocol;
         info!(
             boot_ms = agent_ready.as_millis() as u64,
             "VM agent is answering"
@@ -320,9 +351,10 @@ impl Vm {
     /// none runs on a stale clock): the entropy and the time go in front of the first requests
     /// on their own connections, so the first exec costs no extra round trip (SEMANTICS.md,
     /// `restored`). A guest that cannot reseed powers off, and the request fails with
-    /// [`Error::VmExited`]. If nothing has been asked of the VM a second after the restore, the
-    /// host pings it itself; a VM whose agent does not answer that within a minute is stopped,
-    /// so requests fail instead of waiting.
+    /// [`Error::VmExited`]. Processes that were running in the guest when the snapshot was
+    /// taken run on until then, so if no request has gone out 20 ms after the restore, the host
+    /// sends the reseed itself (a ping). A VM whose agent answers nothing within a minute of
+    /// running time is stopped (the reason is logged), so requests fail instead of waiting.
     ///
     /// Guest RAM is the snapshot's memory file mapped copy-on-write, and VMs restored from one
     /// snapshot share its clean pages. Only the snapshot's working set (if it has one: see
@@ -384,6 +416,7 @@ impl Vm {
         tokio::spawn(watch_first_answer(
             vm.agent.clone(),
             Arc::downgrade(&vm.machine),
+            vm.paused.clone(),
             vm.console.clone(),
         ));
         let ready = started.elapsed();
@@ -411,7 +444,9 @@ impl Vm {
             liveness: liveness.clone(),
         });
         let agent = if restored {
-            agent.reseeding_first_requests()
+            agent
+                .reseeding_first_requests()
+                .map_err(|e| Error::VmSetup(Box::new(e)))?
         } else {
             agent
         };
@@ -430,6 +465,7 @@ impl Vm {
             },
             image: None,
             publisher: Publisher::new(),
+            agent_protocol: supermachine_codec::AGENT_PROTOCOL,
         })
     }
 
@@ -485,7 +521,7 @@ impl Vm {
     ///
     /// Where the hypervisor can map guest memory ahead of the guest (KVM on Linux 6.10+ with
     /// two-dimensional paging; not PVM), the snapshot is then restored once, that VM answers
-    /// a reseed and a `true` exec, and the guest pages it touched are saved beside the
+    /// a `true` exec (the reseed in front of it), and the guest pages it touched are saved beside the
     /// snapshot (`working-set`): every later restore maps them before its vCPUs run, instead
     /// of the guest exiting to the host once per page while it answers its first requests.
     /// That costs one restore and one exec more here; if it fails the snapshot is still fine,
@@ -495,6 +531,9 @@ impl Vm {
     /// tokio's blocking pool, not on the calling task's thread. Dropping this future does not
     /// cancel a write that has begun: it completes (or fails) in the background, and the VM
     /// stays paused until it has.
+    ///
+    /// Fails with [`Error::AgentOutdated`] when the VM's agent is older than this library
+    /// (restores of the snapshot could not hand it the reseed), before anything is written.
     pub async fn snapshot(&self, dir: impl AsRef<std::path::Path>) -> Result<Snapshot, Error> {
         self.snapshot_holding(dir.as_ref().to_owned(), ()).await
     }
@@ -506,6 +545,15 @@ impl Vm {
         dir: std::path::PathBuf,
         keep: impl Send + 'static,
     ) -> Result<Snapshot, Error> {
+        // Restores of it send the reseed as a preamble, which older agents answer as an
+        // exchange of its own (dropping the request behind it).
+        if self.agent_protocol < supermachine_codec::AGENT_PROTOCOL {
+            return Err(Error::AgentOutdated {
+                what: "a snapshot",
+                found: self.agent_protocol,
+                needed: supermachine_codec::AGENT_PROTOCOL,
+            });
+        }
         {
             let dir = dir.clone();
             blocking(move || {
@@ -603,14 +651,19 @@ impl Vm {
         self.timings
     }
 
-    async fn wait_for_agent(&self, started: Instant, timeout: Duration) -> Result<Duration, Error> {
+    /// Pings the agent until it answers; returns when it did and what it said.
+    async fn wait_for_agent(
+        &self,
+        started: Instant,
+        timeout: Duration,
+    ) -> Result<(Duration, crate::agent::AgentInfo), Error> {
         let deadline = started + timeout;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             match tokio::time::timeout(remaining, self.agent.ping()).await {
                 Ok(Ok(info)) => {
-                    debug!(version = %info.version, "agent ping answered");
-                    return Ok(started.elapsed());
+                    debug!(version = %info.version, protocol = info.protocol, "agent ping answered");
+                    return Ok((started.elapsed(), info));
                 }
                 Ok(Err(e @ Error::VmExited(_))) => return Err(e),
                 Ok(Err(e)) => debug!("agent not up yet: {}", crate::Report(&e)),

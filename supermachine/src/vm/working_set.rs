@@ -1,6 +1,6 @@
 //! Recording a snapshot's working set: right after a snapshot is written, where the hypervisor
 //! can map guest memory ahead of the guest, one VM is restored from it, answers the requests a
-//! restored VM answers first (the reseed and an exec), and the guest pages it touched are saved
+//! restored VM answers first (an exec, the reseed in front of it), and the guest pages it touched are saved
 //! beside the snapshot. Every later restore maps exactly those pages before its vCPUs run, so
 //! the guest does not exit to the host once per page it touches while it answers them
 //! (`supermachine_vmm::snapshot::working_set`).
