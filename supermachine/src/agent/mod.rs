@@ -147,10 +147,13 @@ impl Agent {
     /// answered yet, with the preamble written in front of what the caller sends.
     pub(crate) async fn connect(&self) -> Result<BoxedStream, Error> {
         let connected = async {
+            // Counted from now: the watcher of a restored VM then leaves the reseed to this
+            // request (`vm::watch_first_answer`).
+            let request = self.reseed.as_ref().map(|reseed| reseed.begin());
             let stream = self.connector.connect().await?;
-            match &self.reseed {
-                Some(reseed) => reseed.prepare(stream),
-                None => Ok(stream),
+            match (&self.reseed, request) {
+                (Some(reseed), Some(request)) => reseed.prepare(stream, request),
+                _ => Ok(stream),
             }
         };
         connected

@@ -12,7 +12,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
@@ -34,9 +34,22 @@ pub(crate) struct Reseed {
     /// Names this restore in its preambles, so the agent tells its preambles from those of an
     /// earlier restore of the snapshot's VM (whose newest time a snapshot of it may carry).
     restore_id: u64,
+    /// Requests between their connect and the end of their stream (which carries a preamble).
+    in_flight: AtomicUsize,
     sent: AtomicBool,
     answered: AtomicBool,
     answer: Notify,
+}
+
+/// One request that will carry the preamble, from before its connect until its stream is
+/// dropped ([`Reseed::in_flight`]).
+#[derive(Debug)]
+pub(crate) struct InFlight(Arc<Reseed>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Reseed {
@@ -46,6 +59,7 @@ impl Reseed {
         id.copy_from_slice(&host_entropy(8)?);
         Ok(Arc::new(Reseed {
             restore_id: u64::from_le_bytes(id),
+            in_flight: AtomicUsize::new(0),
             sent: AtomicBool::new(false),
             answered: AtomicBool::new(false),
             answer: Notify::new(),
@@ -61,6 +75,18 @@ impl Reseed {
     /// for an answer, or have been dropped).
     pub(crate) fn sent(&self) -> bool {
         self.sent.load(Ordering::Acquire)
+    }
+
+    /// Counts a request that will carry the preamble, from before its connect (a restored
+    /// guest may take a while to accept it) until its stream is dropped.
+    pub(crate) fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(Arc::clone(self))
+    }
+
+    /// How many requests are between their connect and the end of their stream.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
     }
 
     /// Waits until a connection that carried the preamble has been answered.
@@ -86,7 +112,11 @@ impl Reseed {
     /// has applied a preamble already, one that sends the preamble in front of the request's
     /// first bytes (one write, so one vsock packet) and records the reseed as applied on the
     /// first byte the agent sends back.
-    pub(crate) fn prepare(self: &Arc<Self>, stream: BoxedStream) -> io::Result<BoxedStream> {
+    pub(crate) fn prepare(
+        self: &Arc<Self>,
+        stream: BoxedStream,
+        request: InFlight,
+    ) -> io::Result<BoxedStream> {
         if self.answered() {
             return Ok(stream);
         }
@@ -106,6 +136,7 @@ impl Reseed {
             out,
             merged: false,
             reseed: Some(Arc::clone(self)),
+            _request: request,
         }))
     }
 }
@@ -120,6 +151,7 @@ struct Preambled {
     /// Whether the first write's bytes have joined the preamble.
     merged: bool,
     reseed: Option<Arc<Reseed>>,
+    _request: InFlight,
 }
 
 impl Preambled {
@@ -235,7 +267,8 @@ mod tests {
     async fn a_preamble_goes_first_until_an_answer_is_read() {
         let reseed = Reseed::pending().unwrap();
         let (host, guest) = tokio::io::duplex(4096);
-        let mut stream = reseed.prepare(Box::new(host)).unwrap();
+        let mut stream = reseed.prepare(Box::new(host), reseed.begin()).unwrap();
+        assert_eq!(reseed.in_flight(), 1);
         assert!(!reseed.sent());
         stream.write_all(b"request").await.unwrap();
         stream.flush().await.unwrap();
@@ -268,9 +301,12 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(5), reseed.wait_answered())
             .await
             .unwrap();
+        drop(stream);
+        assert_eq!(reseed.in_flight(), 0);
         // Once answered, connections go out as they are.
         let (host, mut guest) = tokio::io::duplex(64);
-        let mut stream = reseed.prepare(Box::new(host)).unwrap();
+        let mut stream = reseed.prepare(Box::new(host), reseed.begin()).unwrap();
+        assert_eq!(reseed.in_flight(), 0, "a plain stream is not counted");
         stream.write_all(b"plain").await.unwrap();
         drop(stream);
         let mut got = Vec::new();

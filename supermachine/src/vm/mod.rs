@@ -125,15 +125,16 @@ const SNAPSHOT_SETTLE: Duration = Duration::from_secs(1);
 /// How long a restored guest that has answered nothing has to answer before its VM is stopped
 /// ([`watch_first_answer`]); time spent paused does not count.
 const RESTORE_AGENT_TIMEOUT: Duration = Duration::from_secs(60);
-/// How soon after a restore the host sends the reseed itself (a ping) if the caller has not
-/// sent a request, which would have carried it: processes that were running when the snapshot
-/// was taken run on the snapshot's RNG state and clock until then. Short, but long enough that
-/// a caller who asks for something right after the restore goes first, alone.
+/// How soon after a restore the host sends the reseed itself (a ping) if no request is on
+/// its way with it: processes that were running when the snapshot was taken run on the
+/// snapshot's RNG state and clock until then. Short, but long enough that a caller who asks for
+/// something right after the restore goes first, alone. Also the watcher's polling interval.
 const FIRST_REQUEST_GRACE: Duration = Duration::from_millis(20);
 
-/// Watches a restored VM until the guest has applied its reseed: sends it after
-/// [`FIRST_REQUEST_GRACE`] (a ping, which carries it) when no request has, and stops a VM that
-/// answers nothing within [`RESTORE_AGENT_TIMEOUT`] of running time, so that requests to it fail
+/// Watches a restored VM until the guest has applied its reseed. After [`FIRST_REQUEST_GRACE`]
+/// it leaves the reseed to requests that carry it (connecting, or waiting for their answer);
+/// once none does and none has sent it, it sends it itself (a ping). A VM that answers nothing
+/// within [`RESTORE_AGENT_TIMEOUT`] of running time is stopped, so that requests to it fail
 /// ([`Error::VmExited`], with the reason logged) instead of waiting forever. Holds the machine
 /// weakly: a VM dropped meanwhile is left alone.
 async fn watch_first_answer(
@@ -146,17 +147,21 @@ async fn watch_first_answer(
         return;
     };
     tokio::time::sleep(FIRST_REQUEST_GRACE).await;
-    if reseed.answered() || machine.strong_count() == 0 {
-        return;
-    }
-    // A request on its way carries the reseed: give it the time a ping would get before
-    // pinging as well (it may also have been dropped before it went out).
-    if reseed.sent()
-        && tokio::time::timeout(RESTORE_AGENT_TIMEOUT, reseed.wait_answered())
-            .await
-            .is_ok()
-    {
-        return;
+    // While requests carry the reseed (connecting, or waiting for their answer), leave it to
+    // them; ping once none does and none has sent it, or after a minute without an answer.
+    let passive = Instant::now();
+    loop {
+        if reseed.answered() || machine.strong_count() == 0 {
+            return;
+        }
+        if (reseed.in_flight() == 0 && !reseed.sent()) || passive.elapsed() >= RESTORE_AGENT_TIMEOUT
+        {
+            break;
+        }
+        tokio::select! {
+            () = reseed.wait_answered() => return,
+            () = tokio::time::sleep(FIRST_REQUEST_GRACE) => {}
+        }
     }
     let ping = agent.ensure_reseeded();
     tokio::pin!(ping);
