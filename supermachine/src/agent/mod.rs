@@ -148,7 +148,7 @@ impl Agent {
     pub(crate) async fn connect(&self) -> Result<BoxedStream, Error> {
         let connected = async {
             // Counted from now: the watcher of a restored VM then leaves the reseed to this
-            // request (`vm::watch_first_answer`).
+            // request (`vm::first_answer`).
             let request = self.reseed.as_ref().map(|reseed| reseed.begin());
             let stream = self.connector.connect().await?;
             match (&self.reseed, request) {

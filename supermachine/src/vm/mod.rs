@@ -14,6 +14,7 @@ mod cache_lock;
 mod config;
 mod connector;
 mod exit;
+mod first_answer;
 mod initramfs;
 pub(crate) mod network;
 mod snapshot;
@@ -121,73 +122,6 @@ pub struct StartTimings {
 /// How long a snapshot waits for closing vsock connections to finish (see
 /// `Vm::settle_connections`).
 const SNAPSHOT_SETTLE: Duration = Duration::from_secs(1);
-
-/// How long a restored guest that has answered nothing has to answer before its VM is stopped
-/// ([`watch_first_answer`]); time spent paused does not count.
-const RESTORE_AGENT_TIMEOUT: Duration = Duration::from_secs(60);
-/// How soon after a restore the host sends the reseed itself (a ping) if no request is on
-/// its way with it: processes that were running when the snapshot was taken run on the
-/// snapshot's RNG state and clock until then. Short, but long enough that a caller who asks for
-/// something right after the restore goes first, alone. Also the watcher's polling interval.
-const FIRST_REQUEST_GRACE: Duration = Duration::from_millis(20);
-
-/// Watches a restored VM until the guest has applied its reseed. After [`FIRST_REQUEST_GRACE`]
-/// it leaves the reseed to requests that carry it (connecting, or waiting for their answer);
-/// once none does and none has sent it, it sends it itself (a ping). A VM that answers nothing
-/// within [`RESTORE_AGENT_TIMEOUT`] of running time is stopped, so that requests to it fail
-/// ([`Error::VmExited`], with the reason logged) instead of waiting forever. Holds the machine
-/// weakly: a VM dropped meanwhile is left alone.
-async fn watch_first_answer(
-    agent: Agent,
-    machine: std::sync::Weak<Mutex<Machine>>,
-    paused: PausedFlag,
-    console: ConsoleLog,
-) {
-    let Some(reseed) = agent.reseed().cloned() else {
-        return;
-    };
-    tokio::time::sleep(FIRST_REQUEST_GRACE).await;
-    // While requests carry the reseed (connecting, or waiting for their answer), leave it to
-    // them; ping once none does and none has sent it, or after a minute without an answer.
-    let passive = Instant::now();
-    loop {
-        if reseed.answered() || machine.strong_count() == 0 {
-            return;
-        }
-        if (reseed.in_flight() == 0 && !reseed.sent()) || passive.elapsed() >= RESTORE_AGENT_TIMEOUT
-        {
-            break;
-        }
-        tokio::select! {
-            () = reseed.wait_answered() => return,
-            () = tokio::time::sleep(FIRST_REQUEST_GRACE) => {}
-        }
-    }
-    let ping = agent.ensure_reseeded();
-    tokio::pin!(ping);
-    loop {
-        match tokio::time::timeout(RESTORE_AGENT_TIMEOUT, &mut ping).await {
-            Ok(Ok(())) => return,
-            // A VM that ended says why on its own; any other failure shows on the next request.
-            Ok(Err(e)) => {
-                debug!("checking on the restored VM: {}", crate::Report(&e));
-                return;
-            }
-            // A paused guest cannot answer: keep waiting.
-            Err(_) if paused.get() => continue,
-            Err(_) => break,
-        }
-    }
-    let Some(machine) = machine.upgrade() else {
-        return;
-    };
-    warn!(
-        "the restored VM's agent answered nothing within {RESTORE_AGENT_TIMEOUT:?}; stopping the \
-         VM. Console: {}",
-        console.tail(CONSOLE_TAIL_BYTES)
-    );
-    let _ = tokio::task::spawn_blocking(move || lock(&machine).stop()).await;
-}
 
 impl Vm {
     /// Starts a VM: cold-booted, it is returned once its agent answers; restored, once its
@@ -337,10 +271,9 @@ impl Vm {
                 .map_err(Error::from_vmm)
         })
         .await?;
-        let vm = Self::attach(machine, identity, false, started.elapsed())?;
+        let mut vm = Self::attach(machine, identity, false, started.elapsed())?;
         // On any error below, dropping `vm` stops the machine.
         let (agent_ready, info) = vm.wait_for_agent(started, config.boot_timeout).await?;
-        let mut vm = vm;
         vm.agent_protocol = info.protocol;
         info!(
             boot_ms = agent_ready.as_millis() as u64,
@@ -418,7 +351,7 @@ impl Vm {
         .await?;
         let vm = Self::attach(machine, identity, true, started.elapsed())?;
         // No round trip here: the reseed rides on the first requests (`agent::reseed`).
-        tokio::spawn(watch_first_answer(
+        tokio::spawn(first_answer::watch(
             vm.agent.clone(),
             Arc::downgrade(&vm.machine),
             vm.paused.clone(),
