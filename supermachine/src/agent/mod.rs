@@ -174,17 +174,7 @@ impl Agent {
         action: ControlAction,
         data: Bytes,
     ) -> Result<(ControlAck, Bytes), Error> {
-        self.control_with(name, data, || action).await
-    }
-
-    /// [`control`](Self::control) with the action made once connected.
-    async fn control_with(
-        &self,
-        name: &'static str,
-        data: Bytes,
-        action: impl FnOnce() -> ControlAction,
-    ) -> Result<(ControlAck, Bytes), Error> {
-        let (ack, data, _) = self.control_exchange(name, data, action).await?;
+        let (ack, data, _) = self.control_exchange(name, data, || action).await?;
         Ok((ack, data))
     }
 

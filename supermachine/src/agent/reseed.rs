@@ -249,7 +249,7 @@ fn host_entropy(n: usize) -> io::Result<Bytes> {
 }
 
 /// The host's wall clock, in nanoseconds since the Unix epoch.
-pub(crate) fn unix_nanos_now() -> u64 {
+fn unix_nanos_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
