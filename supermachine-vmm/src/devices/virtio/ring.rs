@@ -26,6 +26,44 @@ pub(crate) fn add_used(
     }
 }
 
+/// Asks the driver to notify the device once its avail index moves past `at`, i.e. when
+/// the driver next publishes a buffer while its avail index is `at`. Returns whether the avail
+/// index has already moved past `at` (that buffer is there already, so no kick will come for
+/// it).
+///
+/// `enable_notification` alone arms the kick at the device's own position (`next_avail`),
+/// which is only right when the device has consumed everything: the driver kicks only when its
+/// avail index crosses the armed value (`vring_need_event`), so for a ring with buffers still
+/// posted behind the device's position — a vsock event queue, where Linux keeps eight — no
+/// kick would ever come. `virtio_queue` has no public setter for `avail_event`, so it is written
+/// here at its place in the used ring (virtio 1.2, 2.7.8: after the `size` used elements).
+pub(crate) fn arm_kick_after(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap<()>,
+    at: u16,
+) -> Result<bool, virtio_queue::Error> {
+    use std::sync::atomic::{fence, Ordering};
+    use vm_memory::{Bytes, GuestAddress};
+
+    // Clears VRING_USED_F_NO_NOTIFY without event idx; with it, writes avail_event = next_avail,
+    // corrected below.
+    queue.enable_notification(mem)?;
+    if queue.event_idx_enabled() {
+        // flags + idx (4 bytes), then `size` elements of 8 bytes: cannot overflow for a u16 size.
+        let offset = 4 + 8 * u64::from(queue.size());
+        let addr = queue
+            .used_ring()
+            .checked_add(offset)
+            .ok_or(virtio_queue::Error::AddressOverflow)?;
+        mem.store(at.to_le(), GuestAddress(addr), Ordering::Release)
+            .map_err(virtio_queue::Error::GuestMemory)?;
+    }
+    // The driver may have published between our reading `at` and the store above, having seen
+    // the old threshold: look again after it.
+    fence(Ordering::SeqCst);
+    Ok(queue.avail_idx(mem, Ordering::Acquire)?.0 != at)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

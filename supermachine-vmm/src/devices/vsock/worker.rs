@@ -38,7 +38,7 @@ use super::packet::{
 };
 use super::shared::Shared;
 use crate::devices::virtio::kick::{async_eventfd, drain};
-use crate::devices::virtio::ring::add_used;
+use crate::devices::virtio::ring::{add_used, arm_kick_after};
 use crate::devices::virtio::worker_gate::{Entry, WorkerGate};
 use crate::devices::virtio::{IrqTrigger, VIRTIO_MMIO_INT_VRING};
 
@@ -640,10 +640,14 @@ impl Worker {
             if self.queues[EVENT].needs_notification(&*mem)? {
                 self.irq_due = true;
             }
-            // Ask for a kick when the guest re-posts the buffer: that is its "handled".
-            self.queues[EVENT].enable_notification(&*mem)?;
+            // Ask for a kick when the guest re-posts the buffer: that is its "handled". The
+            // guest keeps other event buffers posted (Linux: eight), so the kick is armed at
+            // its avail index, not at our position in the ring (see `arm_kick_after`): armed
+            // there, Linux never kicked and the first request after a restore waited for some
+            // other wake-up of this worker (up to RESET_HANDLING_TIMEOUT).
             let avail = self.queues[EVENT].avail_idx(&*mem, Ordering::Acquire)?.0;
-            self.reset_unhandled = Some((Instant::now(), avail));
+            let reposted = arm_kick_after(&mut self.queues[EVENT], &mem, avail)?;
+            self.reset_unhandled = (!reposted).then(|| (Instant::now(), avail));
         }
         Ok(())
     }
