@@ -134,6 +134,27 @@ fn start_stop_frees_everything() {
         drop(machine);
         drop((a, b));
 
+        // A machine the host gives up on says so to everyone waiting on it; once ended, its
+        // reason stays the first one recorded.
+        let mut machine = Machine::start(config.clone()).unwrap();
+        let unresponsive = ExitReason::Unresponsive {
+            message: "nothing answered".to_owned(),
+        };
+        assert_eq!(
+            machine
+                .stop_unresponsive("nothing answered".to_owned())
+                .reason,
+            unresponsive
+        );
+        assert_eq!(machine.stop().reason, unresponsive, "idempotent");
+        assert_eq!(machine.wait_exit().await.reason, unresponsive);
+        assert_eq!(
+            machine.stop_unresponsive("later".to_owned()).reason,
+            unresponsive,
+            "the first reason stays"
+        );
+        drop(machine);
+
         assert_eq!(support::count_own_threads(), threads, "threads leaked");
         assert_eq!(support::count_proc_self("fd"), fds, "fds leaked");
         assert_eq!(machine_mappings(ram), mapped, "mappings leaked");

@@ -34,6 +34,12 @@ pub enum ExitReason {
     },
     /// The host stopped the machine ([`Machine::stop`] or drop).
     Stopped,
+    /// The host stopped the machine because its guest stopped answering
+    /// ([`Machine::stop_unresponsive`]).
+    Unresponsive {
+        /// What the host waited for, and for how long.
+        message: String,
+    },
     /// A vCPU could not go on.
     Failed(VcpuFailure),
     /// The device side could not go on (e.g. the tokio runtime running the devices shut down
@@ -51,6 +57,9 @@ impl std::fmt::Display for ExitReason {
             ExitReason::Shutdown => f.write_str("the guest shut down"),
             ExitReason::Panic { message } => write!(f, "the guest kernel panicked: {message}"),
             ExitReason::Stopped => f.write_str("stopped by the host"),
+            ExitReason::Unresponsive { message } => {
+                write!(f, "stopped by the host, unresponsive: {message}")
+            }
             ExitReason::Failed(failure) => write!(f, "failed: {failure}"),
             ExitReason::DeviceFailed { message } => write!(f, "device failure: {message}"),
         }
@@ -82,7 +91,10 @@ impl std::fmt::Display for MachineExit {
         write!(f, "{}", self.reason)?;
         if matches!(
             self.reason,
-            ExitReason::Failed(_) | ExitReason::Panic { .. } | ExitReason::DeviceFailed { .. }
+            ExitReason::Failed(_)
+                | ExitReason::Panic { .. }
+                | ExitReason::DeviceFailed { .. }
+                | ExitReason::Unresponsive { .. }
         ) {
             write!(f, "\n--- console tail ---\n{}", self.console_tail)?;
         }

@@ -99,6 +99,14 @@ impl Machine {
         });
     }
 
+    /// [`stop`](Self::stop), recording [`ExitReason::Unresponsive`] with `message` (what the
+    /// host waited for) unless the machine had already ended: callers waiting on the machine
+    /// then learn why it was stopped, not only that it was.
+    pub fn stop_unresponsive(&mut self, message: String) -> MachineExit {
+        self.exit.finish(ExitReason::Unresponsive { message });
+        self.stop()
+    }
+
     /// Stops the vCPUs (if still running), joins their threads and returns how the machine
     /// ended. Idempotent. Blocks only for as long as the vCPUs take to leave the guest.
     pub fn stop(&mut self) -> MachineExit {

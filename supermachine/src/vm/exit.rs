@@ -28,6 +28,12 @@ pub enum VmExitReason {
     Shutdown,
     /// The host stopped it ([`Vm::stop`](crate::Vm::stop) or drop).
     Stopped,
+    /// The host stopped it because its guest stopped answering: a restored VM whose agent
+    /// answered nothing within a minute of running time (see [`Vm::restore`](crate::Vm::restore)).
+    Unresponsive {
+        /// What the host waited for, and for how long.
+        message: String,
+    },
     /// The VMM could not keep it running (a vCPU or device failure).
     Failed {
         /// What failed.
@@ -36,11 +42,14 @@ pub enum VmExitReason {
 }
 
 impl VmExit {
-    /// Whether the guest crashed (kernel panic or VMM failure), as opposed to an orderly end.
+    /// Whether the guest crashed (kernel panic, VMM failure, or stopped answering), as opposed to
+    /// an orderly end.
     pub fn is_crash(&self) -> bool {
         matches!(
             self.reason,
-            VmExitReason::KernelPanic { .. } | VmExitReason::Failed { .. }
+            VmExitReason::KernelPanic { .. }
+                | VmExitReason::Failed { .. }
+                | VmExitReason::Unresponsive { .. }
         )
     }
 }
@@ -52,6 +61,7 @@ impl From<MachineExit> for VmExit {
             ExitReason::Reset => VmExitReason::Reset,
             ExitReason::Shutdown => VmExitReason::Shutdown,
             ExitReason::Stopped => VmExitReason::Stopped,
+            ExitReason::Unresponsive { message } => VmExitReason::Unresponsive { message },
             ExitReason::Failed(failure) => VmExitReason::Failed {
                 message: failure.to_string(),
             },
@@ -73,6 +83,12 @@ impl fmt::Display for VmExitReason {
             VmExitReason::Reset => f.write_str("the guest reset"),
             VmExitReason::Shutdown => f.write_str("the guest powered off"),
             VmExitReason::Stopped => f.write_str("the VM was stopped by the host"),
+            VmExitReason::Unresponsive { message } => {
+                write!(
+                    f,
+                    "the host stopped the VM, which stopped answering: {message}"
+                )
+            }
             VmExitReason::Failed { message } => write!(f, "the VMM failed: {message}"),
         }
     }

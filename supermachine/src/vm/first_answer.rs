@@ -24,7 +24,8 @@ const FIRST_REQUEST_GRACE: Duration = Duration::from_millis(20);
 /// it leaves the reseed to requests that carry it (connecting, or waiting for their answer);
 /// once none does and none has sent it, it sends it itself (a ping). A VM that answers nothing
 /// within [`RESTORE_AGENT_TIMEOUT`] of running time is stopped, so that requests to it fail
-/// ([`Error::VmExited`](crate::Error::VmExited), with the reason logged) instead of waiting forever. Holds the machine
+/// ([`Error::VmExited`](crate::Error::VmExited) with
+/// [`VmExitReason::Unresponsive`](crate::VmExitReason::Unresponsive)) instead of waiting forever. Holds the machine
 /// weakly: a VM dropped meanwhile is left alone.
 pub(super) async fn watch(
     agent: Agent,
@@ -70,10 +71,12 @@ pub(super) async fn watch(
     let Some(machine) = machine.upgrade() else {
         return;
     };
+    let message = format!(
+        "the restored VM's agent answered nothing within {RESTORE_AGENT_TIMEOUT:?} of running time"
+    );
     warn!(
-        "the restored VM's agent answered nothing within {RESTORE_AGENT_TIMEOUT:?}; stopping the \
-         VM. Console: {}",
+        "{message}; stopping the VM. Console: {}",
         console.tail(CONSOLE_TAIL_BYTES)
     );
-    let _ = tokio::task::spawn_blocking(move || lock(&machine).stop()).await;
+    let _ = tokio::task::spawn_blocking(move || lock(&machine).stop_unresponsive(message)).await;
 }

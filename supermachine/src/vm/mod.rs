@@ -292,7 +292,8 @@ impl Vm {
     /// [`Error::VmExited`]. Processes that were running in the guest when the snapshot was
     /// taken run on until then, so if no request has gone out 20 ms after the restore, the host
     /// sends the reseed itself (a ping). A VM whose agent answers nothing within a minute of
-    /// running time is stopped (the reason is logged), so requests fail instead of waiting.
+    /// running time is stopped ([`VmExitReason::Unresponsive`]), so requests fail instead of
+    /// waiting.
     ///
     /// Guest RAM is the snapshot's memory file mapped copy-on-write, and VMs restored from one
     /// snapshot share its clean pages. Only the snapshot's working set (if it has one: see
