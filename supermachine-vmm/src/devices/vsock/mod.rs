@@ -20,7 +20,9 @@
 //! * **`VIRTIO_RING_F_EVENT_IDX`**: we re-arm tx notifications (`avail_event`) only once the
 //!   ring is empty, and rx notifications only while data waits for buffers, so the guest does
 //!   not kick while we are busy or when we have nothing to send; interrupts are raised only
-//!   when the guest's `used_event` asks for one.
+//!   when the guest's `used_event` asks for one. The event queue is the exception: the guest
+//!   keeps buffers posted there, so the kick that reports a handled transport reset is armed
+//!   at the guest's avail index (`ring::arm_kick_after`).
 //! * **Lazy credit updates**: every header carries our `fwd_cnt`; a standalone CREDIT_UPDATE is
 //!   sent only when the guest may be about to stall (see [`conn`]). CREDIT_REQUEST goes out
 //!   once per stall, not per packet.

@@ -347,7 +347,9 @@ impl Worker {
             .0
             != avail_then;
         if reposted || sent.elapsed() >= RESET_HANDLING_TIMEOUT {
-            if !reposted {
+            if reposted {
+                debug!(after = ?sent.elapsed(), "the guest handled the vsock transport reset");
+            } else {
                 warn!("the guest did not acknowledge a vsock transport reset; going on");
             }
             self.reset_unhandled = None;
