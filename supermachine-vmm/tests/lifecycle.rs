@@ -130,6 +130,11 @@ fn start_stop_frees_everything() {
             "stop took {stop_time:?}"
         );
         assert_eq!(machine.stop().reason, ExitReason::Stopped, "idempotent");
+        assert_eq!(
+            machine.stop_unresponsive("too late".to_owned()).reason,
+            ExitReason::Stopped,
+            "a stopped machine keeps its reason"
+        );
         assert_eq!(machine.wait_exit().await.reason, ExitReason::Stopped);
         drop(machine);
         drop((a, b));

@@ -114,8 +114,8 @@ pub enum Error {
         /// The end of the guest console.
         console_tail: String,
     },
-    /// The VM ended (kernel panic, reset, VMM failure, or stopped by the host) while the call
-    /// was pending, or before it.
+    /// The VM ended (kernel panic, reset, VMM failure, stopped by the host, or stopped by it as
+    /// unresponsive) while the call was pending, or before it.
     #[error("{0}")]
     VmExited(VmExit),
     /// A snapshot could not be taken, opened or restored; the inner error names the problem

@@ -71,9 +71,8 @@ pub(super) async fn watch(
     let Some(machine) = machine.upgrade() else {
         return;
     };
-    let message = format!(
-        "the restored VM's agent answered nothing within {RESTORE_AGENT_TIMEOUT:?} of running time"
-    );
+    let message =
+        format!("the restored VM's agent answered nothing within {RESTORE_AGENT_TIMEOUT:?}");
     warn!(
         "{message}; stopping the VM. Console: {}",
         console.tail(CONSOLE_TAIL_BYTES)

@@ -108,6 +108,8 @@ impl Guest {
             self.d.add_chain(EVENT, &[Buf::wo(at, 4)]);
         }
         let new = self.d.avail_idx(EVENT);
+        // Linux's virtio_mb between publishing the index and reading avail_event.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         let event = self.d.avail_event(EVENT);
         let kick = new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old);
         if kick {
@@ -696,6 +698,14 @@ async fn a_handled_transport_reset_is_kicked_as_linux_kicks() {
         0,
         "rx held until the reset is handled"
     );
+    // The device arms its kick in the pass that delivered the event; give it that pass (the
+    // used entry is visible a moment before), up to a bound.
+    for _ in 0..100 {
+        if g.d.avail_event(EVENT) == g.d.avail_idx(EVENT) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     // The guest handles it and re-posts the buffer; nothing else wakes the device.
     let (head, _) = g.d.pop_used(EVENT).unwrap();
     assert!(

@@ -607,7 +607,9 @@ impl Worker {
             return Ok(());
         }
         let mem = self.mem.clone();
-        let mut used = false;
+        // The guest's avail index just before our last event went into the used ring: the
+        // guest cannot have re-posted that event's buffer yet, so an index past it means it did.
+        let mut avail_before_last = None;
         for _ in 0..MAX_ROUNDS {
             while self.events_due > 0 {
                 let chain = self.queues[EVENT].iter(&*mem)?.next();
@@ -628,8 +630,8 @@ impl Worker {
                         0
                     }
                 };
+                avail_before_last = Some(self.queues[EVENT].avail_idx(&*mem, Ordering::Acquire)?.0);
                 add_used(&mut self.queues[EVENT], &mem, head, len)?;
-                used = true;
                 if len == 4 {
                     self.events_due -= 1;
                 }
@@ -638,7 +640,7 @@ impl Worker {
                 break;
             }
         }
-        if used {
+        if let Some(avail) = avail_before_last {
             if self.queues[EVENT].needs_notification(&*mem)? {
                 self.irq_due = true;
             }
@@ -647,9 +649,12 @@ impl Worker {
             // its avail index, not at our position in the ring (see `arm_kick_after`): armed
             // there, Linux never kicked and the first request after a restore waited for some
             // other wake-up of this worker (up to RESET_HANDLING_TIMEOUT).
-            let avail = self.queues[EVENT].avail_idx(&*mem, Ordering::Acquire)?.0;
             let reposted = arm_kick_after(&mut self.queues[EVENT], &mem, avail)?;
-            self.reset_unhandled = (!reposted).then(|| (Instant::now(), avail));
+            self.reset_unhandled = Some((Instant::now(), avail));
+            if reposted {
+                // Already handled (the guest saw the event before our interrupt): logged there.
+                self.reset_handled()?;
+            }
         }
         Ok(())
     }
