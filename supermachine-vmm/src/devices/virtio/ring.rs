@@ -1,7 +1,9 @@
 //! Small helpers over `virtio_queue` shared by the devices.
 
+use std::sync::atomic::{fence, Ordering};
+
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Puts `head` in the used ring. A head index outside the queue (a guest that published
 /// garbage in its avail ring) cannot be returned at all; it is logged and skipped so one bad
@@ -42,9 +44,6 @@ pub(crate) fn arm_kick_after(
     mem: &GuestMemoryMmap<()>,
     at: u16,
 ) -> Result<bool, virtio_queue::Error> {
-    use std::sync::atomic::{fence, Ordering};
-    use vm_memory::{Bytes, GuestAddress};
-
     // Clears VRING_USED_F_NO_NOTIFY without event idx; with it, writes avail_event = next_avail,
     // corrected below.
     queue.enable_notification(mem)?;
