@@ -15,10 +15,11 @@ use supermachine::Vm;
 use supermachine_e2e::exec_output;
 
 /// Kernel parameters only a PVM host adds (`supermachine-vmm/guest/pvm-cmdline.txt`).
-const PVM_ONLY_PARAMETERS: [&str; 3] = [
+const PVM_ONLY_PARAMETERS: [&str; 4] = [
     "clearcpuid=",
     "maxcpus=1",
     "rcupdate.rcu_cpu_stall_suppress=1",
+    "clocksource=kvm-clock",
 ];
 /// The agent's PVM flag on the guest command line.
 const PVM_AGENT_FLAG: &str = "supermachine.pvm=1";

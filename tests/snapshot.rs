@@ -671,6 +671,55 @@ fn snapshot_with_an_exec_in_flight_restores_cleanly() {
     });
 }
 
+/// The guest's uptime (`/proc/uptime`, its monotonic clock) in seconds.
+async fn uptime(vm: &Vm) -> f64 {
+    let (code, out) = sh(vm, "cat /proc/uptime").await;
+    assert_eq!(code, 0, "{out}");
+    out.split_whitespace()
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("/proc/uptime said {out:?}"))
+}
+
+/// A restored guest's monotonic clock goes on from the snapshot's: the time a snapshot sat on
+/// disk never shows up in the guest, however old the snapshot (a jump would fire every timer at
+/// once, and on PVM hosts, whose guests read the host's TSC, the first request after restoring
+/// a day-old snapshot cost seconds of guest CPU). The guest's clock may only advance while the
+/// host ran it: from the first uptime read to the snapshot, and from the restore to the second.
+#[test]
+fn a_restored_guests_clock_skips_the_time_on_disk() {
+    run("a_restored_guests_clock_skips_the_time_on_disk", async {
+        const ON_DISK: Duration = Duration::from_secs(3);
+        // What the uptime reads below may differ by beyond the host-measured intervals:
+        // /proc/uptime's resolution (10 ms) and clock-rate differences over a few seconds.
+        const SLACK: f64 = 0.5;
+        let (_, snapshot) = source().await;
+        let vm = Vm::restore(snapshot).await.expect("restore");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let t0 = Instant::now();
+        let before = uptime(&vm).await;
+        let aged = vm
+            .snapshot(dir.path().join("aged"))
+            .await
+            .expect("snapshot");
+        let ran_before = t0.elapsed();
+        vm.stop().await;
+        tokio::time::sleep(ON_DISK).await;
+        let t1 = Instant::now();
+        let restored = Vm::restore(&aged).await.expect("restore the aged snapshot");
+        let after = uptime(&restored).await;
+        let ran_after = t1.elapsed();
+        let ran = (ran_before + ran_after).as_secs_f64();
+        assert!(
+            after - before <= ran + SLACK,
+            "the guest's uptime went from {before} s to {after} s while the host ran it for \
+             {ran:.2} s: the {} s on disk showed up in the guest",
+            ON_DISK.as_secs()
+        );
+        assert!(after >= before, "uptime went back: {before} -> {after}");
+    });
+}
+
 /// Set in the child process of `restore_works_in_a_fresh_process`: the snapshot to restore.
 const CHILD_SNAPSHOT_ENV: &str = "SUPERMACHINE_TEST_SNAPSHOT_DIR";
 

@@ -82,8 +82,9 @@ pub const MAX_VCPUS: u32 = mptable::MAX_CPUS;
 /// would be wrong (virtio-mmio devices use IOAPIC pins 5..23).
 pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 8250.nr_uarts=1";
 
-/// Appended on PVM hosts ([`is_pvm_host`]): see `guest/pvm-cmdline.txt` and GUEST-KERNEL.md.
-/// It hides CPU features PVM's instruction emulator cannot run.
+/// Appended on PVM hosts ([`is_pvm_host`]): see `guest/pvm-cmdline.txt` and the guest README's
+/// table of its tokens. It hides CPU features PVM's instruction emulator cannot run, and makes
+/// the guest keep time with kvm-clock, since PVM cannot offset the TSC a restored guest reads.
 const PVM_CMDLINE: &str = include_str!("../../../guest/pvm-cmdline.txt");
 
 /// COM1 base port.
