@@ -23,6 +23,11 @@
 //! It then restores CONCURRENT (default 20) VMs at once from the same snapshot and reports the
 //! total wall time and the private memory (`Private_Dirty` from /proc/self/smaps) each idle VM
 //! adds. The host is noisy: compare medians of repeated runs.
+//!
+//! CPU time (this process's user + system time, which includes the guests' own execution: a
+//! vCPU thread runs its guest) is reported for the (b) restores and for the concurrent ones,
+//! with the floor it puts under the concurrent wall time: no schedule answers CONCURRENT
+//! restores sooner than their CPU time divided by the CPUs this process may use.
 
 use std::time::{Duration, Instant};
 
@@ -116,6 +121,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let run = (run * modes.len() + m) * 2 + first as usize;
                 marker.mark(&format!("restore {run} start {}", mode.replace(' ', "-")));
                 let t0 = Instant::now();
+                let cpu0 = process_cpu_time();
                 let vm = Vm::restore(&snapshot).await?;
                 let vcpus = vm.start_timings().vcpus_running;
                 marker.mark(&format!(
@@ -127,6 +133,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     Ask::Ping => {
                         vm.agent().ping().await?;
                         figures[m].agent.push(t0.elapsed());
+                        figures[m].agent_cpu.push(process_cpu_time() - cpu0);
                         marker.mark(&format!("restore {run} ping done"));
                     }
                     Ask::Exec => {
@@ -175,7 +182,28 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
 
-    concurrent_restores(&snapshot, concurrent).await
+    // The restores the concurrent ones are compared with: the working set's, where recorded.
+    let one = &figures[0];
+    report(
+        &format!(
+            "CPU time of one restore -> first ping answered ({})",
+            modes[0]
+        ),
+        one.agent_cpu.clone(),
+    );
+    concurrent_restores(&snapshot, concurrent, &one.agent, &one.agent_cpu).await
+}
+
+/// This process's CPU time so far, user and system: a vCPU thread's time includes its guest's.
+fn process_cpu_time() -> Duration {
+    // SAFETY: all-zero is a valid `rusage` (integers and timevals only).
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is a live, writable `rusage`, the out-parameter getrusage fills.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
 /// The first request after a restore.
@@ -190,6 +218,8 @@ enum Ask {
 struct Figures {
     vmm: Vec<Duration>,
     agent: Vec<Duration>,
+    /// Process CPU time of each (b) sample.
+    agent_cpu: Vec<Duration>,
     exec: Vec<Duration>,
 }
 
@@ -229,12 +259,17 @@ impl TraceMarker {
     }
 }
 
+/// `n` restores at once, each until its first ping is answered; `one` and `one_cpu` are the
+/// wall and CPU times of single (b) restores, for the ratios.
 async fn concurrent_restores(
     snapshot: &Snapshot,
     n: usize,
+    one: &[Duration],
+    one_cpu: &[Duration],
 ) -> Result<(), Box<dyn std::error::Error>> {
     let before = private_dirty_kib();
     let t0 = Instant::now();
+    let cpu0 = process_cpu_time();
     let mut tasks = Vec::new();
     for _ in 0..n {
         let snapshot = snapshot.clone();
@@ -249,6 +284,7 @@ async fn concurrent_restores(
         vms.push(task.await??);
     }
     let wall = t0.elapsed();
+    let cpu = process_cpu_time() - cpu0;
     // Let the guests settle into idle before measuring.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = private_dirty_kib();
@@ -261,5 +297,37 @@ async fn concurrent_restores(
         after
     );
     drop(vms);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let p50 = |v: &[Duration]| {
+        let mut v = v.to_vec();
+        v.sort();
+        v.get(v.len() / 2).copied().unwrap_or_default()
+    };
+    let (one, one_cpu) = (p50(one), p50(one_cpu));
+    if one.is_zero() {
+        return Ok(());
+    }
+    let times_one = |d: Duration| d.as_secs_f64() / one.as_secs_f64();
+    println!(
+        "{n} concurrent: wall {:.1}x one restore's (b) p50 ({:.1} ms); they used {:.1} ms of CPU \
+         ({:.1} ms each, one alone: {:.1} ms p50) on {cpus} CPUs",
+        times_one(wall),
+        ms(one),
+        ms(cpu),
+        ms(cpu) / n as f64,
+        ms(one_cpu),
+    );
+    // Wall time >= CPU time / CPUs, whatever the schedule.
+    let floor = cpu / cpus as u32;
+    let floor_alone = one_cpu * n as u32 / cpus as u32;
+    println!(
+        "{n} concurrent, CPU-bound floor: this run's CPU / {cpus} CPUs = {:.1} ms ({:.1}x one \
+         (b)); {n} x one alone's CPU / {cpus} CPUs = {:.1} ms ({:.1}x one (b))",
+        ms(floor),
+        times_one(floor),
+        ms(floor_alone),
+        times_one(floor_alone),
+    );
     Ok(())
 }
