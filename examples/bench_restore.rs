@@ -27,13 +27,14 @@
 //! CPU time (this process's user + system time, which includes the guests' own execution: a
 //! vCPU thread runs its guest) is reported for the (b) restores and for the concurrent ones,
 //! with the floor it puts under the concurrent wall time: no schedule answers CONCURRENT
-//! restores sooner than their CPU time divided by the CPUs this process may use.
+//! restores sooner than their CPU time divided by the CPUs this process may use. An estimate
+//! of that floor without contention (CONCURRENT times one restore's CPU time) follows.
 
 use std::time::{Duration, Instant};
 
 use supermachine::{Snapshot, Vm};
 
-use supermachine_e2e::bench::{arg, p50_ratio, report};
+use supermachine_e2e::bench::{arg, p50_ratio, percentile, report};
 
 /// Sum of `Private_Dirty` over this process's mappings, in KiB.
 fn private_dirty_kib() -> u64 {
@@ -121,7 +122,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let run = (run * modes.len() + m) * 2 + first as usize;
                 marker.mark(&format!("restore {run} start {}", mode.replace(' ', "-")));
                 let t0 = Instant::now();
-                let cpu0 = process_cpu_time();
+                let cpu0 = process_cpu_time()?;
                 let vm = Vm::restore(&snapshot).await?;
                 let vcpus = vm.start_timings().vcpus_running;
                 marker.mark(&format!(
@@ -133,7 +134,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     Ask::Ping => {
                         vm.agent().ping().await?;
                         figures[m].agent.push(t0.elapsed());
-                        figures[m].agent_cpu.push(process_cpu_time() - cpu0);
+                        figures[m].agent_cpu.push(process_cpu_time()? - cpu0);
                         marker.mark(&format!("restore {run} ping done"));
                     }
                     Ask::Exec => {
@@ -195,15 +196,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// This process's CPU time so far, user and system: a vCPU thread's time includes its guest's.
-fn process_cpu_time() -> Duration {
+/// It never decreases, so later minus earlier cannot underflow.
+fn process_cpu_time() -> std::io::Result<Duration> {
     // SAFETY: all-zero is a valid `rusage` (integers and timevals only).
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: `usage` is a live, writable `rusage`, the out-parameter getrusage fills.
     if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
-        return Duration::ZERO;
+        return Err(std::io::Error::last_os_error());
     }
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(usage.ru_utime) + tv(usage.ru_stime)
+    Ok(tv(usage.ru_utime) + tv(usage.ru_stime))
 }
 
 /// The first request after a restore.
@@ -269,7 +271,7 @@ async fn concurrent_restores(
 ) -> Result<(), Box<dyn std::error::Error>> {
     let before = private_dirty_kib();
     let t0 = Instant::now();
-    let cpu0 = process_cpu_time();
+    let cpu0 = process_cpu_time()?;
     let mut tasks = Vec::new();
     for _ in 0..n {
         let snapshot = snapshot.clone();
@@ -284,7 +286,7 @@ async fn concurrent_restores(
         vms.push(task.await??);
     }
     let wall = t0.elapsed();
-    let cpu = process_cpu_time() - cpu0;
+    let cpu = process_cpu_time()? - cpu0;
     // Let the guests settle into idle before measuring.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = private_dirty_kib();
@@ -297,14 +299,17 @@ async fn concurrent_restores(
         after
     );
     drop(vms);
+    // What the scheduler offers this process (a fractional cgroup quota rounds down).
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let p50 = |v: &[Duration]| {
         let mut v = v.to_vec();
         v.sort();
-        v.get(v.len() / 2).copied().unwrap_or_default()
+        (!v.is_empty()).then(|| percentile(&v, 0.5))
     };
-    let (one, one_cpu) = (p50(one), p50(one_cpu));
+    let (Some(one), Some(one_cpu)) = (p50(one), p50(one_cpu)) else {
+        return Ok(());
+    };
     if one.is_zero() {
         return Ok(());
     }
@@ -318,16 +323,19 @@ async fn concurrent_restores(
         ms(cpu) / n as f64,
         ms(one_cpu),
     );
-    // Wall time >= CPU time / CPUs, whatever the schedule.
-    let floor = cpu / cpus as u32;
-    let floor_alone = one_cpu * n as u32 / cpus as u32;
+    // Wall time >= CPU time / CPUs, whatever the schedule: a floor for this run. The second
+    // figure estimates the floor without contention, assuming each of the n restores needs
+    // the CPU one restore alone used.
+    let floor = cpu.div_f64(cpus as f64);
+    let estimate = one_cpu.mul_f64(n as f64 / cpus as f64);
     println!(
         "{n} concurrent, CPU-bound floor: this run's CPU / {cpus} CPUs = {:.1} ms ({:.1}x one \
-         (b)); {n} x one alone's CPU / {cpus} CPUs = {:.1} ms ({:.1}x one (b))",
+         (b)); estimated without contention, {n} x one alone's CPU / {cpus} CPUs = {:.1} ms \
+         ({:.1}x one (b))",
         ms(floor),
         times_one(floor),
-        ms(floor_alone),
-        times_one(floor_alone),
+        ms(estimate),
+        times_one(estimate),
     );
     Ok(())
 }
