@@ -673,7 +673,7 @@ fn snapshot_with_an_exec_in_flight_restores_cleanly() {
 
 /// The guest's uptime (`/proc/uptime`, its monotonic clock) in seconds.
 async fn uptime(vm: &Vm) -> f64 {
-    // No shell: one process start less around the read, so less time the read cannot place.
+    // No shell in between: the read happens closer to the host's timestamps around it.
     let out = vm
         .exec(["cat", "/proc/uptime"])
         .output()
@@ -708,9 +708,10 @@ fn a_restored_guests_clock_skips_the_time_on_disk() {
             .expect("snapshot");
         let ran_before = t0.elapsed();
         vm.stop().await;
-        // A jump would hide up to an exec's time on either side of the reads (the parts of
-        // the intervals the guest did not run before or after its read): the time on disk
-        // outgrows both, on slow hosts too, so a jump always exceeds the bound.
+        // The bound below counts each exec whole, although the guest reads its uptime partway
+        // through: a jump could hide inside that surplus, up to about one exec per side. The
+        // time on disk is longer than both together, on slow hosts too, so a jump always
+        // breaks the bound.
         let on_disk = Duration::from_secs(3) + 2 * ran_before;
         tokio::time::sleep(on_disk).await;
         let t1 = Instant::now();
