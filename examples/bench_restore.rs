@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use supermachine::{Snapshot, Vm};
 
-use supermachine_e2e::bench::{arg, p50_ratio, percentile, report};
+use supermachine_e2e::bench::{arg, median, p50_ratio, report};
 
 /// Sum of `Private_Dirty` over this process's mappings, in KiB.
 fn private_dirty_kib() -> u64 {
@@ -302,12 +302,7 @@ async fn concurrent_restores(
     // What the scheduler offers this process (a fractional cgroup quota rounds down).
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    let p50 = |v: &[Duration]| {
-        let mut v = v.to_vec();
-        v.sort();
-        (!v.is_empty()).then(|| percentile(&v, 0.5))
-    };
-    let (Some(one), Some(one_cpu)) = (p50(one), p50(one_cpu)) else {
+    let (Some(one), Some(one_cpu)) = (median(one), median(one_cpu)) else {
         return Ok(());
     };
     if one.is_zero() {

@@ -26,13 +26,16 @@ pub fn report(name: &str, mut samples: Vec<Duration>) {
     );
 }
 
+/// The median (nearest rank) of `samples`, in any order; `None` when there are none.
+pub fn median(samples: &[Duration]) -> Option<Duration> {
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    (!sorted.is_empty()).then(|| percentile(&sorted, 0.5))
+}
+
 /// The ratio of the medians (nearest rank) of `a` and `b`, in any order; both non-empty.
 pub fn p50_ratio(a: &[Duration], b: &[Duration]) -> f64 {
-    let p50 = |v: &[Duration]| {
-        let mut v = v.to_vec();
-        v.sort();
-        percentile(&v, 0.5).as_secs_f64()
-    };
+    let p50 = |v: &[Duration]| median(v).unwrap_or_default().as_secs_f64();
     p50(a) / p50(b)
 }
 
